@@ -1,0 +1,36 @@
+# make run   : create .venv, install everything, run the main job on the embedded default model
+# make test  : same install, then the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# make run scores the first RUN_NSAMPLES 2048-token windows of the test part (a documented subset, ~4 min on 2 CPU
+# cores); RUN_NSAMPLES= (empty) scores all of them.
+RUN_NSAMPLES ?= 24
+RUN_OUT ?= results/run_default.json
+
+.PHONY: install run test bench reproduce clean
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --disable-pip-version-check -q -r requirements.txt
+	$(PIP) install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
+	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m awq.entry --tasks wikitext $(if $(RUN_NSAMPLES),--nsamples $(RUN_NSAMPLES)) --output_path $(RUN_OUT)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/bench_ppl.py
+
+reproduce: install
+	$(PY) -m awq.reproduce
+
+clean:
+	rm -rf $(VENV) *.egg-info build .pytest_cache

@@ -1,0 +1,153 @@
+"""Centroid swap: mask each token's projection output with the centroid of its cluster.
+
+One :class:`CentroidCodebook` per projection is loaded once, kept on the model's device and shared
+by every layer (one codebook per projection, as clustered).  Per layer and token:
+
+* ``oracle`` (paper, artifact-behaviour 3.10): label = nearest centroid of the token's true mask
+  ``A = (y != 0)`` under the active-only distance (= largest overlap, ties to the lowest index);
+  output = ``y`` where ``C[label]`` is 1, i.e. the effective mask is ``A AND C[label]``.
+* ``replace`` (extension): same label, but the mask is ``C[label]`` alone over the *unthresholded*
+  output: what a perfect cluster predictor would deliver.
+* ``predicted`` (extension, see :mod:`awq.predictor`): the label comes from a predictor applied to
+  the MLP input, without looking at the true mask; mask = ``C[label]`` over the unthresholded output.
+
+Assignment is a single ``[T, F] x [F, K]`` fp32 matrix product per layer and projection (exact for
+0/1 values).  Running counts give the precision (fraction of true active neurons kept) and the
+effective sparsity of every layer.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from awq.centroids import CentroidError, load_centroids, metrics_from_counts
+from awq.sparse_mlp import PROJS, decoder_layers
+from awq.thresholds import file_sha256
+
+log = logging.getLogger(__name__)
+
+MODES = ("oracle", "replace", "predicted")
+_SHORT = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+LabelFn = Callable[[torch.Tensor, int], torch.Tensor]  # (mlp input x [..., H], layer) -> labels [...]
+
+
+class CentroidCodebook(nn.Module):
+    def __init__(self, centroids: torch.Tensor, proj: str, num_layers: int, mode: str = "oracle",
+                 label_fn: Optional[LabelFn] = None) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown centroid mode '{mode}' (want one of {MODES})")
+        if mode == "predicted" and label_fn is None:
+            raise ValueError("centroid mode 'predicted' needs a predictor")
+        self.proj, self.mode, self.label_fn = proj, mode, label_fn
+        self.register_buffer("c_float", centroids.float(), persistent=False)  # [K, F] 0/1 for the GEMM
+        self.register_buffer("c_bool", centroids.bool(), persistent=False)
+        self.k, self.width = centroids.shape
+        # running counts per layer: active (|A|), covered (|A & C|), predicted (|C_label|), nonzero out, cells
+        self.register_buffer("counts", torch.zeros(num_layers, 5, dtype=torch.float64), persistent=False)
+        self.track = True
+
+    @torch.no_grad()
+    def labels(self, y: torch.Tensor, x: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        if self.mode == "predicted":
+            return self.label_fn(x, layer_idx).reshape(-1)
+        a = (y.reshape(-1, y.shape[-1]) != 0).float()
+        return torch.argmax(a @ self.c_float.T, dim=1)  # first maximal index on ties
+
+    def forward(self, y: torch.Tensor, *, raw: torch.Tensor, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+        if y.shape[-1] != self.width:
+            raise CentroidError(f"{self.proj} centroids have width {self.width} but the layer output has width "
+                                f"{y.shape[-1]}")
+        lab = self.labels(y, x, layer_idx)
+        mask = self.c_bool.index_select(0, lab).view(y.shape)
+        out = y.masked_fill(~mask, 0) if self.mode == "oracle" else raw.masked_fill(~mask, 0)
+        if self.track:
+            with torch.no_grad():
+                a = y != 0
+                self.counts[layer_idx, 0] += float(a.sum())
+                self.counts[layer_idx, 1] += float((a & mask).sum())
+                self.counts[layer_idx, 2] += float(mask.sum())
+                self.counts[layer_idx, 3] += float((out != 0).sum())
+                self.counts[layer_idx, 4] += y.numel()
+        return out
+
+    def stats(self) -> dict:
+        c = self.counts.cpu()
+        tot = c.sum(0).tolist()
+        m = metrics_from_counts(active=tot[0], covered=tot[1], predicted=tot[2], cells=tot[4])
+        per_layer = []
+        for row in c.tolist():
+            if row[4] == 0:
+                per_layer.append(None)
+                continue
+            pl = metrics_from_counts(active=row[0], covered=row[1], predicted=row[2], cells=row[4])
+            pl["effective_sparsity"] = 1.0 - row[3] / row[4]
+            per_layer.append(pl)
+        m["effective_sparsity"] = 1.0 - tot[3] / tot[4] if tot[4] else float("nan")
+        m["kept_fraction_of_active"] = m["precision"]
+        m["per_layer"] = per_layer
+        return m
+
+
+def parse_centroid_spec(spec: str) -> dict[str, Path]:
+    """``gate=FILE,up=FILE,down=FILE`` (any subset; full names gate_proj=... also accepted) or a directory.
+
+    A directory is searched for files whose name contains the projection (``gate``/``up``/``down``)
+    and ends in ``.pt``; exactly one per projection it holds is allowed.
+    """
+    out: dict[str, Path] = {}
+    p = Path(spec)
+    if "=" not in spec and p.is_dir():
+        for short, proj in _SHORT.items():
+            hits = sorted(f for f in p.glob("*.pt") if short in f.stem.replace("gate_proj", "gate")
+                          .replace("up_proj", "up").replace("down_proj", "down").split("_"))
+            if len(hits) > 1:
+                raise CentroidError(f"centroid directory {p} holds several {proj} files: {[h.name for h in hits]}")
+            if hits:
+                out[proj] = hits[0]
+        if not out:
+            raise CentroidError(f"centroid directory {p} holds no gate/up/down .pt files")
+        return out
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise CentroidError(f"bad --centroids entry '{part}': want gate=FILE,up=FILE,down=FILE or a directory")
+        key, val = (s.strip() for s in part.split("=", 1))
+        proj = _SHORT.get(key, key)
+        if proj not in PROJS:
+            raise CentroidError(f"bad --centroids key '{key}' (want gate, up or down)")
+        out[proj] = Path(val)
+    if not out:
+        raise CentroidError("--centroids is empty")
+    return out
+
+
+def load_codebooks(spec: str, model: nn.Module, mode: str = "oracle",
+                   label_fns: Optional[dict[str, LabelFn]] = None) -> tuple[dict[str, CentroidCodebook], dict]:
+    """Load the centroid sets named by ``spec`` once, on the model's device; -> (codebooks, info for results)."""
+    files = parse_centroid_spec(spec)
+    layers = decoder_layers(model)
+    mlp = layers[0].mlp
+    widths = {"gate_proj": mlp.gate_proj.out_features, "up_proj": mlp.up_proj.out_features,
+              "down_proj": mlp.down_proj.out_features}
+    device = next(model.parameters()).device
+    books, info = {}, {"mode": mode, "files": {}}
+    for proj, path in files.items():
+        c, meta = load_centroids(path, widths[proj])
+        fn = (label_fns or {}).get(proj)
+        books[proj] = CentroidCodebook(c, proj, len(layers), mode=mode, label_fn=fn).to(device)
+        info["files"][proj] = {"path": str(path), "sha256": file_sha256(path), "k": int(c.shape[0]),
+                               "centroid_density": float(c.float().mean()), "meta": meta}
+        log.info("centroids %s: K=%d width=%d density %.3f (%s)", proj, c.shape[0], c.shape[1],
+                 float(c.float().mean()), path)
+    return books, info
+
+
+def codebook_stats(books: dict[str, CentroidCodebook]) -> dict:
+    return {"run_stats": {proj: cb.stats() for proj, cb in books.items()}}

@@ -1,0 +1,263 @@
+"""Benchmark the pattern store: recording overhead, store size, streaming read throughput and peak RSS.
+
+    python bench/bench_extract.py                         # random SmolLM2-135M-shaped Llama, 3 windows of 2048
+    python bench/bench_extract.py --model_path PATH       # a real model through awq.models.load_model
+
+Prints: tokens/s of the thresholded model with and without mask recording (ratio, target >= 0.8),
+store bytes vs n_tokens x layers x sum(ceil(width/8)) (ratio, target <= 1.02), and for a full
+pooled pass over one projection unpacked block by block: GB/s of packed data (target >= 1) and
+the pass's peak RSS, measured in a fresh process on stores of two sizes (RSS must not grow with
+the store).  The read passes run from the page cache (the stores were just written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from awq.masks import PatternStore, StoreWriter, record_masks, unpack
+from awq.sparse_mlp import PROJS, SparsityConfig, add_observer, remove_observer, sparsify_
+
+log = logging.getLogger("bench_extract")
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process in MB (falls back to ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux: write 5 to /proc/self/clear_refs); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+def random_llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, seqlen: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=max(seqlen, 2048), tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def calibrate_median_thresholds(model, vocab: int, tokens: int = 256) -> dict[str, list[float]]:
+    """Per-layer median |output| of each projection on random tokens (~50% sparsity)."""
+    sparsify_(model, SparsityConfig(thresholds=None))
+    med: dict[str, dict[int, float]] = {p: {} for p in PROJS}
+
+    def obs(layer, name, y):
+        if name in med:
+            med[name][layer] = float(y.detach().abs().float().flatten().median())
+
+    add_observer(model, obs)
+    with torch.no_grad():
+        model(torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1)))
+    remove_observer(model, obs)
+    return {p: [med[p][l] for l in range(len(med[p]))] for p in PROJS}
+
+
+def time_windows(model, windows: torch.Tensor, rec=None) -> float:
+    t = 0.0
+    for i in range(windows.shape[0]):
+        if rec is not None:
+            rec.start_window(i)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(windows[i : i + 1])
+        if rec is not None:
+            rec.end_window(i, {"window": i})  # includes the data sync and the meta.json commit
+        t += time.perf_counter() - t0
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# read pass (run in a fresh process so that its peak RSS is its own)
+# --------------------------------------------------------------------------------------------
+def read_pass(store: str, proj: str, block_rows: int, dtype: str) -> dict:
+    base = peak_rss_mb()
+    reset_ok = reset_peak_rss()
+    st = PatternStore(store)
+    width = st.widths[proj]
+    tdtype = getattr(torch, dtype)
+    nbytes, rows, ones = 0, 0, 0
+    t0 = time.perf_counter()
+    for _ids, packed in st.iter_blocks(proj, block_rows=block_rows):
+        bits = unpack(packed, width, dtype=tdtype)
+        ones += int(bits[:1].sum())  # touch the result
+        nbytes += packed.nbytes
+        rows += packed.shape[0]
+    dt = time.perf_counter() - t0
+    return {
+        "store": store, "proj": proj, "rows": rows, "packed_gb": nbytes / 1e9, "seconds": dt,
+        "gb_per_s": nbytes / 1e9 / dt, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": base,
+        "peak_reset": reset_ok, "unpack_dtype": dtype,
+    }
+
+
+def run_read_pass_subprocess(store: Path, proj: str, block_rows: int, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--read_pass", str(store), "--proj", proj, "--block_rows", str(block_rows),
+           "--unpack_dtype", dtype]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def synthetic_store(path: Path, layers: int, widths: dict[str, int], gate_mb: float, seqlen: int = 2048) -> Path:
+    """A store whose pooled gate_proj holds about gate_mb MB of random packed rows."""
+    row = (widths["gate_proj"] + 7) // 8
+    windows = max(1, int(round(gate_mb * 1e6 / (row * layers * seqlen))))
+    rng = np.random.default_rng(0)
+    blocks = {p: rng.integers(0, 256, (seqlen, (w + 7) // 8), dtype=np.uint8) for p, w in widths.items()}
+    w = StoreWriter(path, meta={"model": "synthetic"}, total_windows=windows, seqlen=seqlen, num_layers=layers)
+    for i in range(windows):
+        for l in range(layers):
+            for p in PROJS:
+                w.write(p, l, i, np.roll(blocks[p], i + l, axis=0), width=widths[p])
+        w.end_window(i)
+    w.close()
+    return path
+
+
+def store_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+def main(
+    model_path: Optional[str] = None,
+    hidden: int = 576,
+    intermediate: int = 1536,
+    layers: int = 30,
+    heads: int = 9,
+    kv_heads: int = 3,
+    vocab: int = 49152,
+    seqlen: int = 2048,
+    windows: int = 3,
+    threads: Optional[int] = None,
+    read_sizes_mb: tuple[float, ...] = (256.0, 1024.0),
+    block_rows: int = 65536,
+    unpack_dtypes: tuple[str, ...] = ("uint8",),
+    workdir: Optional[str] = None,
+) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    if model_path:
+        from awq.models import load_model  # written by the lead
+
+        model, _tok, _info = load_model(model_path)
+        vocab = model.config.vocab_size
+        name = model_path
+    else:
+        model = random_llama(hidden, intermediate, layers, heads, kv_heads, vocab, seqlen)
+        name = f"random-llama h{hidden} i{intermediate} L{layers}"
+    thr = calibrate_median_thresholds(model, vocab)
+    sparsify_(model, SparsityConfig(thresholds=thr))
+    n_layers = len(thr["gate_proj"])
+    data = torch.randint(0, vocab, (windows, seqlen), generator=torch.Generator().manual_seed(0))
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="bench_extract_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    store = tmp / "recorded"
+    shutil.rmtree(store, ignore_errors=True)
+    res: dict = {"model": name, "layers": n_layers, "seqlen": seqlen, "windows": windows,
+                 "threads": torch.get_num_threads()}
+    try:
+        time_windows(model, data[:1])  # warm-up
+        t_plain = time_windows(model, data)
+        with record_masks(model, store, meta={"model": name}, total_windows=windows, seqlen=seqlen) as rec:
+            t_rec = time_windows(model, data, rec)
+        t_plain2 = time_windows(model, data)  # bracket the recorded run against drift
+        t_plain = min(t_plain, t_plain2)
+        ntok = windows * seqlen
+        res.update(tok_s_plain=ntok / t_plain, tok_s_record=ntok / t_rec, ratio=t_plain / t_rec)
+        print(f"model: {name}, {n_layers} layers, {windows} windows x {seqlen} tokens, {res['threads']} threads")
+        print(f"thresholded tokens/s: {res['tok_s_plain']:.1f} without recording, {res['tok_s_record']:.1f} with "
+              f"-> ratio {res['ratio']:.3f} (target >= 0.8)")
+
+        st = PatternStore(store)
+        ideal = st.n_tokens * st.num_layers * sum((w + 7) // 8 for w in st.widths.values())
+        have = store_bytes(store)
+        res.update(store_bytes=have, ideal_bytes=ideal, size_ratio=have / ideal)
+        print(f"store size: {have} bytes vs n_tokens x layers x sum(ceil(w/8)) = {ideal} -> ratio "
+              f"{have / ideal:.5f} (target <= 1.02)")
+
+        widths = dict(st.widths)
+        passes = []
+        for mb in read_sizes_mb:
+            syn = synthetic_store(tmp / f"synthetic_{int(mb)}MB", n_layers, widths, mb)
+            for dt in unpack_dtypes:
+                r = run_read_pass_subprocess(syn, "gate_proj", block_rows, dt)
+                passes.append(r)
+                print(f"pooled gate_proj read+unpack({dt}) of {r['packed_gb']:.3f} GB packed ({r['rows']} rows): "
+                      f"{r['gb_per_s']:.2f} GB/s packed, peak RSS {r['peak_rss_mb']:.0f} MB "
+                      f"(process before the pass: {r['rss_before_mb']:.0f} MB)")
+            shutil.rmtree(syn, ignore_errors=True)
+        res["read_passes"] = passes
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Pattern-store benchmark (recording overhead, size, read throughput)")
+    ap.add_argument("--model_path", default=None, help="real model for awq.models.load_model (default: random Llama)")
+    ap.add_argument("--hidden", type=int, default=576, help="random model hidden size (SmolLM2-135M: 576)")
+    ap.add_argument("--intermediate", type=int, default=1536, help="random model MLP width (SmolLM2-135M: 1536)")
+    ap.add_argument("--layers", type=int, default=30, help="random model decoder layers (SmolLM2-135M: 30)")
+    ap.add_argument("--heads", type=int, default=9, help="random model attention heads")
+    ap.add_argument("--kv_heads", type=int, default=3, help="random model key/value heads")
+    ap.add_argument("--vocab", type=int, default=49152, help="random model vocabulary size")
+    ap.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    ap.add_argument("--windows", type=int, default=3, help="windows timed with and without recording")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--read_sizes_mb", default="256,1024",
+                    help="comma-separated sizes (MB of pooled gate_proj) of the synthetic stores for the read pass")
+    ap.add_argument("--block_rows", type=int, default=65536, help="rows per block in the read pass")
+    ap.add_argument("--unpack_dtypes", default="uint8", help="comma-separated torch dtypes to unpack to in the read pass")
+    ap.add_argument("--workdir", default=None, help="where to write the stores (default: a temporary directory)")
+    ap.add_argument("--json", action="store_true", help="also print all figures as one JSON line")
+    ap.add_argument("--read_pass", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--proj", default="gate_proj", help=argparse.SUPPRESS)
+    ap.add_argument("--unpack_dtype", default="uint8", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if a.read_pass:
+        print(json.dumps(read_pass(a.read_pass, a.proj, a.block_rows, a.unpack_dtype)))
+        sys.exit(0)
+    try:
+        out = main(
+            a.model_path, a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads, a.vocab, a.seqlen, a.windows,
+            a.threads, tuple(float(x) for x in a.read_sizes_mb.split(",") if x), a.block_rows,
+            tuple(x for x in a.unpack_dtypes.split(",") if x), a.workdir,
+        )
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if a.json:
+        print(json.dumps(out))

@@ -1,0 +1,314 @@
+"""Activation-Aware Clustering (AWC, the paper's method; artifact-behaviour section 3.4).
+
+Per block of rows ``X`` (default: one window x all layers = the artifact's chunk), with current
+centroids ``C``:
+
+1. distances ``D = |x| - X C^T`` (active-only: active neurons the centroid misses), one fp32 GEMM;
+2. balanced assignment with cap ``m = floor(n_block0 / k)`` rows per centroid:
+   * ``greedy`` (artifact): for centroid ``i = 0..k-1`` in index order, the ``m`` still-unassigned
+     rows with the smallest ``D[:, i]`` (stable: ties -> lower row) get label ``i``;
+   * ``global`` (default): order-independent proposal rounds -- every unassigned row proposes to
+     its nearest centroid that still has capacity (ties -> lower centroid index); each centroid
+     accepts its proposals in (distance, row) order up to its remaining capacity; rejected rows
+     propose again after full centroids are removed.  Centroid order only matters for exact ties.
+   Rows left over when ``k * m < n`` stay unassigned (-1, ignored; ``--leftovers drop``, the
+   artifact) or go to their nearest centroid ignoring the cap (``--leftovers nearest``).
+3. update of every centroid with members, with ``t = iteration * block_index`` (1-based, the
+   artifact's weight): ``s = (t m C_i + m mean_i) / (t m + m)``, ``C_i = [s > quantile_p(s)]``
+   (ties at the quantile are zeroed, so sparsity >= p); centroids without members are kept.
+
+Iterations stop at ``--max_iter`` or when no label changed.  The greedy assignment is inherently
+sequential over centroids: each step is one vectorised top-m over the block (O(n) per centroid).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clustering.common import (  # noqa: E402
+    BinaryClusterer,
+    ClusteringError,
+    Source,
+    add_data_args,
+    add_fit_args,
+    all_reduce_,
+    checkpoint_path,
+    dist_info,
+    gather_slices,
+    init_distributed,
+    make_source,
+    row_quantile,
+    run_cli,
+    setup_logging,
+    slice_bounds,
+    write_result,
+)
+from awq.centroids import active_only_distance, assign_active_only  # noqa: E402
+
+log = logging.getLogger("clustering.awc")
+
+
+# --------------------------------------------------------------------------------------------
+# assignment
+# --------------------------------------------------------------------------------------------
+def greedy_balanced_assign(D: torch.Tensor, cap: int) -> torch.Tensor:
+    """Artifact's centroid-order greedy with a stable tie rule. ``D`` [n, k] -> labels (-1 = left over)."""
+    n, k = D.shape
+    labels = torch.full((n,), -1, dtype=torch.int64, device=D.device)
+    if cap <= 0:
+        return labels
+    rows = torch.arange(n, device=D.device)
+    Dt = D.T.contiguous()  # [k, n]: one contiguous row per centroid
+    big = torch.iinfo(torch.int64).max
+    taken = torch.zeros(n, dtype=torch.bool, device=D.device)
+    left = n
+    for i in range(k):
+        if left == 0:
+            break
+        m = min(cap, left)
+        # unique integer keys d * n + row: top-m smallest == stable sort by distance, then row
+        ki = (Dt[i].to(torch.int64) * n + rows).masked_fill_(taken, big)
+        idx = torch.topk(ki, m, largest=False, sorted=False).indices
+        labels[idx] = i
+        taken[idx] = True
+        left -= m
+    return labels
+
+
+def global_balanced_assign(D: torch.Tensor, cap: int) -> torch.Tensor:
+    """Order-independent balanced assignment by proposal rounds (see module doc). -1 = left over."""
+    n, k = D.shape
+    dev = D.device
+    labels = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    if cap <= 0:
+        return labels
+    remaining = torch.full((k,), cap, dtype=torch.int64, device=dev)
+    rows = torch.arange(n, device=dev)
+    width_key = int(D.max().item()) + 1 if D.numel() else 1
+    first = True
+    while rows.numel() and bool((remaining > 0).any()):
+        if first:
+            Dr = D
+            first = False
+        else:
+            Dr = D[rows].masked_fill((remaining == 0)[None, :], float("inf"))
+        d, prop = Dr.min(1)  # min returns the first minimal index
+        d = d.to(torch.int64)
+        key = (prop * width_key + d) * n + rows
+        order = torch.argsort(key)
+        ps = prop[order]
+        cnt = torch.bincount(ps, minlength=k)
+        start = torch.cumsum(cnt, 0) - cnt
+        rank_in = torch.arange(order.numel(), device=dev) - start[ps]
+        acc = rank_in < remaining[ps]
+        acc_rows = rows[order[acc]]
+        labels[acc_rows] = ps[acc]
+        remaining -= torch.bincount(ps[acc], minlength=k)
+        rej = order[~acc]
+        rows = rows[rej.sort().values]
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# centroid update
+# --------------------------------------------------------------------------------------------
+def awc_update(
+    C: torch.Tensor, S: torch.Tensor, counts: torch.Tensor, t: int, cap: int, p: float, chunk: int = 2048
+) -> torch.Tensor:
+    """``C_i <- [s > quantile_p(s)]`` with ``s = (t*cap*C_i + cap*mean_i) / (t*cap + cap)`` for clusters
+    with members (``S`` = member sums, ``counts`` = member counts); others keep ``C_i``."""
+    out = C.clone()
+    idx = torch.nonzero(counts > 0).flatten()
+    w_hist, w_cur = t * cap, cap
+    for s0 in range(0, idx.numel(), chunk):  # bounds the [chunk, F] sort buffer
+        j = idx[s0 : s0 + chunk]
+        mu = S[j] / counts[j].to(S.dtype)[:, None]
+        s = (w_hist * C[j] + w_cur * mu) / (w_hist + w_cur)
+        q = row_quantile(s, p)
+        out[j] = (s > q[:, None]).to(C.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# estimator
+# --------------------------------------------------------------------------------------------
+class ActivationAwareClustering(BinaryClusterer):
+    """AWC estimator. ``sparsity`` = the artifact's percentile p (centroids >= p zeros)."""
+
+    method = "awc"
+
+    def __init__(
+        self,
+        n_clusters: int,
+        *,
+        max_iter: int = 10,
+        random_state: int = 42,
+        device: str = "cpu",
+        sparsity: float = 0.4,
+        assign: str = "global",
+        leftovers: Optional[str] = None,
+        tolerance: float = 1.0,
+        init: str = "random",
+        min_sparsity: float = 0.4,
+        block_rows: Optional[int] = None,
+        checkpoint: Optional[str | Path] = None,
+        resume: bool = False,
+        progress: bool = False,
+        store_labels: bool = True,
+    ) -> None:
+        super().__init__(
+            n_clusters, max_iter=max_iter, random_state=random_state, device=device, block_rows=block_rows,
+            checkpoint=checkpoint, resume=resume, progress=progress, store_labels=store_labels,
+        )
+        self.sparsity = sparsity
+        self.assign = assign
+        self.leftovers = leftovers
+        self.tolerance = tolerance
+        self.init = init
+        self.min_sparsity = min_sparsity
+
+    def _leftovers(self) -> str:
+        return self.leftovers or ("drop" if self.assign == "greedy" else "nearest")
+
+    def _params(self) -> dict:
+        return {"sparsity": self.sparsity, "assign": self.assign, "leftovers": self._leftovers(),
+                "tolerance": self.tolerance, "init": self.init, "min_sparsity": self.min_sparsity}
+
+    def _validate(self, src: Source) -> None:
+        super()._validate(src)
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ClusteringError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.assign not in ("greedy", "global"):
+            raise ClusteringError(f"assign must be 'greedy' or 'global', got {self.assign!r}")
+        if self._leftovers() not in ("drop", "nearest"):
+            raise ClusteringError(f"leftovers must be 'drop' or 'nearest', got {self.leftovers!r}")
+        s, e = src.blocks(self.block_rows)[0]
+        self.cap_ = int(math.floor(self.tolerance * (e - s) / self.n_clusters))
+        if self.cap_ < 1:
+            raise ClusteringError(
+                f"K = {self.n_clusters} exceeds the rows of one block ({e - s}); raise --block_rows or lower K"
+            )
+
+    def _init_centroids(self, src: Source) -> torch.Tensor:
+        from clustering.select_centroids import select_kmeanspp, select_random_rows
+
+        if self.init == "kmeanspp":
+            return select_kmeanspp(src, self.n_clusters, seed=self.random_state, min_sparsity=self.min_sparsity)
+        if self.init == "random":
+            return select_random_rows(src, self.n_clusters, seed=self.random_state, min_sparsity=self.min_sparsity,
+                                      block_rows=self.block_rows)
+        raise ClusteringError(f"unknown init {self.init!r} (use 'random', 'kmeanspp' or a .pt file)")
+
+    def _iteration(self, src: Source, C: torch.Tensor, it: int, prev: torch.Tensor):
+        rank, world = dist_info()
+        k, cap = C.shape[0], self.cap_
+        labels = torch.full((src.n_rows,), -1, dtype=torch.int64)
+        objective, unassigned, empty = 0.0, 0, 0
+        assign = greedy_balanced_assign if self.assign == "greedy" else global_balanced_assign
+        for b, (start, stop, lo, hi, Xs) in enumerate(
+            src.iter_blocks(self.block_rows, self.device, desc=f"awc it {it}", progress=self.progress), start=1
+        ):
+            Ds = active_only_distance(Xs, C)  # this rank's rows [hi-lo, k]
+            sizes = [e - s for s, e in slice_bounds(stop - start, rank, world)]
+            D = gather_slices(Ds, sizes)  # full block, identical on every rank
+            lab = assign(D, cap)
+            miss = lab < 0
+            if self._leftovers() == "nearest" and bool(miss.any()):
+                lab[miss] = D[miss].argmin(1)
+            ok = lab >= 0
+            objective += float(D[ok].gather(1, lab[ok][:, None]).sum().item())
+            unassigned += int((~ok).sum().item())
+            labels[start:stop] = lab.cpu()
+            # member sums over this rank's rows, all-reduced (exact integer counts in fp32)
+            ls = lab[lo - start : hi - start]
+            oks = ls >= 0
+            S = torch.zeros_like(C)
+            S.index_add_(0, ls[oks], Xs[oks])
+            all_reduce_(S)
+            counts = torch.bincount(lab[ok], minlength=k)
+            empty += int((counts == 0).sum().item())
+            C = awc_update(C, S, counts, it * b, cap, self.sparsity)
+        return C, labels, {"objective": objective, "unassigned": unassigned, "empty_cluster_blocks": empty}
+
+    def _predict_block(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        return assign_active_only(X, C)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def main(
+    masks: Path,
+    proj: str,
+    k: int,
+    output: Path,
+    *,
+    seed: int = 42,
+    sparsity: float = 0.4,
+    max_iter: int = 10,
+    assign: str = "global",
+    leftovers: Optional[str] = None,
+    init: Optional[str] = None,
+    min_sparsity: float = 0.4,
+    layer: Optional[int] = None,
+    max_rows: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    allow_partial: bool = False,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Fit AWC on a pattern store and write ``output`` (+ ``.json`` sidecar, ``.results.json``)."""
+    init_distributed(device)
+    args = argparse.Namespace(masks=masks, proj=proj, layer=layer, max_rows=max_rows, seed=seed,
+                              block_rows=block_rows, allow_partial=allow_partial)
+    src = make_source(args)
+    log.info("AWC %s: %d rows x %d, k=%d, p=%.2f, assign=%s, world=%d", proj, src.n_rows, src.width, k, sparsity,
+             assign, dist_info()[1])
+    init_file = init if init not in (None, "random", "kmeanspp") else None
+    est = ActivationAwareClustering(
+        k, max_iter=max_iter, random_state=seed, device=device, sparsity=sparsity, assign=assign,
+        leftovers=leftovers, init=init if init in ("random", "kmeanspp") else "random", min_sparsity=min_sparsity,
+        block_rows=block_rows, checkpoint=checkpoint_path(output), resume=resume, progress=progress,
+    )
+    est.fit(src, init=init_file)
+    meta = write_result(est, output, proj, {"sparsity": sparsity, "assign": assign, "cap": est.cap_})
+    if dist_info()[0] == 0:
+        print(f"wrote {output}: k={k} density={meta['history'][-1]['density'] if meta['history'] else float('nan'):.4f} "
+              f"iterations={est.n_iter_} converged={est.converged_}")
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    add_fit_args(p, max_iter=10)
+    p.add_argument("--sparsity", type=float, default=0.4,
+                   help="centroid sparsity p: the top (1-p) features are kept (0.2/0.3/0.4; default 0.4)")
+    p.add_argument("--assign", choices=("global", "greedy"), default="global",
+                   help="balanced assignment: 'global' (order-independent, default) or 'greedy' (artifact's centroid order)")
+    p.add_argument("--leftovers", choices=("drop", "nearest"), default=None,
+                   help="rows beyond k*cap: 'drop' (artifact, default for greedy) or 'nearest' (default for global)")
+    p.add_argument("--min_sparsity", type=float, default=0.4, help="initial rows need at least this fraction of zeros")
+    return p
+
+
+if __name__ == "__main__":
+    a = build_parser().parse_args()
+    setup_logging(a.verbose)
+    run_cli(lambda: main(
+        a.masks, a.proj, a.k, a.output, seed=a.seed, sparsity=a.sparsity, max_iter=a.max_iter, assign=a.assign,
+        leftovers=a.leftovers, init=a.init, min_sparsity=a.min_sparsity, layer=a.layer, max_rows=a.max_rows,
+        block_rows=a.block_rows, allow_partial=a.allow_partial, device=a.device, resume=a.resume,
+        progress=not a.no_progress,
+    ))

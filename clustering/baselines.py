@@ -1,0 +1,177 @@
+"""The paper's baselines (artifact-behaviour section 3.7) as Lloyd-type estimators.
+
+All three run batch Lloyd iterations over the whole source (streamed block by block; per-centroid
+sums all-reduced under torch.distributed), stop when no label changes or after ``max_iter``, and
+differ in distance, initialisation and update:
+
+* :class:`BRBKMeans` -- Binary-to-Real-and-Back k-means: real-valued k-means with L2 distance on
+  the {0,1} rows (init: ``k`` random distinct rows), centroids = cluster means; binarised by
+  rounding (half to even: exactly 0.5 -> 0) at the end.  ``round_every_iter=True`` rounds after
+  every update instead (the artifact's ``brbkmeans_same_k``).
+* :class:`BMF` -- the "BMF randomized clustering" (k-majority): Hamming distance, majority-vote
+  update ``round(mean)``, D1 seeding from an all-zeros first centre.
+* :class:`PenalizedBRBKMeans` -- Hamming plus ``penalty`` per spurious active neuron
+  (data 0 / centroid 1 costs ``1 + penalty``), ``round(mean)`` update, random-row init.
+
+Distances are one fp32 GEMM per block: with ``|x|`` = active count,
+Hamming = ``|x| + |c| - 2 x.c``; L2^2 = ``|x| - 2 x.c + ||c||^2``;
+penalised = ``|x| + (1+pen)|c| - (2+pen) x.c``.  Empty clusters keep their centroid.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from clustering.common import (
+    BinaryClusterer,
+    ClusteringError,
+    Source,
+    add_data_args,
+    add_fit_args,
+    all_reduce_,
+    checkpoint_path,
+    d1_seeding,
+    dist_info,
+    gather_slices,
+    init_distributed,
+    make_source,
+    random_rows,
+    seeding_sample,
+    slice_bounds,
+    write_result,
+)
+
+log = logging.getLogger("clustering.baselines")
+
+
+class _Lloyd(BinaryClusterer):
+    binary_centroids = True
+
+    def _dist(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update(self, mean: torch.Tensor) -> torch.Tensor:
+        return (mean > 0.5).float()  # round half to even on [0,1]: 0.5 -> 0
+
+    def _init_centroids(self, src: Source) -> torch.Tensor:
+        return random_rows(src, self.n_clusters, self.random_state)
+
+    def _iteration(self, src: Source, C: torch.Tensor, it: int, prev: torch.Tensor):
+        rank, world = dist_info()
+        k = C.shape[0]
+        labels = torch.empty(src.n_rows, dtype=torch.int64)
+        S = torch.zeros_like(C)
+        counts = torch.zeros(k, dtype=torch.float32, device=C.device)
+        obj = torch.zeros(1, dtype=torch.float64, device=C.device)
+        for start, stop, lo, hi, Xs in src.iter_blocks(self.block_rows, self.device, desc=f"{self.method} it {it}",
+                                                        progress=self.progress):
+            D = self._dist(Xs, C)
+            d, lab = D.min(1)  # first index on ties
+            obj += d.double().sum()
+            S.index_add_(0, lab, Xs)
+            counts += torch.bincount(lab, minlength=k).float()
+            sizes = [e - s for s, e in slice_bounds(stop - start, rank, world)]
+            labels[start:stop] = gather_slices(lab, sizes).cpu()
+        all_reduce_(S)
+        all_reduce_(counts)
+        all_reduce_(obj)
+        ne = counts > 0
+        Cn = C.clone()
+        Cn[ne] = self._update(S[ne] / counts[ne][:, None])
+        return Cn, labels, {"objective": float(obj.item()), "empty_clusters": int((~ne).sum().item())}
+
+    def _predict_block(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        return self._dist(X, C).min(1).indices
+
+
+class BRBKMeans(_Lloyd):
+    method = "brbkmeans"
+
+    def __init__(self, n_clusters: int, *, round_every_iter: bool = False, **kw) -> None:
+        super().__init__(n_clusters, **kw)
+        self.round_every_iter = round_every_iter
+
+    def _params(self) -> dict:
+        return {"round_every_iter": self.round_every_iter}
+
+    def _dist(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        return X.sum(1, keepdim=True) - 2 * X @ C.T + (C * C).sum(1)[None, :]
+
+    def _update(self, mean: torch.Tensor) -> torch.Tensor:
+        return torch.round(mean) if self.round_every_iter else mean
+
+    def _finalize(self, C: torch.Tensor) -> torch.Tensor:
+        return torch.round(C)
+
+    def _predict_block(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        return self._dist(X, C.float()).min(1).indices
+
+
+class BMF(_Lloyd):
+    method = "bmf"
+
+    def __init__(self, n_clusters: int, *, seed_batch: int = 1, init_rows: Optional[int] = 65536, **kw) -> None:
+        super().__init__(n_clusters, **kw)
+        self.seed_batch = seed_batch
+        self.init_rows = init_rows
+
+    def _params(self) -> dict:
+        return {"seed_batch": self.seed_batch, "init_rows": self.init_rows}
+
+    def _dist(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        return X.sum(1, keepdim=True) + C.sum(1)[None, :] - 2 * X @ C.T
+
+    def _init_centroids(self, src: Source) -> torch.Tensor:
+        X = seeding_sample(src, self.init_rows, self.random_state, self.device)
+        g = torch.Generator().manual_seed(self.random_state)
+        first = torch.zeros(1, src.width, device=X.device)
+        return d1_seeding(X, self.n_clusters, first, g, batch=self.seed_batch, floor=0.0)
+
+
+class PenalizedBRBKMeans(_Lloyd):
+    method = "penalized_brbkmeans"
+
+    def __init__(self, n_clusters: int, *, penalty: float = 2.0, **kw) -> None:
+        super().__init__(n_clusters, **kw)
+        self.penalty = penalty
+
+    def _params(self) -> dict:
+        return {"penalty": self.penalty}
+
+    def _dist(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        pen = self.penalty
+        return X.sum(1, keepdim=True) + (1 + pen) * C.sum(1)[None, :] - (2 + pen) * (X @ C.T)
+
+
+def cli(cls: type, description: str, extra_args=None, extra_kw=None) -> None:
+    """Shared thin CLI for the three baselines."""
+    from clustering.common import run_cli, setup_logging
+
+    p = argparse.ArgumentParser(description=description)
+    add_data_args(p)
+    add_fit_args(p, max_iter=100)
+    if extra_args:
+        extra_args(p)
+    a = p.parse_args()
+    setup_logging(a.verbose)
+
+    def body() -> None:
+        init_distributed(a.device)
+        src = make_source(a)
+        kw = extra_kw(a) if extra_kw else {}
+        est = cls(a.k, max_iter=a.max_iter, random_state=a.seed, device=a.device, block_rows=a.block_rows,
+                  checkpoint=checkpoint_path(a.output), resume=a.resume, progress=not a.no_progress, **kw)
+        init = a.init if a.init not in (None, "random") else None
+        if a.init not in (None, "random") and not Path(a.init).suffix:
+            raise ClusteringError(f"--init must be 'random' or a centroid .pt file, got {a.init!r}")
+        est.fit(src, init=init)
+        meta = write_result(est, a.output, a.proj)
+        if dist_info()[0] == 0:
+            print(f"wrote {a.output}: k={a.k} iterations={est.n_iter_} converged={est.converged_} "
+                  f"objective={meta['objective_history'][-1] if meta['objective_history'] else float('nan'):.6g}")
+
+    run_cli(body)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random Mistral/Llama models, a tiny tokenizer, a tiny local corpus."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_TEXT = (
+    " = Tiny Corpus = \n",
+    " The quick brown fox jumps over the lazy dog . A second sentence follows , with numbers 1 2 3 . \n",
+    " = = Section = = \n",
+    " Activation sparsity in language models means that many neurons are inactive for a token . \n",
+    " Clustering activation patterns compresses them into a few centroid masks . \n",
+) * 40
+
+
+def tiny_config(arch: str = "mistral", layers: int = 2, vocab: int = 128, hidden: int = 64, inter: int = 128):
+    from transformers import LlamaConfig, MistralConfig
+
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, use_cache=False,
+              tie_word_embeddings=False)
+    return MistralConfig(**kw) if arch == "mistral" else LlamaConfig(**kw)
+
+
+def tiny_model(arch: str = "mistral", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(tiny_config(arch, **kw))
+    return m.eval()
+
+
+def tiny_tokenizer(vocab: int = 128):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100], show_progress=False)
+    tok.train_from_iterator(list(TINY_TEXT), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random MistralForCausalLM + tokenizer (a Hugging Face model directory)."""
+    d = tmp_path_factory.mktemp("tiny_mistral")
+    tok = tiny_tokenizer()
+    model = tiny_model("mistral", vocab=len(tok))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A local wiki.test.raw / wiki.train.raw pair in the WikiText raw layout."""
+    d = tmp_path_factory.mktemp("tiny_corpus")
+    (d / "wiki.test.raw").write_text("".join(TINY_TEXT))
+    (d / "wiki.train.raw").write_text("".join(reversed(TINY_TEXT)))
+    return d
