@@ -46,16 +46,15 @@ class _HistPass:
 
 
 class _SelectPass:
-    def __init__(self, targets: dict[str, list[tuple[int, int]]]) -> None:
-        # targets[proj][layer] = (bucket, rank within bucket)
-        self.targets = targets
+    def __init__(self, targets: dict[str, list[set[int]]]) -> None:
+        # targets[proj][layer] = the buckets whose values must be kept (one per requested sparsity)
+        self.targets = {p: [torch.tensor(sorted(b), dtype=torch.int32) for b in v] for p, v in targets.items()}
         self.values: dict[str, list[list[torch.Tensor]]] = {p: [[] for _ in v] for p, v in targets.items()}
 
     def __call__(self, layer: int, name: str, y: torch.Tensor) -> None:
         if name in self.targets:
-            b = self.targets[name][layer][0]
             flat = y.detach().abs().float().reshape(-1)
-            sel = flat[(flat.view(torch.int32) >> 16) == b]
+            sel = flat[torch.isin(flat.view(torch.int32) >> 16, self.targets[name][layer].to(flat.device))]
             self.values[name][layer].append(sel.cpu())
 
 
@@ -72,54 +71,77 @@ def _run(model, windows: torch.Tensor, observer, desc: str) -> None:
         remove_observer(model, observer)
 
 
-def exact_quantile_thresholds(model, windows: torch.Tensor, sparsity: float, projs: tuple[str, ...],
-                              num_layers: int, desc: str = "") -> dict[str, list[float]]:
-    """Two streamed passes -> {proj: [exact S-quantile of |y| per layer]} for the sparsified ``model``."""
+def exact_quantile_thresholds(model, windows: torch.Tensor, sparsity: float | list[float], projs: tuple[str, ...],
+                              num_layers: int, desc: str = "") -> dict[str, list[float]] | list[dict[str, list[float]]]:
+    """Two streamed passes -> {proj: [exact S-quantile of |y| per layer]} for the sparsified ``model``.
+
+    ``sparsity`` may be a list: the same two passes then serve every level (a list of dicts is returned).
+    """
+    levels = list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity]
     hp = _HistPass(num_layers, projs)
     _run(model, windows, hp, f"calibrate {desc} histogram")
-    targets: dict[str, list[tuple[int, int]]] = {}
-    for p in projs:
-        targets[p] = []
-        for layer in range(num_layers):
-            h = hp.hist[p][layer]
-            n = int(h.sum())
-            k = min(int(round(sparsity * n)), n - 1)  # 0-based rank: exactly k elements lie below it
-            cum = torch.cumsum(h, 0)
-            b = int(torch.searchsorted(cum, torch.tensor(k), right=True))
-            below = int(cum[b - 1]) if b > 0 else 0
-            targets[p].append((b, k - below))
+    # where[s][proj][layer] = (bucket, rank of the wanted element among the values in that bucket)
+    where: list[dict[str, list[tuple[int, int]]]] = []
+    for s in levels:
+        w: dict[str, list[tuple[int, int]]] = {}
+        for p in projs:
+            w[p] = []
+            for layer in range(num_layers):
+                h = hp.hist[p][layer]
+                n = int(h.sum())
+                k = min(int(round(s * n)), n - 1)  # 0-based rank: exactly k elements lie below it
+                cum = torch.cumsum(h, 0)
+                b = int(torch.searchsorted(cum, torch.tensor(k), right=True))
+                below = int(cum[b - 1]) if b > 0 else 0
+                w[p].append((b, k - below))
+        where.append(w)
+    targets = {p: [{w[p][layer][0] for w in where} for layer in range(num_layers)] for p in projs}
     sp = _SelectPass(targets)
     _run(model, windows, sp, f"calibrate {desc} select")
-    out: dict[str, list[float]] = {}
-    for p in projs:
-        out[p] = []
-        for layer in range(num_layers):
-            vals = torch.cat(sp.values[p][layer])
-            r = targets[p][layer][1]
-            out[p].append(float(torch.kthvalue(vals, r + 1).values))
-    return out
+    results: list[dict[str, list[float]]] = []
+    for w in where:
+        out: dict[str, list[float]] = {}
+        for p in projs:
+            out[p] = []
+            for layer in range(num_layers):
+                vals = torch.cat(sp.values[p][layer])
+                b, r = w[p][layer]
+                inb = vals[(vals.view(torch.int32) >> 16) == b]
+                out[p].append(float(torch.kthvalue(inb, r + 1).values))
+        results.append(out)
+    return results if isinstance(sparsity, (list, tuple)) else results[0]
 
 
-def calibrate(model, windows: torch.Tensor, sparsity: float, num_layers: int) -> dict[str, list[float]]:
-    """Thresholds for every projection (stage A gate/up dense, stage B down with gate/up applied)."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
+def calibrate(model, windows: torch.Tensor, sparsity: float | list[float],
+              num_layers: int) -> dict[str, list[float]] | list[dict[str, list[float]]]:
+    """Thresholds for every projection (stage A gate/up dense, stage B down with gate/up applied).
+
+    A list of sparsities shares stage A's two passes; stage B needs two passes per level.
+    """
+    levels = list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity]
+    for s in levels:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"--sparsity must be in [0, 1), got {s}")
     sparsify_(model, SparsityConfig(thresholds=None))
-    gu = exact_quantile_thresholds(model, windows, sparsity, ("gate_proj", "up_proj"), num_layers, "gate/up")
-    partial = {"gate_proj": gu["gate_proj"], "up_proj": gu["up_proj"], "down_proj": [0.0] * num_layers}
-    sparsify_(model, SparsityConfig(thresholds=partial))
-    dn = exact_quantile_thresholds(model, windows, sparsity, ("down_proj",), num_layers, "down")
-    return {"gate_proj": gu["gate_proj"], "up_proj": gu["up_proj"], "down_proj": dn["down_proj"]}
+    gus = exact_quantile_thresholds(model, windows, levels, ("gate_proj", "up_proj"), num_layers, "gate/up")
+    out = []
+    for s, gu in zip(levels, gus):
+        partial = {"gate_proj": gu["gate_proj"], "up_proj": gu["up_proj"], "down_proj": [0.0] * num_layers}
+        sparsify_(model, SparsityConfig(thresholds=partial))
+        dn = exact_quantile_thresholds(model, windows, s, ("down_proj",), num_layers, f"down {100 * s:.0f}%")
+        out.append({"gate_proj": gu["gate_proj"], "up_proj": gu["up_proj"], "down_proj": dn["down_proj"]})
+    return out if isinstance(sparsity, (list, tuple)) else out[0]
 
 
-def main(sparsity: float, output: Path, model_path: Optional[str] = None, nsamples: int = 16, seqlen: int = 2048,
+def main(sparsity: float | list[float], output: Path, model_path: Optional[str] = None, nsamples: int = 16, seqlen: int = 2048,
          split: str = "train", data_path: Optional[str] = None, dtype: Optional[str] = None,
          device: Optional[str] = None) -> dict[str, list[float]]:
     from awq.data import load_corpus, tokenize_windows
     from awq.models import load_model
 
-    if sparsity > 1.0:  # accept 50 as 50 %
-        sparsity = sparsity / 100.0
+    levels = [s / 100.0 if s > 1.0 else s for s in (sparsity if isinstance(sparsity, (list, tuple)) else [sparsity])]
+    if len(levels) > 1 and "{pct}" not in str(output):
+        raise ValueError("several --sparsity levels need an --output containing {pct}")
     model, tok, info = load_model(model_path, dtype, device)
     corpus = load_corpus(split, data_path)
     windows = tokenize_windows(tok, corpus.text, seqlen)
@@ -127,22 +149,26 @@ def main(sparsity: float, output: Path, model_path: Optional[str] = None, nsampl
         raise ValueError(f"--nsamples {nsamples} exceeds the {windows.size(0)} available windows of {corpus.name} "
                          f"({split})")
     windows = windows[:nsamples]
-    log.info("calibrating %s for %.0f%% sparsity on %d x %d tokens of %s (%s)", info.name, 100 * sparsity,
-             windows.size(0), seqlen, corpus.name, split)
-    thr = calibrate(model, windows, sparsity, info.num_layers)
-    meta = {"model": info.name, "sparsity": sparsity, "nsamples": int(windows.size(0)), "seqlen": seqlen,
-            "dataset": corpus.name, "split": split, "substitute": corpus.substitute, "method": "exact quantile of |y|",
-            "dtype": info.dtype}
-    save_thresholds(thr, output, extra=meta)
-    log.info("thresholds written to %s", output)
-    return thr
+    log.info("calibrating %s for %s sparsity on %d x %d tokens of %s (%s)", info.name,
+             ", ".join(f"{100 * s:.0f}%" for s in levels), windows.size(0), seqlen, corpus.name, split)
+    thrs = calibrate(model, windows, levels, info.num_layers)
+    for s, thr in zip(levels, thrs):
+        meta = {"model": info.name, "sparsity": s, "nsamples": int(windows.size(0)), "seqlen": seqlen,
+                "dataset": corpus.name, "split": split, "substitute": corpus.substitute,
+                "method": "exact quantile of |y|", "dtype": info.dtype}
+        path = Path(str(output).replace("{pct}", f"{round(100 * s)}"))
+        save_thresholds(thr, path, extra=meta)
+        log.info("thresholds written to %s", path)
+    return thrs[0] if len(thrs) == 1 else thrs
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m awq.calibrate",
                                 description="Compute per-layer thresholds giving a target MLP sparsity (exact quantiles).")
-    p.add_argument("--sparsity", type=float, required=True, help="target fraction of zeros, e.g. 0.5 (or 50)")
-    p.add_argument("--output", type=Path, required=True, help="thresholds JSON to write (artifact format)")
+    p.add_argument("--sparsity", required=True,
+                   help="target fraction of zeros, e.g. 0.5 (or 50); comma-separated for several levels")
+    p.add_argument("--output", type=Path, required=True,
+                   help="thresholds JSON to write (artifact format); '{pct}' in the name is replaced by the level")
     p.add_argument("--model_path", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
@@ -153,7 +179,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        main(a.sparsity, a.output, a.model_path, a.nsamples, a.seqlen, a.split, a.data_path, a.dtype, a.device)
+        levels = [float(v) for v in a.sparsity.split(",") if v.strip()]
+        main(levels if len(levels) > 1 else levels[0], a.output, a.model_path, a.nsamples, a.seqlen, a.split, a.data_path, a.dtype, a.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ __all__ = [
     "save_centroids",
     "load_centroids",
     "validate_centroids",
+    "overlap",
     "active_only_distance",
     "assign_active_only",
     "coverage_stats",
@@ -158,20 +159,34 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+_HAS_INT_MM = hasattr(torch, "_int_mm")
+
+
+def overlap(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``<a, c>`` for every row pair of {0,1} ``A [n, F]`` and ``C [K, F]`` as exact float32 ``[n, K]``.
+
+    On the CPU this is an int8 x int8 -> int32 GEMM (``torch._int_mm``, ~5x the fp32 rate and exact
+    for any width); elsewhere an fp32 GEMM (exact for 0/1 inputs: products are 0/1 and fp32
+    accumulation is exact below 2**24, TF32/bf16 inputs included).
+    """
+    C = C.to(A.device)
+    if A.device.type == "cpu" and _HAS_INT_MM and A.shape[0] > 0 and C.shape[0] > 0:
+        Ai = A if A.dtype == torch.int8 else A.to(torch.int8)
+        Ci = C if C.dtype == torch.int8 else C.to(torch.int8)
+        return torch._int_mm(Ai, Ci.T).to(torch.float32)
+    return _as_float(A) @ _as_float(C).T
+
+
 def active_only_distance(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """``D[n, K] = |a| - <a, c>``: exact in fp32 (one GEMM) for {0,1} inputs with width < 2**24."""
-    A = _as_float(A)
-    C = _as_float(C).to(A.device)
-    return A.sum(1, keepdim=True) - A @ C.T
+    """``D[n, K] = |a| - <a, c>`` for {0,1} inputs, exact (one GEMM, see :func:`overlap`)."""
+    return _as_float(A).sum(1, keepdim=True) - overlap(A, C)
 
 
 def assign_active_only(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Nearest centroid by the active-only distance = argmax overlap, ties -> lowest index (int64 [n])."""
-    A = _as_float(A)
-    C = _as_float(C).to(A.device)
     if A.shape[1] != C.shape[1]:
         raise CentroidError(f"width mismatch: data has width {A.shape[1]}, centroids have width {C.shape[1]}")
-    return torch.argmax(A @ C.T, dim=1)  # argmax returns the first maximal index
+    return torch.argmax(overlap(A, C), dim=1)  # argmax returns the first maximal index
 
 
 def coverage_stats(A: torch.Tensor, C: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, float]:
@@ -183,12 +198,13 @@ def coverage_stats(A: torch.Tensor, C: torch.Tensor, labels: Optional[torch.Tens
     """
     A = _as_float(A)
     C = _as_float(C).to(A.device)
+    G = overlap(A, C)
     if labels is None:
-        labels = assign_active_only(A, C)
-    overlap = (A @ C.T).gather(1, labels.view(-1, 1)) if A.shape[0] else A.new_zeros(0, 1)
+        labels = torch.argmax(G, dim=1)
+    cov = G.gather(1, labels.view(-1, 1)) if A.shape[0] else A.new_zeros(0, 1)
     return {
         "active": float(A.sum().item()),
-        "covered": float(overlap.sum().item()),
+        "covered": float(cov.sum().item()),
         "predicted": float(C.sum(1)[labels].sum().item()),
         "rows": float(A.shape[0]),
         "cells": float(A.numel()),

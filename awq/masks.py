@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import mmap
 import os
 import time
@@ -165,8 +164,12 @@ def unpack(
     if packed.shape[-1] != nbytes:
         raise ValueError(f"packed rows have {packed.shape[-1]} bytes but width {width} needs {nbytes}")
     shape = (*packed.shape[:-1], width)
-    if out is not None and (tuple(out.shape) != shape or out.dtype != dtype or out.device != dev):
-        raise ValueError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}, need {shape} {dtype} on {dev}")
+    if out is not None and (
+        tuple(out.shape) != shape or out.dtype != dtype or out.device != dev or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out is {tuple(out.shape)} {out.dtype} on {out.device}, need contiguous {shape} {dtype} on {dev}"
+        )
     if dev.type != "cpu":
         res = _unpack_torch(torch.as_tensor(packed).to(dev, non_blocking=True), width, dtype)
         return res if out is None else out.copy_(res)
@@ -177,10 +180,19 @@ def unpack(
     if out is None:
         out = torch.empty(shape, dtype=dtype)
     flat_in, flat_out = arr.reshape(-1, nbytes), out.view(-1, width)
-    step = max(1, (1 << 20) // max(nbytes, 1))
+    # numpy does the casts (torch's threaded copy_ is slow on busy CPUs); numpy has no bfloat16,
+    # but {0, 1} in bfloat16 is the bit pattern {0, 0x3F80}: write bits * 0x3F80 into an int16 view
+    if dtype == torch.bfloat16:
+        np_out, scale = flat_out.view(torch.int16).numpy(), np.int16(0x3F80)
+    else:
+        np_out, scale = flat_out.numpy(), None
+    step = max(1, (1 << 18) // nbytes)
     for a in range(0, flat_in.shape[0], step):
-        bits = torch.from_numpy(np.unpackbits(flat_in[a : a + step], axis=-1, count=width))
-        flat_out[a : a + step].copy_(bits.view(torch.bool) if dtype == torch.bool else bits)
+        bits = np.unpackbits(flat_in[a : a + step], axis=-1, count=width)
+        if scale is None:
+            np.copyto(np_out[a : a + step], bits, casting="unsafe")
+        else:
+            np.multiply(bits, scale, out=np_out[a : a + step], casting="unsafe")
     return out
 
 
@@ -273,7 +285,9 @@ class StoreWriter:
     ``meta`` carries the caller's identity fields (see :data:`IDENTITY_KEYS`: model,
     thresholds_sha256, dataset, dataset_source, split, dtype) and anything else worth keeping
     (thresholds path, package versions, ...).  ``num_layers`` is required; widths/hidden are
-    learned from the first rows written.
+    learned from the first rows written (or given as ``meta["widths"]``/``meta["hidden"]`` and
+    then checked).  Fields the writer derives itself (seqlen, windows_total, num_layers, ...) may
+    appear in ``meta`` only with the same value.
     """
 
     def __init__(
@@ -285,17 +299,30 @@ class StoreWriter:
         seqlen: int,
         num_layers: int,
         record_inputs: bool = False,
+        sync: bool = True,
     ) -> None:
         if total_windows < 1 or seqlen < 1 or num_layers < 1:
-            raise ValueError(f"total_windows, seqlen and num_layers must be >= 1 (got {total_windows}, {seqlen}, {num_layers})")
-        clash = [k for k in meta if k in _WRITER_KEYS]
-        if clash:
-            raise ValueError(f"meta may not set writer-owned fields {clash}")
+            raise ValueError(
+                f"total_windows, seqlen and num_layers must be >= 1 (got {total_windows}, {seqlen}, {num_layers})"
+            )
+        derived = {
+            "seqlen": seqlen, "tokens_per_window": seqlen, "windows_total": total_windows,
+            "record_inputs": bool(record_inputs), "num_layers": num_layers, "bit_order": BIT_ORDER,
+        }
+        for key in meta:
+            if key in derived and meta[key] != derived[key]:
+                raise ValueError(f"meta[{key!r}] = {meta[key]!r} contradicts the recorder's {key} = {derived[key]!r}")
+            if key in _WRITER_KEYS and key not in derived and key not in ("widths", "hidden"):
+                raise ValueError(f"meta may not set the writer-owned field {key!r}")
+        pre_widths = dict(meta.get("widths") or {})
+        if any(p not in PROJS for p in pre_widths):
+            raise ValueError(f"meta['widths'] keys must be among {PROJS}")
         self.root = Path(out_dir)
         self.seqlen, self.total_windows, self.num_layers = int(seqlen), int(total_windows), int(num_layers)
         self.record_inputs = bool(record_inputs)
+        self.sync = bool(sync)
         self.kinds = PROJS + ((INPUT_KIND,) if self.record_inputs else ())
-        new_meta = dict(meta)
+        new_meta = {k: v for k, v in meta.items() if k not in ("widths", "hidden")}
         new_meta.update(
             format=FORMAT_NAME,
             format_version=FORMAT_VERSION,
@@ -305,29 +332,39 @@ class StoreWriter:
             windows_done=0,
             record_inputs=self.record_inputs,
             num_layers=self.num_layers,
-            widths={},
-            hidden=None,
+            widths={p: int(w) for p, w in pre_widths.items()},
+            hidden=None if meta.get("hidden") is None else int(meta["hidden"]),
             bit_order=BIT_ORDER,
             row_layout=ROW_LAYOUT,
             files={p: f"{p}/layer_<ll>.npy" for p in self.kinds},
             created=_now(),
             window_stats=[],
         )
+        try:  # what will be on disk (tuples become lists), and a clear error for unserialisable values
+            new_meta = json.loads(json.dumps(new_meta))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"store meta must be JSON serialisable: {e}") from None
         if (self.root / "meta.json").exists():
             old = _read_meta(self.root)
             for key in IDENTITY_KEYS:
                 if old.get(key) != new_meta.get(key):
                     raise StoreMismatchError(
-                        f"{self.root} holds a store with {key}={old.get(key)!r}, this run has {key}={new_meta.get(key)!r}; "
-                        "use another directory or delete it"
+                        f"{self.root} holds a store with {key}={old.get(key)!r}, "
+                        f"this run has {key}={new_meta.get(key)!r}; use another directory or delete it"
                     )
             if old.get("num_layers") != self.num_layers:
                 raise StoreMismatchError(
-                    f"{self.root} holds a store with num_layers={old.get('num_layers')!r}, the model has {self.num_layers}"
+                    f"{self.root} holds a store with num_layers={old.get('num_layers')!r}, "
+                    f"the model has {self.num_layers}"
                 )
             if not isinstance(old.get("window_stats"), list) or len(old["window_stats"]) != old["windows_done"]:
                 raise StoreError(f"{self.root}/meta.json: window_stats does not have windows_done entries")
             # keep the creation record, refresh the free-form fields
+            for key, val in pre_widths.items():
+                if (old.get("widths") or {}).get(key, val) != val:
+                    raise StoreMismatchError(
+                        f"{self.root} holds {key} of width {old['widths'][key]}, this run says {val}"
+                    )
             for key in ("created", "widths", "hidden", "windows_done", "window_stats"):
                 new_meta[key] = old.get(key, new_meta[key])
             self.meta = new_meta
@@ -336,8 +373,10 @@ class StoreWriter:
             if self.root.exists():
                 if not self.root.is_dir():
                     raise StoreError(f"{self.root} exists and is not a directory")
-                if any(self.root.iterdir()):
-                    raise StoreError(f"{self.root} is not empty and holds no meta.json: refusing to write a store there")
+                if any(p.name != "meta.json.tmp" for p in self.root.iterdir()):  # tmp: killed while creating
+                    raise StoreError(
+                        f"{self.root} is not empty and holds no meta.json: refusing to write a store there"
+                    )
             self.root.mkdir(parents=True, exist_ok=True)
             self.meta = new_meta
             _atomic_write_json(self.root / "meta.json", self.meta)
@@ -367,7 +406,9 @@ class StoreWriter:
                 raise StoreError(f"{path} is {have_shape} {have_dtype}, expected {shape} {dtype}")
         else:
             if self.windows_done > 0:
-                raise StoreError(f"{path} is missing although {self.windows_done} windows are recorded: store is corrupt")
+                raise StoreError(
+                    f"{path} is missing although {self.windows_done} windows are recorded: store is corrupt"
+                )
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             mm = npy_format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)  # sparse preallocation
@@ -391,7 +432,9 @@ class StoreWriter:
         if window != self.windows_done:
             raise ValueError(f"window {window} is not the next window ({self.windows_done})")
         if rows.ndim != 2 or rows.shape[0] != self.seqlen:
-            raise ValueError(f"{kind} layer {layer}: got rows of shape {tuple(rows.shape)}, expected [{self.seqlen}, ...]")
+            raise ValueError(
+                f"{kind} layer {layer}: got rows of shape {tuple(rows.shape)}, expected [{self.seqlen}, ...]"
+            )
         if kind == INPUT_KIND:
             dtype, width = np.dtype(np.float16), rows.shape[1]
             known = self.meta["hidden"]
@@ -434,8 +477,9 @@ class StoreWriter:
             json.dumps(entry)
         except (TypeError, ValueError) as e:
             raise ValueError(f"window stats are not JSON serialisable: {e}") from None
-        for fd in self._dirty:
-            os.fdatasync(fd)
+        if self.sync:  # without it a killed process is still safe (page cache); a power cut is not
+            for fd in self._dirty:
+                os.fdatasync(fd)
         self._dirty.clear()
         self._written.clear()
         self.meta["windows_done"] = window + 1
@@ -493,7 +537,9 @@ class MaskRecorder:
         if self._cur is None:
             raise RuntimeError("model forward while recording masks but outside start_window()/end_window()")
         if y.dim() != 3 or y.shape[0] != 1:
-            raise ValueError(f"mask recording needs batch size 1 inputs [1, seqlen, width]; got {tuple(y.shape)} at {name}")
+            raise ValueError(
+                f"mask recording needs batch size 1 inputs [1, seqlen, width]; got {tuple(y.shape)} at {name}"
+            )
         if y.shape[1] != self.writer.seqlen:
             raise ValueError(f"mask recording expects windows of {self.writer.seqlen} tokens, got {y.shape[1]}")
         y = y.detach()[0]
@@ -513,6 +559,7 @@ def record_masks(
     total_windows: int,
     seqlen: int,
     record_inputs: bool = False,
+    sync: bool = True,
 ) -> Iterator[MaskRecorder]:
     """Record ``(thresholded output != 0)`` of every projection of every layer of a sparsified model.
 
@@ -527,13 +574,21 @@ def record_masks(
                 rec.end_window(i, {"nll": nll})
             all_stats = rec.window_stats()
 
-    Raises :class:`StoreMismatchError` if ``out_dir`` holds a store with other identity fields.
+    ``meta`` holds the run's identity under the keys of :data:`IDENTITY_KEYS` (``model``,
+    ``thresholds_sha256``, ``dataset``, ``dataset_source``, ``split``, ``dtype``; a missing key
+    counts as None) plus any other JSON-serialisable provenance (thresholds path, versions, ...).
+    Raises :class:`StoreMismatchError` if ``out_dir`` holds a store with other identity fields
+    (or another seqlen, total_windows, record_inputs), :class:`StoreError` if ``out_dir`` is a
+    non-empty directory without meta.json.  The model must be called with batch size 1.
+    ``sync=False`` skips the per-window fdatasync of the data files (still safe against a killed
+    process, not against a power cut; for fast accelerators with big models).
     """
     mlps = sparse_mlps(model)
     if not mlps:
         raise RuntimeError("model has no SparseMLP modules: call sparsify_() before record_masks()")
     writer = StoreWriter(
-        out_dir, meta=meta, total_windows=total_windows, seqlen=seqlen, num_layers=len(mlps), record_inputs=record_inputs
+        out_dir, meta=meta, total_windows=total_windows, seqlen=seqlen, num_layers=len(mlps),
+        record_inputs=record_inputs, sync=sync,
     )
     rec = MaskRecorder(writer)
     add_observer(model, rec.observe)

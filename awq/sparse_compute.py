@@ -50,8 +50,8 @@ KERNELS: tuple[str, ...] = ("auto", "cpp", "torch")
 
 # active = mask [F] / masks [..., F] (bool or 0/1) / int indices [k] / (labels [...], centroids [K, F])
 Active = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], None]
-# selector(layer_idx, x2d [T, H]) -> Active
-Selector = Callable[[int, torch.Tensor], Active]
+# selector(layer_idx, x2d [T, H]) -> Active, or {"active": Active, "out_mask": [H] or [T, H] mask}
+Selector = Callable[[int, torch.Tensor], Union[Active, dict]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,9 +138,10 @@ template <typename S>
 static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& idx,
                          const torch::Tensor& bias_gu, double t_gate, double t_up) {
   const int64_t T = x.size(0), H = x.size(1), k = idx.size(0);
+  auto out = torch::zeros({T, H}, x.options().dtype(torch::kFloat));
+  float* outp = out.data_ptr<float>();
   const int nt = at::get_num_threads();
-  auto buf = torch::zeros({nt, T, H}, x.options().dtype(torch::kFloat));
-  float* bufp = buf.data_ptr<float>();
+  std::vector<std::vector<float>> part(nt);  // one accumulator per thread, summed in a fixed order
   const float* xp = x.data_ptr<float>();
   const S* wp = w.data_ptr<S>();
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -148,8 +149,10 @@ static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const t
   const float tg = static_cast<float>(t_gate), tu = static_cast<float>(t_up);
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, k / (4 * nt) + 1));
   at::parallel_for(0, k, grain, [&](int64_t b, int64_t e) {
-    float* acc = bufp + static_cast<int64_t>(at::get_thread_num()) * T * H;
+    std::vector<float>& accv = part[at::get_thread_num()];
+    if (accv.empty()) accv.assign(T * H, 0.f);
     std::vector<float> a(T);
+    float* acc = accv.data();
     for (int64_t i = b; i < e; ++i) {
       const int64_t n = ip[i];
       const S* wg = wp + n * 3 * H;
@@ -172,7 +175,12 @@ static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const t
         if (a[t] != 0.f) axpy<S>(acc + t * H, a[t], wg + 2 * H, H);
     }
   });
-  return nt == 1 ? buf[0] : buf.sum(0);
+  for (const auto& acc : part) {
+    if (acc.empty()) continue;
+#pragma omp simd
+    for (int64_t j = 0; j < T * H; ++j) outp[j] += acc[j];
+  }
+  return out;
 }
 
 torch::Tensor fused_sparse_swiglu(torch::Tensor x, torch::Tensor w, torch::Tensor idx,
@@ -188,6 +196,7 @@ torch::Tensor fused_sparse_swiglu(torch::Tensor x, torch::Tensor w, torch::Tenso
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 _kernel_state: dict[str, object] = {}
+_EMPTY = torch.empty(0)
 
 
 def _cache_dir() -> Path:
@@ -314,6 +323,15 @@ def group_tokens(
     return uniq, inv
 
 
+class _Prepared:
+    """Validated sorted indices shared by all tokens (from set_active)."""
+
+    __slots__ = ("idx",)
+
+    def __init__(self, idx: torch.Tensor) -> None:
+        self.idx = idx.contiguous()
+
+
 # --------------------------------------------------------------------------------------------
 # the module
 # --------------------------------------------------------------------------------------------
@@ -363,7 +381,11 @@ class GatheredSparseMLP(nn.Module):
         self.dense_ratio = dense_ratio
         self.selector: Optional[Selector] = None
         self._fixed: Active = None
-        self._is_silu = isinstance(act_fn, nn.SiLU) or act_fn is F.silu
+        with torch.no_grad():  # the fused kernel implements SiLU; recognise it by value, not by class
+            probe = torch.linspace(-8, 8, 33)
+            self._is_silu = bool(torch.allclose(act_fn(probe), F.silu(probe), rtol=1e-6, atol=1e-7))
+        if kernel == "cpp" and not self._is_silu:
+            raise ValueError("kernel='cpp' implements SiLU only; use kernel='torch' for this activation")
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -411,7 +433,10 @@ class GatheredSparseMLP(nn.Module):
         return self.weight.shape[0]
 
     def set_active(self, active: Active) -> None:
-        """Fix the active set used when forward gets none (None: dense)."""
+        """Fix the active set used when forward gets none (None: dense).  A set shared by all
+        tokens (1-D mask or indices) is validated and turned into indices once, here."""
+        if isinstance(active, torch.Tensor) and active.dim() == 1:
+            active = _Prepared(indices_from_active(active.to(self.weight.device), self.intermediate_size))
         self._fixed = active
 
     def _use_cpp(self) -> bool:
@@ -433,7 +458,7 @@ class GatheredSparseMLP(nn.Module):
     def _sparse(self, x2: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Tokens x2 [t, H] sharing the active indices idx [k] -> [t, H] (before down bias/threshold)."""
         if self._use_cpp():
-            bias = self.bias_gu if self.bias_gu is not None else torch.empty(0)
+            bias = self.bias_gu if self.bias_gu is not None else _EMPTY
             out = cpp_kernel().fused_sparse_swiglu(
                 x2.float().contiguous(), self.weight, idx.contiguous(), bias,
                 self._thr("gate_proj"), self._thr("up_proj"))
@@ -470,10 +495,16 @@ class GatheredSparseMLP(nn.Module):
         T = x2.shape[0]
         if active is None and self.selector is not None:
             active = self.selector(self.layer_idx, x2)
+            if isinstance(active, dict):  # {"active": ..., "out_mask": ...}
+                if out_mask is None:
+                    out_mask = active.get("out_mask")
+                active = active.get("active")
         if active is None:
             active = self._fixed
         if active is None or T == 0:
             out = self._masked_dense(x2, None)
+        elif isinstance(active, _Prepared):
+            out = self._sparse(x2, active.idx)
         elif isinstance(active, torch.Tensor) and active.dim() == 1:
             out = self._sparse(x2, indices_from_active(active.to(x2.device), Fi))
         else:
@@ -540,3 +571,37 @@ def gather_sparsify_(
 def set_selector(modules: Sequence[GatheredSparseMLP], selector: Optional[Selector]) -> None:
     for m in modules:
         m.selector = selector
+
+
+def cluster_selector(
+    label_fns: Mapping[str, Callable[[torch.Tensor, int], torch.Tensor]],
+    centroids: Mapping[str, torch.Tensor],
+) -> Selector:
+    """A selector from per-projection cluster predictors (``label_fn(x, layer_idx) -> labels [T]``,
+    the :mod:`awq.codebook` signature) and centroid tables ``{proj: [K, width]}``.
+
+    gate_proj/up_proj labels pick centroid rows whose AND is the token's active neuron set (only
+    neurons active in both can contribute, since act(0) = 0); a down_proj label picks the output
+    mask.  A projection without a predictor does not restrict the set."""
+    unknown = set(label_fns) - {"gate_proj", "up_proj", "down_proj"}
+    if unknown:
+        raise ValueError(f"unknown projections {sorted(unknown)}")
+    missing = [p for p in label_fns if p not in centroids]
+    if missing:
+        raise ValueError(f"no centroid table for {missing}")
+    tables = {p: _as_bool_mask(c, c.shape[-1], f"{p} centroids") for p, c in centroids.items()}
+    gu = [p for p in ("gate_proj", "up_proj") if p in label_fns]
+
+    def select(layer_idx: int, x2: torch.Tensor) -> dict:
+        out: dict = {"active": None, "out_mask": None}
+        if len(gu) == 1:
+            p = gu[0]
+            out["active"] = (label_fns[p](x2, layer_idx).reshape(-1), tables[p])
+        elif len(gu) == 2:
+            m = [tables[p][label_fns[p](x2, layer_idx).reshape(-1).long()] for p in gu]
+            out["active"] = m[0] & m[1]
+        if "down_proj" in label_fns:
+            out["out_mask"] = tables["down_proj"][label_fns["down_proj"](x2, layer_idx).reshape(-1).long()]
+        return out
+
+    return select

@@ -61,28 +61,52 @@ log = logging.getLogger("clustering.awc")
 # --------------------------------------------------------------------------------------------
 # assignment
 # --------------------------------------------------------------------------------------------
-def greedy_balanced_assign(D: torch.Tensor, cap: int) -> torch.Tensor:
-    """Artifact's centroid-order greedy with a stable tie rule. ``D`` [n, k] -> labels (-1 = left over)."""
+def greedy_balanced_assign(D: torch.Tensor, cap: int, lookahead: int = 4, chunk: int = 256) -> torch.Tensor:
+    """Artifact's centroid-order greedy with a stable tie rule. ``D`` [n, k] -> labels (-1 = left over).
+
+    Centroid ``i`` (in index order) takes the ``cap`` still-unassigned rows with the smallest
+    ``D[:, i]`` (ties -> lower row).  Exact, computed as: one batched top-k gives every centroid
+    its ``lookahead * cap`` best free rows (keys ``d * n + row`` are unique, so order = stable
+    sort); a sequential pass over centroids (inherently sequential -- small numpy ops on the
+    candidate lists only) takes the first ``cap`` candidates that are still free.  When a list
+    runs dry, the lists of the remaining centroids are recomputed over the remaining free rows.
+    """
     n, k = D.shape
-    labels = torch.full((n,), -1, dtype=torch.int64, device=D.device)
+    dev = D.device
     if cap <= 0:
-        return labels
-    rows = torch.arange(n, device=D.device)
-    Dt = D.T.contiguous()  # [k, n]: one contiguous row per centroid
-    big = torch.iinfo(torch.int64).max
-    taken = torch.zeros(n, dtype=torch.bool, device=D.device)
-    left = n
-    for i in range(k):
-        if left == 0:
-            break
+        return torch.full((n,), -1, dtype=torch.int64, device=dev)
+    labels = np.full(n, -1, dtype=np.int64)
+    taken = np.zeros(n, dtype=bool)
+    left, i = n, 0
+    cand: np.ndarray = np.empty((0, 0), dtype=np.int64)
+    base, complete = 0, False
+    while i < k and left > 0:
         m = min(cap, left)
-        # unique integer keys d * n + row: top-m smallest == stable sort by distance, then row
-        ki = (Dt[i].to(torch.int64) * n + rows).masked_fill_(taken, big)
-        idx = torch.topk(ki, m, largest=False, sorted=False).indices
-        labels[idx] = i
-        taken[idx] = True
+        free = None
+        if i - base < cand.shape[0]:
+            c = cand[i - base]
+            free = c[~taken[c]]
+        if free is None or (free.shape[0] < m and not complete):
+            # (re)build the candidate lists of centroids i..k-1 over the free rows
+            free_rows = torch.from_numpy(np.nonzero(~taken)[0]).to(dev)
+            L = min(lookahead * cap + 8, free_rows.numel())
+            complete = L == free_rows.numel()
+            parts = []
+            all_free = free_rows.numel() == n
+            for c0 in range(i, k, chunk):
+                sub = D[:, c0 : min(c0 + chunk, k)] if all_free else D[free_rows, c0 : min(c0 + chunk, k)]
+                keys = sub.T.contiguous().to(torch.int64).mul_(n).add_(free_rows)
+                idx = torch.topk(keys, L, dim=1, largest=False, sorted=True).indices
+                parts.append(free_rows[idx].cpu().numpy())
+            cand, base = np.concatenate(parts, 0), i
+            c = cand[0]
+            free = c[~taken[c]]
+        pick = free[:m]
+        labels[pick] = i
+        taken[pick] = True
         left -= m
-    return labels
+        i += 1
+    return torch.from_numpy(labels).to(dev)
 
 
 def global_balanced_assign(D: torch.Tensor, cap: int) -> torch.Tensor:
@@ -97,25 +121,27 @@ def global_balanced_assign(D: torch.Tensor, cap: int) -> torch.Tensor:
     width_key = int(D.max().item()) + 1 if D.numel() else 1
     first = True
     while rows.numel() and bool((remaining > 0).any()):
-        if first:
-            Dr = D
+        if first:  # every centroid has capacity: no copy
+            d, prop = D.min(1)  # min returns the first minimal index -> lowest centroid on ties
             first = False
-        else:
-            Dr = D[rows].masked_fill((remaining == 0)[None, :], float("inf"))
-        d, prop = Dr.min(1)  # min returns the first minimal index
-        d = d.to(torch.int64)
-        key = (prop * width_key + d) * n + rows
-        order = torch.argsort(key)
+        else:  # only the pending rows and the centroids with capacity left (ascending index)
+            avail = torch.nonzero(remaining > 0).flatten()
+            d, j = D[rows[:, None], avail[None, :]].min(1)
+            prop = avail[j]
+        # rows are in increasing order, so a stable sort by (centroid, distance) orders each
+        # centroid's proposals by (distance, row)
+        key = prop * width_key + d.to(torch.int64)
+        order = torch.sort(key, stable=True).indices
         ps = prop[order]
         cnt = torch.bincount(ps, minlength=k)
         start = torch.cumsum(cnt, 0) - cnt
         rank_in = torch.arange(order.numel(), device=dev) - start[ps]
         acc = rank_in < remaining[ps]
-        acc_rows = rows[order[acc]]
-        labels[acc_rows] = ps[acc]
+        labels[rows[order[acc]]] = ps[acc]
         remaining -= torch.bincount(ps[acc], minlength=k)
-        rej = order[~acc]
-        rows = rows[rej.sort().values]
+        rejected = torch.zeros(rows.numel(), dtype=torch.bool, device=dev)
+        rejected[order[~acc]] = True
+        rows = rows[rejected]  # keeps increasing row order
     return labels
 
 
@@ -226,14 +252,18 @@ class ActivationAwareClustering(BinaryClusterer):
             if self._leftovers() == "nearest" and bool(miss.any()):
                 lab[miss] = D[miss].argmin(1)
             ok = lab >= 0
-            objective += float(D[ok].gather(1, lab[ok][:, None]).sum().item())
+            objective += float(D.gather(1, lab.clamp_min(0)[:, None])[ok].sum().item())
             unassigned += int((~ok).sum().item())
             labels[start:stop] = lab.cpu()
             # member sums over this rank's rows, all-reduced (exact integer counts in fp32)
             ls = lab[lo - start : hi - start]
             oks = ls >= 0
             S = torch.zeros_like(C)
-            S.index_add_(0, ls[oks], Xs[oks])
+            if bool(oks.all()):
+                S.index_add_(0, ls, Xs)
+            else:
+                keep = torch.nonzero(oks).flatten()
+                S.index_add_(0, ls[keep], Xs.index_select(0, keep))
             all_reduce_(S)
             counts = torch.bincount(lab[ok], minlength=k)
             empty += int((counts == 0).sum().item())

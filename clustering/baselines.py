@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from awq.centroids import overlap
 from clustering.common import (
     BinaryClusterer,
     ClusteringError,
@@ -123,7 +124,7 @@ class BMF(_Lloyd):
         return {"seed_batch": self.seed_batch, "init_rows": self.init_rows}
 
     def _dist(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        return X.sum(1, keepdim=True) + C.sum(1)[None, :] - 2 * X @ C.T
+        return X.sum(1, keepdim=True) + C.sum(1)[None, :] - 2 * overlap(X, C)
 
     def _init_centroids(self, src: Source) -> torch.Tensor:
         X = seeding_sample(src, self.init_rows, self.random_state, self.device)
@@ -144,7 +145,7 @@ class PenalizedBRBKMeans(_Lloyd):
 
     def _dist(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         pen = self.penalty
-        return X.sum(1, keepdim=True) + (1 + pen) * C.sum(1)[None, :] - (2 + pen) * (X @ C.T)
+        return X.sum(1, keepdim=True) + (1 + pen) * C.sum(1)[None, :] - (2 + pen) * overlap(X, C)
 
 
 def cli(cls: type, description: str, extra_args=None, extra_kw=None) -> None:

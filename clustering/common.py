@@ -44,6 +44,7 @@ from awq.centroids import (  # noqa: E402
     atomic_torch_save,
     atomic_write_json,
     load_centroids,
+    overlap,
     save_centroids,
 )
 
@@ -497,8 +498,9 @@ def d1_seeding(
     """
     X = X.float()
     nrm = X.sum(1)
+    Xo = X.to(torch.int8) if X.device.type == "cpu" else X  # overlap() operand, converted once
     C = [first.float().to(X.device)]
-    dmin = (nrm[:, None] + C[0].sum(1)[None, :] - 2 * X @ C[0].T).min(1).values.clamp_min(0)
+    dmin = (nrm[:, None] + C[0].sum(1)[None, :] - 2 * overlap(Xo, C[0])).min(1).values.clamp_min(0)
     have = first.shape[0]
     nxt = None
     if qualify is not None:
@@ -522,7 +524,7 @@ def d1_seeding(
         newc = X[pick.to(X.device)]
         C.append(newc)
         have += newc.shape[0]
-        d = (nrm[:, None] + newc.sum(1)[None, :] - 2 * X @ newc.T).min(1).values.clamp_min(0)
+        d = (nrm[:, None] + newc.sum(1)[None, :] - 2 * overlap(Xo, newc)).min(1).values.clamp_min(0)
         dmin = torch.minimum(dmin, d)
     return torch.cat(C, 0)[:k]
 
@@ -531,7 +533,7 @@ def d1_seeding(
 # CLI plumbing
 # --------------------------------------------------------------------------------------------
 def setup_logging(verbose: bool = False) -> None:
-    rank, _ = dist_info()
+    rank = int(os.environ.get("RANK", dist_info()[0]))  # before init_process_group too
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 

@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clustering.common import Source, add_data_args, as_source, make_source, run_cli, setup_logging  # noqa: E402
-from awq.centroids import CentroidError, atomic_write_json, load_centroids, metrics_from_counts  # noqa: E402
+from awq.centroids import CentroidError, atomic_write_json, load_centroids, metrics_from_counts, overlap  # noqa: E402
 
 log = logging.getLogger("clustering.error_checking")
 
@@ -53,7 +53,7 @@ def evaluate(src: Source | torch.Tensor, C: torch.Tensor, *, device: str = "cpu"
         it = tqdm(blocks, desc="precision", unit="block", leave=False)
     for s, e in it:
         X = src.read_range(s, e, device)
-        G = X @ C.T
+        G = overlap(X, C)
         cov, lab = G.max(1)  # max returns the first maximal index
         act = X.sum(1)
         pred = csize[lab]

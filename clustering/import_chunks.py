@@ -71,7 +71,9 @@ def load_chunk(path: Path) -> list[dict[str, torch.Tensor]]:
             if t.dim() == 3 and t.shape[0] == 1:
                 continue
             if t.dim() != 2:
-                raise ValueError(f"{path.name}: layer {l} {proj} has shape {list(t.shape)}, expected [1, tokens, width]")
+                raise ValueError(
+                    f"{path.name}: layer {l} {proj} has shape {list(t.shape)}, expected [1, tokens, width]"
+                )
     return list(obj)
 
 
@@ -112,7 +114,8 @@ def import_chunks(
                     t = _rows(d[proj])
                     if tuple(t.shape) != (seqlen, widths[proj]):
                         raise ValueError(
-                            f"{files[i].name}: layer {l} {proj} has shape {list(t.shape)}, expected [1, {seqlen}, {widths[proj]}]"
+                            f"{files[i].name}: layer {l} {proj} has shape {list(t.shape)}, "
+                            f"expected [1, {seqlen}, {widths[proj]}]"
                         )
                     if not warned and t.dtype != torch.bool and bool(((t[:64] != 0) & (t[:64] != 1)).any()):
                         log.warning("%s holds values other than 0/1: binarising with != 0", files[i].name)

@@ -67,7 +67,7 @@ def select_random_rows(
         cand = np.concatenate([np.arange(a, b) for a, b in zip(smp, end)])
         uniq, inv = np.unique(cand, return_inverse=True)
         Xu = src.read(uniq)
-        qual = ((1.0 - Xu.mean(1)) >= min_sparsity).numpy()[inv]  # zero fraction of every candidate
+        qual = ((Xu == 0).float().mean(1) >= min_sparsity).numpy()[inv]  # zero fraction of every candidate
         owner = np.repeat(np.arange(len(smp)), lens)
         first = np.full(len(smp), -1, dtype=np.int64)
         hit = np.nonzero(qual)[0]
@@ -102,7 +102,7 @@ def select_kmeanspp(
     X = seeding_sample(src, init_rows, seed, device)
     if k > X.shape[0]:
         raise ClusteringError(f"K = {k} exceeds the rows available for seeding ({X.shape[0]})")
-    qualify = (1.0 - X.mean(1)) >= min_sparsity
+    qualify = (X == 0).float().mean(1) >= min_sparsity
     if not bool(qualify.any()):
         raise ClusteringError(f"no row has >= {min_sparsity:.0%} zeros; lower --min_sparsity")
     first = X[int(torch.argmax(X.sum(1)))][None]  # most active row (L2 norm of a binary row), first on ties

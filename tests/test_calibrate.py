@@ -37,6 +37,9 @@ def test_exact_quantile_equals_sorted_reference(sparsity):
             v = torch.sort(ref[p][layer].float()).values
             k = min(int(round(sparsity * v.numel())), v.numel() - 1)
             assert got[p][layer] == float(v[k]), (p, layer)
+    # several levels share the passes and give the same answers
+    multi = exact_quantile_thresholds(model, windows, [0.1, sparsity], PROJS, 2)
+    assert multi[1] == got
 
 
 def test_calibration_hits_target_sparsity():

@@ -67,6 +67,12 @@ def test_pack_unpack_match_reference(width):
         got = unpack(ref, width, dtype=dtype)
         assert got.dtype == dtype and got.shape == (9, width)
         assert np.array_equal(got.to(torch.uint8).numpy(), bits)
+    for dtype in (torch.float16, torch.int8, torch.bfloat16):  # into a reused buffer
+        buf = torch.full((9, width), 7, dtype=dtype)
+        assert unpack(ref, width, dtype=dtype, out=buf) is buf
+        assert np.array_equal(buf.to(torch.uint8).numpy(), bits)
+    with pytest.raises(ValueError, match="out is"):
+        unpack(ref, width, dtype=torch.float32, out=torch.empty(9, width, dtype=torch.float16))
     got = _unpack_torch(torch.from_numpy(ref), width, torch.float16)
     assert np.array_equal(got.to(torch.uint8).numpy(), bits)
     with pytest.raises(ValueError):
@@ -95,7 +101,9 @@ def token_windows(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (WINDOWS, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
-META = {"model": "tiny-mistral", "thresholds_sha256": "abc", "dataset": "random", "dataset_source": "test", "split": "test"}
+META = {
+    "model": "tiny-mistral", "thresholds_sha256": "abc", "dataset": "random", "dataset_source": "test", "split": "test",
+}
 
 
 def run_record(model, out, windows, meta=META, record_inputs=False, fail_at=None):
@@ -107,7 +115,9 @@ def run_record(model, out, windows, meta=META, record_inputs=False, fail_at=None
                 raise KeyboardInterrupt("simulated interruption")
             if name == "down_proj" and layer == 1:
                 _state["w"] += 1
-    with record_masks(model, out, meta=meta, total_windows=len(windows), seqlen=SEQ, record_inputs=record_inputs) as rec:
+    with record_masks(
+        model, out, meta=meta, total_windows=len(windows), seqlen=SEQ, record_inputs=record_inputs
+    ) as rec:
         if boom is not None:
             add_observer(model, boom)
         try:
@@ -227,12 +237,18 @@ def test_mismatch_and_bad_directories_are_refused(tmp_path):
     with pytest.raises(StoreMismatchError, match="windows_total"):
         with record_masks(model, tmp_path / "s", meta=META, total_windows=WINDOWS + 1, seqlen=SEQ):
             pass
+    with pytest.raises(ValueError, match="seqlen"):  # caller meta may repeat derived fields, not contradict them
+        run_record(model, tmp_path / "t", windows, meta={**META, "seqlen": SEQ + 1})
+    with pytest.raises(StoreError, match="width"):  # widths given in meta are checked against the model
+        run_record(model, tmp_path / "u", windows, meta={**META, "seqlen": SEQ, "widths": {"gate_proj": 100}})
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("x")
     with pytest.raises(StoreError, match="meta.json"):
         run_record(model, tmp_path / "junk", windows)
-    # a complete store reruns as a no-op with the same identity
+    # a complete store reruns as a no-op with the same identity (tuples and lists are the same JSON)
     assert len(run_record(model, tmp_path / "s", windows)) == WINDOWS
+    run_record(model, tmp_path / "v", windows, meta={**META, "dataset_source": ("a", "b")})
+    assert len(run_record(model, tmp_path / "v", windows, meta={**META, "dataset_source": ["a", "b"]})) == WINDOWS
     # batch > 1 is refused with a clear error
     with record_masks(model, tmp_path / "b", meta=META, total_windows=1, seqlen=SEQ) as rec:
         rec.start_window(0)

@@ -1,0 +1,332 @@
+"""``python -m awq.reproduce``: the paper's experiments end to end on one model and corpus.
+
+Steps (each resumable: a finished step's output file makes it skip on rerun):
+
+1. dense and threshold-only perplexity (and, where shipped, the threshold sweep 20..70%);
+2. activation-mask extraction into a pattern store (test part);
+3. clustering of gate/up/down with AWC at every K x centroid sparsity, and with BMF, BRB-KMeans and
+   penalized BRB-KMeans at the baseline K;
+4. precision / density / F1 / Jaccard of every centroid set;
+5. centroid-swap (oracle) perplexity for every AWC set;
+6. ``results`` (one JSON per run, ``summary.csv``, ``summary.json``) and plots.
+
+Clustering runs as subprocesses of the ``clustering/`` scripts (``awq`` never imports ``clustering``;
+the two talk through files).  ``--quick`` is a few-minute version (used by CI on a tiny model).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import runpy
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("awq.reproduce")
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTERING = REPO / "clustering"
+PROJ_SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+BASELINES = {"bmf": "bmf.py", "brbkmeans": "brbkmeans.py", "penalized_brbkmeans": "penalized_brbkmeans.py"}
+
+# the paper's Mistral-7B numbers, for reference beside ours
+PAPER = {
+    "precision": {"awc": {"gate_proj": 0.7934, "up_proj": 0.65, "down_proj": 0.64},
+                  "bmf": {"gate_proj": 0.7062, "up_proj": 0.6079, "down_proj": 0.4874},
+                  "brbkmeans": {"gate_proj": 0.6957, "up_proj": 0.5990, "down_proj": 0.4674}},
+    "ppl_threshold_only": 6.45,
+}
+
+
+@dataclass
+class ReproduceConfig:
+    out: Path = Path("results/reproduce")
+    plots_dir: Optional[Path] = None  # default: <out>/plots
+    model_path: Optional[str] = None
+    data_path: Optional[str] = None
+    thresholds: Optional[str] = None
+    seqlen: int = 2048
+    ppl_nsamples: int = 12
+    extract_nsamples: int = 16
+    ks: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192])
+    sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
+    baseline_k: int = 2048
+    max_rows: Optional[int] = 131072
+    eval_rows: Optional[int] = 262144
+    max_iter: int = 5
+    baseline_max_iter: int = 10
+    sweep: bool = True
+    seed: int = 42
+    device: Optional[str] = None
+    quick: bool = False
+    subprocess: bool = False  # run the clustering scripts as subprocesses instead of in-process
+
+    @classmethod
+    def quick_preset(cls, **over) -> "ReproduceConfig":
+        base = dict(seqlen=512, ppl_nsamples=4, extract_nsamples=4, ks=[64, 256], sparsities=[0.4], baseline_k=256,
+                    max_rows=16384, eval_rows=16384, max_iter=2, baseline_max_iter=3, sweep=False, quick=True)
+        base.update({k: v for k, v in over.items() if v is not None})
+        return cls(**base)
+
+
+class Reproducer:
+    def __init__(self, cfg: ReproduceConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.plots = Path(cfg.plots_dir) if cfg.plots_dir else self.out / "plots"
+        self.runs = self.out / "runs"
+        self.cents = self.out / "centroids"
+        self.prec = self.out / "precision"
+        self.store = self.out / "store"
+        self.timings: dict[str, float] = {}
+        for d in (self.out, self.plots, self.runs, self.cents, self.prec):
+            d.mkdir(parents=True, exist_ok=True)
+        self._pattern_rows: Optional[int] = None
+
+    # ---------------------------------------------------------------------------------------
+    def _timed(self, name: str, fn) -> None:
+        t = time.perf_counter()
+        fn()
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+        log.info("step %s done in %.1f s", name, self.timings[name])
+
+    def _entry(self, out: Path, **kw) -> dict:
+        if out.is_file():
+            log.info("skip (done): %s", out)
+            return json.loads(out.read_text())
+        from awq.entry import EntryConfig, main
+
+        cfg = EntryConfig(model_path=self.cfg.model_path, data_path=self.cfg.data_path, seqlen=self.cfg.seqlen,
+                          device=self.cfg.device, output_path=str(out), no_hub=False, **kw)
+        return main(cfg)
+
+    def _script(self, script: str, output: Path, args: list) -> None:
+        if output.is_file():
+            log.info("skip (done): %s", output)
+            return
+        argv = [str(CLUSTERING / script), *[str(a) for a in args], "--no_progress"]
+        log.info("run: python %s", " ".join(argv))
+        if self.cfg.subprocess:
+            r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+                raise RuntimeError(f"{script} failed (exit {r.returncode}): {' | '.join(tail)}")
+            return
+        # in-process: the script's own CLI (same argv, same code path), without paying a Python+torch start-up
+        # per run; SystemExit codes are honoured like a subprocess's exit status
+        old = sys.argv
+        sys.argv = argv
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.argv = old
+        if code != 0:
+            raise RuntimeError(f"{script} failed (exit {code}); see the log above")
+
+    def _rows(self) -> int:
+        if self._pattern_rows is None:
+            from awq.masks import PatternStore
+
+            self._pattern_rows = PatternStore(self.store).n_rows("down_proj")
+        return self._pattern_rows
+
+    def _ks(self) -> list[int]:
+        rows = min(self._rows(), self.cfg.max_rows or self._rows())
+        ks = [k for k in self.cfg.ks if k <= rows]
+        if len(ks) < len(self.cfg.ks):
+            log.warning("K limited by the data (%d rows): dropped %s", rows, [k for k in self.cfg.ks if k > rows])
+        return ks
+
+    # ---------------------------------------------------------------------------------------
+    def step_ppl(self) -> None:
+        thr = {"thresholds": self.cfg.thresholds} if self.cfg.thresholds else {}
+        self._entry(self.runs / "dense.json", dense=True, nsamples=self.cfg.ppl_nsamples)
+        self._entry(self.runs / "threshold_50.json", nsamples=self.cfg.ppl_nsamples, **thr)
+        if self.cfg.sweep and not self.cfg.thresholds:
+            from awq.models import DEFAULT_MODEL_NAME
+            from awq.thresholds import shipped_thresholds
+
+            name = Path(self.cfg.model_path).name if self.cfg.model_path else DEFAULT_MODEL_NAME
+            for pct in (20, 30, 40, 60, 70):
+                f = shipped_thresholds(name, pct)
+                if f is not None:
+                    self._entry(self.runs / f"threshold_{pct}.json", nsamples=self.cfg.ppl_nsamples, thresholds=str(f))
+
+    def step_extract(self) -> None:
+        done = self.store / "meta.json"
+        if done.is_file():
+            meta = json.loads(done.read_text())
+            if meta.get("windows_done") == meta.get("windows_total"):
+                log.info("skip (done): %s", self.store)
+                return
+        thr = {"thresholds": self.cfg.thresholds} if self.cfg.thresholds else {}
+        from awq.entry import EntryConfig, main
+
+        main(EntryConfig(model_path=self.cfg.model_path, data_path=self.cfg.data_path, seqlen=self.cfg.seqlen,
+                         device=self.cfg.device, nsamples=self.cfg.extract_nsamples, dump_masks=str(self.store),
+                         output_path=str(self.runs / "extract.json"), **thr))
+
+    def _common(self, proj: str, k: int) -> list:
+        a = ["--masks", self.store, "--proj", proj, "--k", k, "--seed", self.cfg.seed]
+        if self.cfg.max_rows:
+            a += ["--max_rows", self.cfg.max_rows]
+        if self.cfg.device:
+            a += ["--device", self.cfg.device]
+        return a
+
+    def awc_file(self, proj: str, k: int, s: float) -> Path:
+        return self.cents / f"awc_{PROJ_SHORT[proj]}_k{k}_s{round(100 * s)}.pt"
+
+    def step_cluster(self) -> None:
+        for proj in PROJ_SHORT:
+            for k in self._ks():
+                for s in self.cfg.sparsities:
+                    out = self.awc_file(proj, k, s)
+                    self._script("activation_aware_clustering.py", out,
+                                 self._common(proj, k) + ["--output", out, "--sparsity", s,
+                                                          "--max_iter", self.cfg.max_iter])
+            if self.cfg.baseline_k <= min(self._rows(), self.cfg.max_rows or self._rows()):
+                for name, script in BASELINES.items():
+                    out = self.cents / f"{name}_{PROJ_SHORT[proj]}_k{self.cfg.baseline_k}.pt"
+                    self._script(script, out, self._common(proj, self.cfg.baseline_k)
+                                 + ["--output", out, "--max_iter", self.cfg.baseline_max_iter])
+
+    def step_precision(self) -> None:
+        for f in sorted(self.cents.glob("*.pt")):
+            if f.name.endswith(".ckpt.pt"):
+                continue
+            proj = {v: k for k, v in PROJ_SHORT.items()}[f.stem.split("_k")[0].split("_")[-1]]
+            out = self.prec / f"{f.stem}.json"
+            args = ["--masks", self.store, "--proj", proj, "--centroids", f, "--output", out, "--seed", self.cfg.seed]
+            if self.cfg.eval_rows:
+                args += ["--max_rows", self.cfg.eval_rows]
+            self._script("error_checking.py", out, args)
+
+    def step_swap(self) -> None:
+        thr = {"thresholds": self.cfg.thresholds} if self.cfg.thresholds else {}
+        for k in self._ks():
+            for s in self.cfg.sparsities:
+                spec = ",".join(f"{PROJ_SHORT[p]}={self.awc_file(p, k, s)}" for p in PROJ_SHORT)
+                self._entry(self.runs / f"swap_awc_k{k}_s{round(100 * s)}.json", nsamples=self.cfg.ppl_nsamples,
+                            centroids=spec, **thr)
+
+    # ---------------------------------------------------------------------------------------
+    def summarize(self) -> dict:
+        rows = []
+        for f in sorted(self.prec.glob("*.json")):
+            r = json.loads(f.read_text())
+            stem = f.stem
+            method = stem.split("_gate")[0].split("_up")[0].split("_down")[0]
+            k = int(stem.split("_k")[1].split("_")[0])
+            s = int(stem.split("_s")[-1]) / 100 if method == "awc" else None
+            rows.append({"kind": "precision", "method": method, "proj": r["proj"], "k": k, "sparsity": s,
+                         "precision": r["precision"], "density": r["density"], "f1": r["f1"],
+                         "jaccard": r["jaccard"], "rows": r["rows"], "file": str(f)})
+        runs = {}
+        for f in sorted(self.runs.glob("*.json")):
+            r = json.loads(f.read_text())
+            if "ppl" not in r:
+                continue
+            eff = {}
+            for p, st in r.get("centroids", {}).get("run_stats", {}).items():
+                eff[p] = st["effective_sparsity"]
+            runs[f.stem] = {"ppl": r["ppl"], "tokens": r["tokens"], "dataset": r["dataset"]["name"],
+                            "substitute": r["dataset"]["substitute"],
+                            "measured_sparsity": {p: v["mean"] for p, v in r["measured_sparsity"].items()},
+                            "effective_sparsity": eff or None, "file": str(f)}
+            rows.append({"kind": "ppl", "method": f.stem, "ppl": r["ppl"], "tokens": r["tokens"],
+                         **{f"eff_{PROJ_SHORT[p]}": v for p, v in eff.items()}, "file": str(f)})
+        summary = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.cfg).items()},
+                   "runs": runs, "precision": [r for r in rows if r["kind"] == "precision"],
+                   "timings_s": self.timings, "paper_mistral7b": PAPER}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        with open(self.out / "summary.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        return summary
+
+    def plot(self, summary: dict) -> list[Path]:
+        from awq.plots import plot_all
+
+        return plot_all(summary, self.plots)
+
+    def run(self) -> dict:
+        (self.out / "config.json").write_text(json.dumps(
+            {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.cfg).items()}, indent=2))
+        self._timed("1_ppl_dense_threshold", self.step_ppl)
+        self._timed("2_extract", self.step_extract)
+        self._timed("3_cluster", self.step_cluster)
+        self._timed("4_precision", self.step_precision)
+        self._timed("5_swap_ppl", self.step_swap)
+        summary = self.summarize()
+        paths = self.plot(summary)
+        log.info("summary: %s; plots: %s", self.out / "summary.csv", ", ".join(str(p) for p in paths))
+        timings_file = self.out / "timings.json"
+        old = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+        old[time.strftime("%Y-%m-%dT%H:%M:%S")] = self.timings
+        timings_file.write_text(json.dumps(old, indent=2) + "\n")
+        return summary
+
+
+def main(cfg: ReproduceConfig) -> dict:
+    return Reproducer(cfg).run()
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m awq.reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=None, help="results directory (default results/reproduce, "
+                   "results/reproduce_quick with --quick)")
+    p.add_argument("--plots_dir", type=Path, default=None, help="where the PNGs go (default <out>/plots)")
+    p.add_argument("--quick", action="store_true", help="a few-minute version: small K, few windows, short seqlen")
+    p.add_argument("--model_path", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data_path", default=None, help="local corpus (see awq.entry --help)")
+    p.add_argument("--thresholds", default=None, help="thresholds JSON (default: the shipped 50%% file)")
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048; 512 with --quick)")
+    p.add_argument("--ppl_nsamples", type=int, default=None, help="windows scored per perplexity run")
+    p.add_argument("--extract_nsamples", type=int, default=None, help="windows recorded into the pattern store")
+    p.add_argument("--ks", default=None, help="comma-separated K values (default 256,...,8192)")
+    p.add_argument("--sparsities", default=None, help="comma-separated centroid sparsities (default 0.2,0.3,0.4)")
+    p.add_argument("--baseline_k", type=int, default=None, help="K for BMF/BRB-KMeans/penalized (default 2048)")
+    p.add_argument("--max_rows", type=int, default=None, help="rows sampled per clustering run (default 131072)")
+    p.add_argument("--eval_rows", type=int, default=None, help="rows sampled per precision evaluation")
+    p.add_argument("--max_iter", type=int, default=None, help="AWC iterations (default 5)")
+    p.add_argument("--baseline_max_iter", type=int, default=None, help="baseline iterations (default 10)")
+    p.add_argument("--device", default=None, help="device for model and clustering (default auto / cpu)")
+    p.add_argument("--subprocess", action="store_true", help="run each clustering script in its own process")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    over = dict(model_path=a.model_path, data_path=a.data_path, thresholds=a.thresholds, seqlen=a.seqlen,
+                ppl_nsamples=a.ppl_nsamples, extract_nsamples=a.extract_nsamples,
+                ks=[int(v) for v in a.ks.split(",")] if a.ks else None,
+                sparsities=[float(v) for v in a.sparsities.split(",")] if a.sparsities else None,
+                baseline_k=a.baseline_k, max_rows=a.max_rows, eval_rows=a.eval_rows, max_iter=a.max_iter,
+                baseline_max_iter=a.baseline_max_iter, device=a.device, plots_dir=a.plots_dir,
+                subprocess=a.subprocess or None)
+    out = a.out or Path("results/reproduce_quick" if a.quick else "results/reproduce")
+    if a.quick:
+        cfg = ReproduceConfig.quick_preset(out=out, **over)
+    else:
+        cfg = ReproduceConfig(out=out, **{k: v for k, v in over.items() if v is not None})
+    try:
+        main(cfg)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
