@@ -179,7 +179,8 @@ def overlap(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 def active_only_distance(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """``D[n, K] = |a| - <a, c>`` for {0,1} inputs, exact (one GEMM, see :func:`overlap`)."""
-    return _as_float(A).sum(1, keepdim=True) - overlap(A, C)
+    rowsum = A.sum(1, keepdim=True, dtype=torch.float32) if A.dtype.is_floating_point else A.float().sum(1, keepdim=True)
+    return overlap(A, C).neg_().add_(rowsum)  # in place: no second [n, K] buffer
 
 
 def assign_active_only(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:

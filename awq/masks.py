@@ -53,6 +53,7 @@ IDENTITY_KEYS: tuple[str, ...] = (
     "dataset",
     "dataset_source",
     "split",
+    "corpus_sha256",
     "dtype",
     "seqlen",
     "windows_total",
@@ -116,13 +117,14 @@ def pack(mask: Any) -> np.ndarray:
     if isinstance(mask, torch.Tensor):
         if mask.device.type != "cpu":
             return _pack_torch(mask.detach()).cpu().numpy()
-        m = mask.detach()
-        if m.dtype != torch.bool:
-            m = m != 0
-        return np.packbits(m.numpy(), axis=-1)
+        if mask.dtype == torch.bfloat16:  # the only dtype here numpy lacks
+            mask = mask.detach() != 0
+        # numpy, not torch, for the comparison: torch's threaded ops are slow on a busy CPU
+        mask = mask.detach().numpy()
     m = np.asarray(mask)
-    if m.dtype != np.bool_:
+    if m.dtype.kind == "f" or m.dtype.kind == "c":
         m = m != 0
+    # packbits treats any nonzero integer as a 1 bit, so integer/bool masks need no comparison
     return np.packbits(m, axis=-1)
 
 
@@ -283,7 +285,7 @@ class StoreWriter:
     """Create or resume a store and write it window by window (used by the recorder and importers).
 
     ``meta`` carries the caller's identity fields (see :data:`IDENTITY_KEYS`: model,
-    thresholds_sha256, dataset, dataset_source, split, dtype) and anything else worth keeping
+    thresholds_sha256, dataset, dataset_source, split, corpus_sha256, dtype) and anything else worth keeping
     (thresholds path, package versions, ...).  ``num_layers`` is required; widths/hidden are
     learned from the first rows written (or given as ``meta["widths"]``/``meta["hidden"]`` and
     then checked).  Fields the writer derives itself (seqlen, windows_total, num_layers, ...) may
@@ -544,7 +546,10 @@ class MaskRecorder:
             raise ValueError(f"mask recording expects windows of {self.writer.seqlen} tokens, got {y.shape[1]}")
         y = y.detach()[0]
         if name == INPUT_KIND:
-            rows = y.to(torch.float16).cpu().numpy()
+            if y.device.type == "cpu" and y.dtype in (torch.float32, torch.float16, torch.float64):
+                rows = y.numpy().astype(np.float16, copy=False)  # numpy: torch threads are slow on a busy CPU
+            else:
+                rows = y.to(torch.float16).cpu().numpy()
             self.writer.write(INPUT_KIND, layer, self._cur, rows)
         else:
             self.writer.write(name, layer, self._cur, pack(y), width=int(y.shape[-1]))
@@ -575,8 +580,9 @@ def record_masks(
             all_stats = rec.window_stats()
 
     ``meta`` holds the run's identity under the keys of :data:`IDENTITY_KEYS` (``model``,
-    ``thresholds_sha256``, ``dataset``, ``dataset_source``, ``split``, ``dtype``; a missing key
-    counts as None) plus any other JSON-serialisable provenance (thresholds path, versions, ...).
+    ``thresholds_sha256``, ``dataset``, ``dataset_source``, ``split``, ``corpus_sha256``,
+    ``dtype``; a missing key counts as None) plus any other JSON-serialisable provenance
+    (thresholds path, versions, ...).
     Raises :class:`StoreMismatchError` if ``out_dir`` holds a store with other identity fields
     (or another seqlen, total_windows, record_inputs), :class:`StoreError` if ``out_dir`` is a
     non-empty directory without meta.json.  The model must be called with batch size 1.

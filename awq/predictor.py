@@ -57,7 +57,7 @@ from awq.centroids import load_centroids
 from awq.sparse_mlp import PROJS, decoder_layers
 from awq.thresholds import file_sha256
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("awq.predictor")
 
 FORMAT = "awq-cluster-predictor"
 FORMAT_VERSION = 1

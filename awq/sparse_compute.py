@@ -591,17 +591,37 @@ def cluster_selector(
         raise ValueError(f"no centroid table for {missing}")
     tables = {p: _as_bool_mask(c, c.shape[-1], f"{p} centroids") for p, c in centroids.items()}
     gu = [p for p in ("gate_proj", "up_proj") if p in label_fns]
+    if len(gu) == 2 and tables[gu[0]].shape[-1] != tables[gu[1]].shape[-1]:
+        raise ValueError("gate_proj and up_proj centroid tables differ in width")
+    # decode (one token): the active index list of a centroid (pair) is computed once and cached
+    cache: dict[tuple[int, ...], _Prepared] = {}
 
     def select(layer_idx: int, x2: torch.Tensor) -> dict:
         out: dict = {"active": None, "out_mask": None}
-        if len(gu) == 1:
-            p = gu[0]
-            out["active"] = (label_fns[p](x2, layer_idx).reshape(-1), tables[p])
+        labs = {p: label_fns[p](x2, layer_idx).reshape(-1).long() for p in label_fns}
+        for p, lab in labs.items():
+            k = tables[p].shape[0]
+            if lab.numel() != x2.shape[0]:
+                raise ValueError(f"{p} predictor gave {lab.numel()} labels for {x2.shape[0]} tokens")
+            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= k):
+                raise ValueError(f"{p} cluster labels out of range [0, {k})")
+        if gu and x2.shape[0] == 1:
+            key = tuple(int(labs[p][0]) for p in gu)
+            prep = cache.get(key)
+            if prep is None:
+                m = tables[gu[0]][key[0]]
+                if len(gu) == 2:
+                    m = m & tables[gu[1]][key[1]]
+                prep = _Prepared(torch.nonzero(m).flatten())
+                if len(cache) < 65536:
+                    cache[key] = prep
+            out["active"] = prep
+        elif len(gu) == 1:
+            out["active"] = (labs[gu[0]], tables[gu[0]])
         elif len(gu) == 2:
-            m = [tables[p][label_fns[p](x2, layer_idx).reshape(-1).long()] for p in gu]
-            out["active"] = m[0] & m[1]
+            out["active"] = tables[gu[0]][labs[gu[0]]] & tables[gu[1]][labs[gu[1]]]
         if "down_proj" in label_fns:
-            out["out_mask"] = tables["down_proj"][label_fns["down_proj"](x2, layer_idx).reshape(-1).long()]
+            out["out_mask"] = tables["down_proj"][labs["down_proj"]]
         return out
 
     return select

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from awq.masks import PatternStore, StoreWriter, record_masks, unpack
-from awq.sparse_mlp import PROJS, SparsityConfig, add_observer, remove_observer, sparsify_
+from awq.sparse_mlp import (
+    PROJS, SparsityConfig, add_observer, decoder_layers, load_thresholds, remove_observer, sparsify_,
+)
 
 log = logging.getLogger("bench_extract")
 
@@ -182,6 +184,9 @@ def store_bytes(path: Path) -> int:
 # --------------------------------------------------------------------------------------------
 def main(
     model_path: Optional[str] = None,
+    default_model: bool = False,
+    thresholds: Optional[str] = None,
+    corpus: bool = False,
     hidden: int = 576,
     intermediate: int = 1536,
     layers: int = 30,
@@ -198,19 +203,36 @@ def main(
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    if model_path:
-        from awq.models import load_model  # written by the lead
+    tok = None
+    if model_path or default_model:
+        from awq.models import load_model
 
-        model, _tok, _info = load_model(model_path)
+        model, tok, info = load_model(model_path, device="cpu")
         vocab = model.config.vocab_size
-        name = model_path
+        name = f"{info.name} ({info.dtype})"
     else:
         model = random_llama(hidden, intermediate, layers, heads, kv_heads, vocab, seqlen)
         name = f"random-llama h{hidden} i{intermediate} L{layers}"
-    thr = calibrate_median_thresholds(model, vocab)
+    if thresholds:
+        thr = load_thresholds(thresholds, num_layers=len(decoder_layers(model)))
+        name += f", thresholds {Path(thresholds).name}"
+    else:
+        thr = calibrate_median_thresholds(model, vocab)
+        name += ", median thresholds"
     sparsify_(model, SparsityConfig(thresholds=thr))
     n_layers = len(thr["gate_proj"])
-    data = torch.randint(0, vocab, (windows, seqlen), generator=torch.Generator().manual_seed(0))
+    if corpus:
+        if tok is None:
+            raise ValueError("--corpus needs a real model (--default_model or --model_path) for its tokenizer")
+        from awq.data import load_corpus, tokenize_windows
+
+        text = load_corpus("test")
+        data = tokenize_windows(tok, text.text, seqlen)
+        name += f", {text.name} test ({data.shape[0]} windows)"
+        data = data[:windows] if windows > 0 else data
+        windows = data.shape[0]
+    else:
+        data = torch.randint(0, vocab, (windows, seqlen), generator=torch.Generator().manual_seed(0))
     tmp = Path(workdir or tempfile.mkdtemp(prefix="bench_extract_"))
     tmp.mkdir(parents=True, exist_ok=True)
     store = tmp / "recorded"
@@ -257,6 +279,11 @@ def main(
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Pattern-store benchmark (recording overhead, size, read throughput)")
     ap.add_argument("--model_path", default=None, help="real model for awq.models.load_model (default: random Llama)")
+    ap.add_argument("--default_model", action="store_true", help="use the project's default model (embedded GGUF)")
+    ap.add_argument("--thresholds", default=None,
+                    help="thresholds JSON for the model (default: per-layer median |output| on random tokens)")
+    ap.add_argument("--corpus", action="store_true",
+                    help="time windows of the test corpus (awq.data.load_corpus) instead of random tokens")
     ap.add_argument("--hidden", type=int, default=576, help="random model hidden size (SmolLM2-135M: 576)")
     ap.add_argument("--intermediate", type=int, default=1536, help="random model MLP width (SmolLM2-135M: 1536)")
     ap.add_argument("--layers", type=int, default=30, help="random model decoder layers (SmolLM2-135M: 30)")
@@ -264,7 +291,8 @@ if __name__ == "__main__":
     ap.add_argument("--kv_heads", type=int, default=3, help="random model key/value heads")
     ap.add_argument("--vocab", type=int, default=49152, help="random model vocabulary size")
     ap.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
-    ap.add_argument("--windows", type=int, default=3, help="windows timed with and without recording")
+    ap.add_argument("--windows", type=int, default=3,
+                    help="windows timed with and without recording (with --corpus: 0 = the whole test split)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--read_sizes_mb", default="256,1024",
                     help="comma-separated sizes (MB of pooled gate_proj) of the synthetic stores for the read pass")
@@ -284,7 +312,8 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         out = main(
-            a.model_path, a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads, a.vocab, a.seqlen, a.windows,
+            a.model_path, a.default_model, a.thresholds, a.corpus, a.hidden, a.intermediate, a.layers, a.heads,
+            a.kv_heads, a.vocab, a.seqlen, a.windows,
             a.threads, tuple(float(x) for x in a.read_sizes_mb.split(",") if x), a.block_rows,
             tuple(x for x in a.unpack_dtypes.split(",") if x), a.workdir,
         )

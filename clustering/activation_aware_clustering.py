@@ -18,7 +18,13 @@ centroids ``C``:
    (ties at the quantile are zeroed, so sparsity >= p); centroids without members are kept.
 
 Iterations stop at ``--max_iter`` or when no label changed.  The greedy assignment is inherently
-sequential over centroids: each step is one vectorised top-m over the block (O(n) per centroid).
+sequential over centroids: batched top-k candidate lists are computed for all centroids at once,
+and only the cheap walk over each centroid's short list is sequential (see
+:func:`greedy_balanced_assign`).  The global assignment needs ~10-20 vectorised rounds per block.
+
+Memory per block: the block ``[n, F]`` plus the distance matrix ``[n, k]`` fp32 (gathered on every
+rank under torch.distributed) -- e.g. 61,440 x 8,192 x 4 B = 2 GB; lower ``--block_rows`` for
+large ``k``.
 """
 from __future__ import annotations
 
@@ -67,9 +73,10 @@ def greedy_balanced_assign(D: torch.Tensor, cap: int, lookahead: int = 4, chunk:
     Centroid ``i`` (in index order) takes the ``cap`` still-unassigned rows with the smallest
     ``D[:, i]`` (ties -> lower row).  Exact, computed as: one batched top-k gives every centroid
     its ``lookahead * cap`` best free rows (keys ``d * n + row`` are unique, so order = stable
-    sort); a sequential pass over centroids (inherently sequential -- small numpy ops on the
-    candidate lists only) takes the first ``cap`` candidates that are still free.  When a list
-    runs dry, the lists of the remaining centroids are recomputed over the remaining free rows.
+    sort), ``chunk`` centroids at a time; a sequential pass over centroids (inherently
+    sequential -- small numpy ops on the candidate lists only) takes the first ``cap`` candidates
+    that are still free.  When a list runs dry, the lists of the next ``chunk`` centroids are
+    recomputed over the remaining free rows with twice the lookahead.
     """
     n, k = D.shape
     dev = D.device
@@ -79,7 +86,8 @@ def greedy_balanced_assign(D: torch.Tensor, cap: int, lookahead: int = 4, chunk:
     taken = np.zeros(n, dtype=bool)
     left, i = n, 0
     cand: np.ndarray = np.empty((0, 0), dtype=np.int64)
-    base, complete = 0, False
+    base, complete, L0 = 0, False, lookahead * cap + 8
+    L = L0
     while i < k and left > 0:
         m = min(cap, left)
         free = None
@@ -87,18 +95,17 @@ def greedy_balanced_assign(D: torch.Tensor, cap: int, lookahead: int = 4, chunk:
             c = cand[i - base]
             free = c[~taken[c]]
         if free is None or (free.shape[0] < m and not complete):
-            # (re)build the candidate lists of centroids i..k-1 over the free rows
+            # (re)build the lists of the next `chunk` centroids over the free rows; a list that ran
+            # dry doubles the lookahead for the rebuilt window
+            L = L0 if free is None else 2 * L
             free_rows = torch.from_numpy(np.nonzero(~taken)[0]).to(dev)
-            L = min(lookahead * cap + 8, free_rows.numel())
-            complete = L == free_rows.numel()
-            parts = []
-            all_free = free_rows.numel() == n
-            for c0 in range(i, k, chunk):
-                sub = D[:, c0 : min(c0 + chunk, k)] if all_free else D[free_rows, c0 : min(c0 + chunk, k)]
-                keys = sub.T.contiguous().to(torch.int64).mul_(n).add_(free_rows)
-                idx = torch.topk(keys, L, dim=1, largest=False, sorted=True).indices
-                parts.append(free_rows[idx].cpu().numpy())
-            cand, base = np.concatenate(parts, 0), i
+            Lr = min(L, free_rows.numel())
+            complete = Lr == free_rows.numel()
+            c1 = min(i + chunk, k)
+            sub = D[:, i:c1] if free_rows.numel() == n else D[free_rows, i:c1]
+            keys = sub.T.contiguous().to(torch.int64).mul_(n).add_(free_rows)
+            idx = torch.topk(keys, Lr, dim=1, largest=False, sorted=True).indices
+            cand, base = free_rows[idx].cpu().numpy(), i
             c = cand[0]
             free = c[~taken[c]]
         pick = free[:m]
@@ -126,7 +133,7 @@ def global_balanced_assign(D: torch.Tensor, cap: int) -> torch.Tensor:
             first = False
         else:  # only the pending rows and the centroids with capacity left (ascending index)
             avail = torch.nonzero(remaining > 0).flatten()
-            d, j = D[rows[:, None], avail[None, :]].min(1)
+            d, j = D.index_select(0, rows).index_select(1, avail).min(1)
             prop = avail[j]
         # rows are in increasing order, so a stable sort by (centroid, distance) orders each
         # centroid's proposals by (distance, row)
@@ -148,6 +155,16 @@ def global_balanced_assign(D: torch.Tensor, cap: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # centroid update
 # --------------------------------------------------------------------------------------------
+def member_sums(X: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``S[i] = sum of the rows labelled i`` (rows labelled -1 are skipped), float32 ``[k, F]``."""
+    S = torch.zeros(k, X.shape[1], dtype=torch.float32, device=X.device)
+    ok = labels >= 0
+    if bool(ok.all()):
+        return S.index_add_(0, labels, X.float())
+    keep = torch.nonzero(ok).flatten()
+    return S.index_add_(0, labels[keep], X.index_select(0, keep).float())
+
+
 def awc_update(
     C: torch.Tensor, S: torch.Tensor, counts: torch.Tensor, t: int, cap: int, p: float, chunk: int = 2048
 ) -> torch.Tensor:
@@ -257,13 +274,7 @@ class ActivationAwareClustering(BinaryClusterer):
             labels[start:stop] = lab.cpu()
             # member sums over this rank's rows, all-reduced (exact integer counts in fp32)
             ls = lab[lo - start : hi - start]
-            oks = ls >= 0
-            S = torch.zeros_like(C)
-            if bool(oks.all()):
-                S.index_add_(0, ls, Xs)
-            else:
-                keep = torch.nonzero(oks).flatten()
-                S.index_add_(0, ls[keep], Xs.index_select(0, keep))
+            S = member_sums(Xs, ls, k)
             all_reduce_(S)
             counts = torch.bincount(lab[ok], minlength=k)
             empty += int((counts == 0).sum().item())

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from awq.masks import StoreError, StoreWriter, pack
@@ -117,10 +118,11 @@ def import_chunks(
                             f"{files[i].name}: layer {l} {proj} has shape {list(t.shape)}, "
                             f"expected [1, {seqlen}, {widths[proj]}]"
                         )
-                    if not warned and t.dtype != torch.bool and bool(((t[:64] != 0) & (t[:64] != 1)).any()):
+                    a = (t != 0).numpy() if t.dtype == torch.bfloat16 else t.numpy()  # numpy: no torch threads
+                    if not warned and a.dtype != np.bool_ and bool(((a[:64] != 0) & (a[:64] != 1)).any()):
                         log.warning("%s holds values other than 0/1: binarising with != 0", files[i].name)
                         warned = True
-                    writer.write(proj, l, i, pack(t), width=widths[proj])
+                    writer.write(proj, l, i, pack(a), width=widths[proj])
             writer.end_window(i, {"chunk": files[i].name})
             if progress:
                 log.info("imported %s (%d/%d)", files[i].name, i + 1, len(files))

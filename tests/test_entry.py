@@ -172,3 +172,39 @@ def test_real_default_model_short_window(tmp_path, capsys):
     assert 2 < res["ppl"] < 200, res["ppl"]
     for p in PROJS:
         assert 0.40 < res["measured_sparsity"][p]["mean"] < 0.60
+
+
+def test_dump_masks_through_entry_and_rerun(tiny_model_dir, tiny_corpus, tiny_thresholds, tmp_path, capsys):
+    import hashlib
+
+    import numpy as np
+
+    from awq.masks import PatternStore, unpack
+
+    store = tmp_path / "store"
+    args = ["--model_path", tiny_model_dir, "--data_path", tiny_corpus, "--seqlen", 32, "--nsamples", 3,
+            "--thresholds", tiny_thresholds, "--dump_masks", store, "--dump_inputs", "--output_path", tmp_path / "a.json"]
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 0, err
+    first = json.loads((tmp_path / "a.json").read_text())
+    ps = PatternStore(store)
+    assert ps.num_layers == 2 and ps.n_tokens == 3 * 32
+    assert ps.widths == {"gate_proj": 128, "up_proj": 128, "down_proj": 64}
+    # the recorded masks' density agrees with the measured sparsity of the same run
+    for p in PROJS:
+        dens = np.mean([unpack(np.asarray(ps.layer(p, l)), ps.widths[p]).mean().item() for l in range(2)])
+        assert abs((1 - dens) - first["measured_sparsity"][p]["mean"]) < 1e-6
+    assert ps.inputs(0).shape == (96, 64)
+    digest = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(store.rglob("*.npy"))}
+    # rerunning the same command finds the store complete: same perplexity, store untouched
+    args[-1] = tmp_path / "b.json"
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 0, err
+    second = json.loads((tmp_path / "b.json").read_text())
+    assert second["ppl"] == pytest.approx(first["ppl"], rel=1e-9)
+    assert second["measured_sparsity"] == first["measured_sparsity"]
+    assert {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(store.rglob("*.npy"))} == digest
+    # a different seqlen into the same store is refused with a clear message
+    args[args.index("--seqlen") + 1] = 16
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 2 and "seqlen" in err and "Traceback" not in err

@@ -61,6 +61,9 @@ def test_pack_unpack_match_reference(width):
     ref = ref_pack(mask)
     assert np.array_equal(pack(mask), ref)
     assert np.array_equal(pack(torch.from_numpy(mask)), ref)
+    assert np.array_equal(pack(torch.from_numpy(mask).to(torch.bfloat16)), ref)
+    assert np.array_equal(pack((mask != 0).astype(np.uint8) * 3), ref)  # any nonzero integer is a 1
+    assert np.array_equal(pack(torch.from_numpy(mask != 0).to(torch.int8) * -1), ref)
     assert np.array_equal(_pack_torch(torch.from_numpy(mask)).numpy(), ref)  # accelerator path, run on CPU
     bits = ref_unpack(ref, width)
     for dtype in (torch.float32, torch.bfloat16, torch.uint8, torch.bool):

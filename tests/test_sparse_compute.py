@@ -13,7 +13,9 @@ from awq.sparse_compute import GatheredSparseMLP, cluster_selector, gather_spars
 from awq.sparse_mlp import SparseMLP
 from tests.conftest import tiny_model
 
-KERNEL_PATHS = ["torch"] + (["cpp"] if sc.cpp_kernel_available() else [])
+# both paths; the C++ one is skipped (and says so) where it cannot be built (no g++/ninja)
+KERNEL_PATHS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
+    not sc.cpp_kernel_available(), reason="C++ sparse MLP kernel could not be built here"))]
 H, FI = 64, 128
 
 
@@ -246,3 +248,26 @@ def test_model_swap_with_selector(kernel):
     assert not torch.allclose(got, dense, atol=1e-3)
     with pytest.raises(ValueError, match="must have 2 entries"):
         gather_sparsify_(tiny_model("llama", layers=2), thresholds={p: [0.0] for p in ("gate_proj", "up_proj", "down_proj")})
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
+@pytest.mark.parametrize("projs", [("gate_proj",), ("gate_proj", "up_proj")])
+def test_cluster_selector_single_token_decode(kernel, projs):
+    """One token at a time (decode) goes through the per-centroid index cache; same result as masks."""
+    mlp = make_mlp(9)
+    gen = torch.Generator().manual_seed(2)
+    cents = {p: torch.stack([random_mask(0.4, gen=gen) for _ in range(4)]) for p in projs}
+    label_fn = lambda x, layer: (x[:, :3] > 0).long().sum(1)  # noqa: E731  (labels 0..3)
+    gmlp = GatheredSparseMLP.from_mlp(mlp, kernel=kernel)
+    gmlp.selector = cluster_selector({p: label_fn for p in projs}, cents)
+    for _ in range(2):  # second pass hits the cache
+        for x in torch.randn(5, 1, H):
+            lab = label_fn(x, 0)
+            m = cents[projs[0]][lab]
+            if len(projs) == 2:
+                m = m & cents[projs[1]][lab]
+            torch.testing.assert_close(gmlp(x), reference(mlp, x, m.float()), rtol=1e-5, atol=1e-5)
+    bad = cluster_selector({"gate_proj": lambda x, layer: torch.full((x.shape[0],), 7)}, cents)
+    gmlp.selector = bad
+    with pytest.raises(ValueError, match=r"gate_proj cluster labels out of range \[0, 4\)"):
+        gmlp(torch.randn(1, H))
