@@ -44,6 +44,7 @@ if __package__ in (None, ""):
 from clustering.common import (  # noqa: E402
     BinaryClusterer,
     ClusteringError,
+    check_device,
     Source,
     add_data_args,
     add_fit_args,
@@ -310,9 +311,10 @@ def main(
     progress: bool = True,
 ) -> dict:
     """Fit AWC on a pattern store and write ``output`` (+ ``.json`` sidecar, ``.results.json``)."""
+    check_device(device)
     init_distributed(device)
     args = argparse.Namespace(masks=masks, proj=proj, layer=layer, max_rows=max_rows, seed=seed,
-                              block_rows=block_rows, allow_partial=allow_partial)
+                              block_rows=block_rows, allow_partial=allow_partial, device=device)
     src = make_source(args)
     log.info("AWC %s: %d rows x %d, k=%d, p=%.2f, assign=%s, world=%d", proj, src.n_rows, src.width, k, sparsity,
              assign, dist_info()[1])

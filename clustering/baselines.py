@@ -30,6 +30,7 @@ from awq.centroids import overlap
 from clustering.common import (
     BinaryClusterer,
     ClusteringError,
+    check_device,
     Source,
     add_data_args,
     add_fit_args,
@@ -161,6 +162,7 @@ def cli(cls: type, description: str, extra_args=None, extra_kw=None) -> None:
     setup_logging(a.verbose)
 
     def body() -> None:
+        check_device(a.device)
         init_distributed(a.device)
         src = make_source(a)
         kw = extra_kw(a) if extra_kw else {}

@@ -561,7 +561,18 @@ def add_fit_args(p: argparse.ArgumentParser, max_iter: int) -> None:
     p.add_argument("--no_progress", action="store_true", help="disable the tqdm progress bar")
 
 
+def check_device(device: str) -> None:
+    """Fail with one line when the requested device does not exist."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ClusteringError(f"bad --device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ClusteringError(f"--device {device}: CUDA is not available on this machine")
+
+
 def make_source(args: argparse.Namespace) -> StoreSource:
+    check_device(getattr(args, "device", "cpu"))
     return StoreSource(
         args.masks, args.proj, layer=args.layer, max_rows=args.max_rows, seed=args.seed,
         block_rows=args.block_rows, allow_partial=args.allow_partial,

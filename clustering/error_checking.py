@@ -88,7 +88,7 @@ def main(masks: Path, proj: str, centroids: Path, output: Optional[Path] = None,
          device: str = "cpu", progress: bool = True) -> dict:
     """Evaluate ``centroids`` on ``masks``/``proj`` and write ``output`` JSON (default: next to the centroids)."""
     args = argparse.Namespace(masks=masks, proj=proj, layer=layer, max_rows=max_rows, seed=seed,
-                              block_rows=block_rows, allow_partial=allow_partial)
+                              block_rows=block_rows, allow_partial=allow_partial, device=device)
     src = make_source(args)
     C, meta = load_centroids(centroids, src.width)
     t0 = time.perf_counter()

@@ -130,7 +130,7 @@ def main(
 ) -> torch.Tensor:
     """Select ``k`` initial centroids and save them to ``output``."""
     args = argparse.Namespace(masks=masks, proj=proj, layer=layer, max_rows=max_rows, seed=seed,
-                              block_rows=block_rows, allow_partial=allow_partial)
+                              block_rows=block_rows, allow_partial=allow_partial, device=device)
     src = make_source(args)
     if init == "random":
         C = select_random_rows(src, k, seed=seed, min_sparsity=min_sparsity, scan=scan, block_rows=block_rows)
