@@ -228,6 +228,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     try:
         save_file({n: t.contiguous() for n, t in tensors.items()}, tmp,
                   metadata={"format": FORMAT, "awq_predictor": json.dumps(meta, default=str)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -387,7 +390,7 @@ class _Counts:
     """Accumulates the evaluation sums of one (layer, projection)."""
 
     KEYS = ("rows", "active", "top1", "top1_optimal", "topk", "cov_pred", "cov_topk", "cov_oracle", "cov_majority",
-            "cov_majority_topk", "top1_majority", "pred_density")
+            "cov_majority_topk", "top1_majority", "pred_density", "cells")
 
     def __init__(self) -> None:
         self.s = dict.fromkeys(self.KEYS, 0.0)
@@ -416,6 +419,7 @@ class _Counts:
         s["cov_majority_topk"] += float(ov[:, maj[:k]].max(1).values.sum())
         s["top1_majority"] += float((label == maj[0]).sum())
         s["pred_density"] += float(cf.sum(1)[pred].sum()) / cf.shape[1]
+        s["cells"] += A.numel()
 
     def merge(self, other: "_Counts") -> None:
         for key in self.KEYS:
@@ -429,7 +433,7 @@ class _Counts:
                 f"recall_best_of_top{k}": s["cov_topk"] / act, "recall_oracle": s["cov_oracle"] / act,
                 "recall_majority": s["cov_majority"] / act, f"recall_majority_top{k}": s["cov_majority_topk"] / act,
                 "top1_acc_majority": s["top1_majority"] / n, "pred_density": s["pred_density"] / n,
-                "data_density": s["active"] / n}
+                "data_density": s["active"] / max(s["cells"], 1.0)}
 
 
 def _train_layer(x: torch.Tensor, targets: dict, cfg: TrainConfig, rank: int, ks: dict[str, int],

@@ -64,6 +64,7 @@ _CPP_SRC = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 template <typename S> struct Ld;
@@ -110,6 +111,25 @@ static inline void dot2(const S* __restrict wg, const S* __restrict wu, const fl
   g = sg; u = su;
 }
 
+#if defined(__AVX512BF16__)
+// bf16 weights and a bf16-exact input: dot products with the native bf16 pair instruction
+static inline void dot2_dp(const c10::BFloat16* __restrict wg, const c10::BFloat16* __restrict wu,
+                           const uint16_t* __restrict xb, const float* __restrict x, int64_t H, float& g, float& u) {
+  __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps(), u0 = _mm512_setzero_ps(), u1 = _mm512_setzero_ps();
+  int64_t h = 0;
+  for (; h + 64 <= H; h += 64) {
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + h), x1 = (__m512bh)_mm512_loadu_si512(xb + h + 32);
+    g0 = _mm512_dpbf16_ps(g0, (__m512bh)_mm512_loadu_si512(wg + h), x0);
+    g1 = _mm512_dpbf16_ps(g1, (__m512bh)_mm512_loadu_si512(wg + h + 32), x1);
+    u0 = _mm512_dpbf16_ps(u0, (__m512bh)_mm512_loadu_si512(wu + h), x0);
+    u1 = _mm512_dpbf16_ps(u1, (__m512bh)_mm512_loadu_si512(wu + h + 32), x1);
+  }
+  float sg = _mm512_reduce_add_ps(_mm512_add_ps(g0, g1)), su = _mm512_reduce_add_ps(_mm512_add_ps(u0, u1));
+  for (; h < H; ++h) { sg += Ld<c10::BFloat16>::f(wg, h) * x[h]; su += Ld<c10::BFloat16>::f(wu, h) * x[h]; }
+  g = sg; u = su;
+}
+#endif
+
 template <typename S>
 static inline void axpy(float* __restrict y, float a, const S* __restrict w, int64_t H) {
   int64_t h = 0;
@@ -148,6 +168,20 @@ static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const t
   const float* bp = bias_gu.numel() ? bias_gu.data_ptr<float>() : nullptr;
   const float tg = static_cast<float>(t_gate), tu = static_cast<float>(t_up);
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, k / (4 * nt) + 1));
+  // bf16 weights: if the input is exactly bf16 (it is, in a bf16 model) use the bf16 dot instruction
+  std::vector<uint16_t> xb;
+  bool use_dp = false;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<S, c10::BFloat16>::value) {
+    use_dp = true;
+    xb.resize(T * H);
+    for (int64_t j = 0; j < T * H && use_dp; ++j) {
+      const c10::BFloat16 b(xp[j]);
+      use_dp = static_cast<float>(b) == xp[j];
+      xb[j] = b.x;
+    }
+  }
+#endif
   at::parallel_for(0, k, grain, [&](int64_t b, int64_t e) {
     std::vector<float>& accv = part[at::get_thread_num()];
     if (accv.empty()) accv.assign(T * H, 0.f);
@@ -161,7 +195,16 @@ static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const t
       bool any = false;
       for (int64_t t = 0; t < T; ++t) {
         float g, u;
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same<S, c10::BFloat16>::value) {
+          if (use_dp) dot2_dp(wg, wg + H, xb.data() + t * H, xp + t * H, H, g, u);
+          else dot2<S>(wg, wg + H, xp + t * H, H, g, u);
+        } else {
+          dot2<S>(wg, wg + H, xp + t * H, H, g, u);
+        }
+#else
         dot2<S>(wg, wg + H, xp + t * H, H, g, u);
+#endif
         if (bp) { g += bp[2 * n]; u += bp[2 * n + 1]; }
         g = Ld<S>::rnd(g); u = Ld<S>::rnd(u);
         if (std::fabs(g) < tg) g = 0.f;

@@ -370,7 +370,11 @@ def test_hub_reachable_and_cached(online_env):
 
 
 def test_hanging_resolver_is_bounded(online_env):
-    online_env.setattr(hub.socket, "create_connection", lambda *a, **k: time.sleep(2))
+    def hang(*a, **k):
+        time.sleep(2)
+        raise OSError("resolver gave up")
+
+    online_env.setattr(hub.socket, "create_connection", hang)
     online_env.setenv("AWQ_HUB_HOST", "hub.invalid")
     t0 = time.perf_counter()
     assert hub.hub_available(timeout=0.2) is False

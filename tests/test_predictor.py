@@ -138,7 +138,7 @@ def test_training_beats_majority_baseline(planted):
         assert m["top1_acc"] > m["top1_acc_majority"] + 0.3, (p, m)
         assert m["recall_pred"] > m["recall_majority"] + 0.1, (p, m)
         assert m["recall_pred"] <= m["recall_best_of_top5"] <= m["recall_oracle"] + 1e-12
-        assert m["top1_acc"] <= m["top5_acc"]
+        assert m["top1_acc"] <= m["top5_acc"] and 0.4 < m["data_density"] < 0.6
     assert res["cost"]["flop_fraction"] == pytest.approx(
         (3 * 4 * H + 4 * sum(KS.values())) / (3 * H * 40))
 
