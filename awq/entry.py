@@ -116,8 +116,17 @@ def main(cfg: EntryConfig) -> dict:
         raise ValueError(f"--seqlen {cfg.seqlen} exceeds the model's context of {max_pos} tokens")
     thresholds, thr_path = resolve_thresholds(cfg, info.name, info.num_layers)
 
-    codebooks, centroid_info = {}, None
-    if cfg.centroids:
+    codebooks, centroid_info, predictor_info = {}, None, None
+    if cfg.predictor:
+        from awq.codebook import load_codebooks
+        from awq.predictor import load_predictor
+
+        label_fns, predictor_info = load_predictor(cfg.predictor, model, centroids=cfg.centroids)
+        if predictor_info.get("model") and predictor_info["model"] != info.name:
+            log.warning("predictor was trained on %s, running %s", predictor_info["model"], info.name)
+        codebooks, centroid_info = load_codebooks(cfg.centroids or predictor_info["centroids_spec"], model,
+                                                  mode="predicted", label_fns=label_fns)
+    elif cfg.centroids:
         from awq.codebook import load_codebooks
 
         codebooks, centroid_info = load_codebooks(cfg.centroids, model, mode=cfg.centroid_mode)
@@ -136,6 +145,8 @@ def main(cfg: EntryConfig) -> dict:
     }
     if centroid_info:
         results["centroids"] = centroid_info
+    if predictor_info:
+        results["predictor"] = predictor_info
 
     if "wikitext" in tasks:
         corpus = load_corpus(cfg.split, cfg.data_path, use_hub=not cfg.no_hub)
@@ -256,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
       "holding files named by projection")
     a("--centroid_mode", default="oracle", choices=["oracle", "replace"],
       help="oracle: mask = A AND C[label] with label from the true mask (paper); replace: mask = C[label] over the "
-      "unthresholded output (extension)")
-    a("--predictor", default=None, help="cluster predictor file (safetensors) to choose centroids from the MLP input")
+      "unthresholded output (extension); --predictor implies 'predicted' (labels from the MLP input)")
+    a("--predictor", default=None, help="cluster predictor file (safetensors, from `python -m awq.predictor train`): "
+      "labels come from the MLP input, mask = C[label] over the unthresholded output; --centroids defaults to the "
+      "predictor's training centroids (checked by sha256)")
     a("--sparse_compute", action="store_true", help="compute only the active neurons (gathered weights)")
     a("--num_fewshot", type=int, default=0, help="lm-eval few-shot count (default 0)")
     a("--limit", type=float, default=None, help="lm-eval: limit examples per task")

@@ -364,3 +364,27 @@ def test_predictor_for_another_model_is_rejected(tiny_predictor, tmp_path):
         P.load_predictor(d / "pred.safetensors", tiny(), centroids=f"gate={tmp_path / 'g.pt'}")
     meta = json.loads(json.dumps(P.ClusterPredictor.load(d / "pred.safetensors").meta))
     assert meta["model"] == "planted" and meta["store"]["split"] == "train" and meta["train"]["seed"] == 0
+
+
+def test_entry_cli_with_predictor(tiny_predictor, tiny_corpus, tmp_path, capsys):
+    """`python -m awq.entry --predictor FILE` runs end to end and reports the predictor beside the results."""
+    import json
+
+    from awq.entry import cli
+    from awq.sparse_mlp import save_thresholds
+    from tests.conftest import tiny_tokenizer
+
+    d, spec, _ = tiny_predictor
+    mdir = tmp_path / "model"
+    tiny().save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    thr = tmp_path / "thr.json"
+    save_thresholds(THR, thr)
+    out = tmp_path / "res.json"
+    rc = cli(["--model_path", str(mdir), "--data_path", str(tiny_corpus), "--seqlen", "32", "--nsamples", "2",
+              "--thresholds", str(thr), "--predictor", str(d / "pred.safetensors"), "--output_path", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    assert res["centroids"]["mode"] == "predicted" and res["predictor"]["rank"] >= 1
+    assert set(res["centroids"]["run_stats"]) == set(PROJS) and res["ppl"] > 1
