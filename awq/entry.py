@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -109,6 +110,11 @@ def main(cfg: EntryConfig) -> dict:
         raise ValueError("--dump_masks records during the perplexity run: add 'wikitext' to --tasks")
     if cfg.dump_inputs and not cfg.dump_masks:
         raise ValueError("--dump_inputs needs --dump_masks DIR")
+    if cfg.sparse_compute and not cfg.predictor:
+        raise ValueError("--sparse_compute needs --predictor: oracle labels need the true mask, which sparse "
+                         "compute never computes")
+    if cfg.sparse_compute and cfg.dump_masks:
+        raise ValueError("--sparse_compute cannot record masks (it never computes the inactive neurons)")
 
     model, tokenizer, info = load_model(cfg.model_path, cfg.dtype, cfg.device)
     max_pos = info.extra.get("max_position_embeddings") or 0
@@ -130,7 +136,10 @@ def main(cfg: EntryConfig) -> dict:
         from awq.codebook import load_codebooks
 
         codebooks, centroid_info = load_codebooks(cfg.centroids, model, mode=cfg.centroid_mode)
-    sparsify_(model, SparsityConfig(thresholds=thresholds, codebooks=codebooks))
+    if cfg.sparse_compute:
+        _install_sparse_compute(cfg, model, thresholds, predictor_info, codebooks)
+    else:
+        sparsify_(model, SparsityConfig(thresholds=thresholds, codebooks=codebooks))
     log.info("model %s (%s, %d layers, %s on %s); thresholds: %s", info.name, info.architecture, info.num_layers,
              info.dtype, info.device, thr_path or "none (dense)")
 
@@ -159,7 +168,8 @@ def main(cfg: EntryConfig) -> dict:
             windows = windows[: cfg.nsamples]
         log.info("dataset %s (%s, split %s%s): %d windows of %d tokens (of %d available)", corpus.name, corpus.source,
                  corpus.split, ", offline substitute" if corpus.substitute else "", windows.size(0), cfg.seqlen, avail)
-        with measure_sparsity(model, info.num_layers) as meter:
+        meter_ctx = nullcontext(None) if cfg.sparse_compute else measure_sparsity(model, info.num_layers)
+        with meter_ctx as meter:
             if cfg.dump_masks:
                 ppl = _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_path)
             else:
@@ -171,11 +181,11 @@ def main(cfg: EntryConfig) -> dict:
             "windows_available": avail,
             "seqlen": cfg.seqlen,
             "dataset": corpus.as_dict(),
-            "measured_sparsity": meter.summary(),
+            "measured_sparsity": meter.summary() if meter is not None else {},
             "tokens_per_s": ppl.tokens_per_s,
             "ppl_seconds": ppl.seconds,
         })
-        if centroid_info is not None:
+        if centroid_info is not None and not cfg.sparse_compute:
             from awq.codebook import codebook_stats
 
             results["centroids"].update(codebook_stats(codebooks))
@@ -194,6 +204,23 @@ def main(cfg: EntryConfig) -> dict:
         p = write_json(cfg.output_path, results)
         log.info("results written to %s", p)
     return results
+
+
+def _install_sparse_compute(cfg, model, thresholds, predictor_info, codebooks) -> None:
+    """Swap every MLP for the gathered sparse kernel, driven by the predicted clusters.
+
+    The predicted mode masks the *unthresholded* output of the projections that have a predictor,
+    so their thresholds are 0 here (the same semantics as ``SparseMLP`` with predicted codebooks).
+    """
+    from awq.sparse_compute import cluster_selector, gather_sparsify_
+
+    label_fns = {p: cb.label_fn for p, cb in codebooks.items()}
+    cents = {p: cb.c_bool.cpu() for p, cb in codebooks.items()}
+    thr = None
+    if thresholds is not None:
+        thr = {p: ([0.0] * len(v) if p in label_fns else list(v)) for p, v in thresholds.items()}
+    mods = gather_sparsify_(model, thresholds=thr, selector=cluster_selector(label_fns, cents))
+    log.info("sparse compute: %d MLPs use the gathered kernel (%s)", len(mods), mods[0].extra_repr())
 
 
 def _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_path):

@@ -156,7 +156,7 @@ static inline void prefetch_next(const char* p, int64_t row_bytes) {
 // bias_gu [F, 2] float32 or empty.  Returns [T, H] float32 = sum_n a[t, n] * w[n, 2, :].
 template <typename S>
 static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& idx,
-                         const torch::Tensor& bias_gu, double t_gate, double t_up) {
+                         const torch::Tensor& bias_gu, double t_gate, double t_up, int64_t min_bytes_per_thread) {
   const int64_t T = x.size(0), H = x.size(1), k = idx.size(0);
   auto out = torch::zeros({T, H}, x.options().dtype(torch::kFloat));
   float* outp = out.data_ptr<float>();
@@ -167,7 +167,10 @@ static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const t
   const int64_t* ip = idx.data_ptr<int64_t>();
   const float* bp = bias_gu.numel() ? bias_gu.data_ptr<float>() : nullptr;
   const float tg = static_cast<float>(t_gate), tu = static_cast<float>(t_up);
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, k / (4 * nt) + 1));
+  // threads only for jobs of at least min_bytes_per_thread weight bytes each: a parallel region costs
+  // microseconds when the machine is idle but a scheduler tick when a core is busy with something else
+  const int64_t row_bytes = 3 * H * static_cast<int64_t>(sizeof(S));
+  const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread / row_bytes);
   // bf16 weights: if the input is exactly bf16 (it is, in a bf16 model) use the bf16 dot instruction
   std::vector<uint16_t> xb;
   bool use_dp = false;
@@ -227,16 +230,21 @@ static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const t
 }
 
 torch::Tensor fused_sparse_swiglu(torch::Tensor x, torch::Tensor w, torch::Tensor idx,
-                                  torch::Tensor bias_gu, double t_gate, double t_up) {
+                                  torch::Tensor bias_gu, double t_gate, double t_up,
+                                  int64_t min_bytes_per_thread) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: [T, H] float32");
   TORCH_CHECK(w.dim() == 3 && w.size(1) == 3 && w.size(2) == x.size(1) && w.is_contiguous(), "w: [F, 3, H]");
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx: [k] int64");
-  if (w.scalar_type() == torch::kFloat) return run<float>(x, w, idx, bias_gu, t_gate, t_up);
+  if (w.scalar_type() == torch::kFloat) return run<float>(x, w, idx, bias_gu, t_gate, t_up, min_bytes_per_thread);
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w: float32 or bfloat16");
-  return run<c10::BFloat16>(x, w, idx, bias_gu, t_gate, t_up);
+  return run<c10::BFloat16>(x, w, idx, bias_gu, t_gate, t_up, min_bytes_per_thread);
 }
 """
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+# the C++ kernel uses several threads only when each gets at least this many weight bytes (a parallel
+# region costs microseconds on an idle machine but a scheduler tick when a core is busy elsewhere)
+MIN_BYTES_PER_THREAD = 8 << 20
 
 _kernel_state: dict[str, object] = {}
 _EMPTY = torch.empty(0)
@@ -504,7 +512,7 @@ class GatheredSparseMLP(nn.Module):
             bias = self.bias_gu if self.bias_gu is not None else _EMPTY
             out = cpp_kernel().fused_sparse_swiglu(
                 x2.float().contiguous(), self.weight, idx.contiguous(), bias,
-                self._thr("gate_proj"), self._thr("up_proj"))
+                self._thr("gate_proj"), self._thr("up_proj"), MIN_BYTES_PER_THREAD)
             return out.to(x2.dtype)
         rows = self.weight.index_select(0, idx)  # [k, 3, H]
         gu = torch.matmul(x2, rows[:, :2].reshape(-1, rows.shape[2]).t()).view(x2.shape[0], -1, 2)

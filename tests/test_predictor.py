@@ -388,3 +388,16 @@ def test_entry_cli_with_predictor(tiny_predictor, tiny_corpus, tmp_path, capsys)
     res = json.loads(out.read_text())
     assert res["centroids"]["mode"] == "predicted" and res["predictor"]["rank"] >= 1
     assert set(res["centroids"]["run_stats"]) == set(PROJS) and res["ppl"] > 1
+    # the gathered sparse kernel computes the same predicted-cluster model (only the active neurons)
+    out2 = tmp_path / "res_sparse.json"
+    rc = cli(["--model_path", str(mdir), "--data_path", str(tiny_corpus), "--seqlen", "32", "--nsamples", "2",
+              "--thresholds", str(thr), "--predictor", str(d / "pred.safetensors"), "--sparse_compute",
+              "--output_path", str(out2)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    sparse = json.loads(out2.read_text())
+    assert sparse["ppl"] == pytest.approx(res["ppl"], rel=1e-4)
+    # --sparse_compute without a predictor is refused clearly
+    rc = cli(["--model_path", str(mdir), "--data_path", str(tiny_corpus), "--seqlen", "32", "--nsamples", "1",
+              "--thresholds", str(thr), "--sparse_compute"])
+    assert rc == 2 and "--sparse_compute needs --predictor" in capsys.readouterr().err

@@ -55,7 +55,12 @@ def random_mask(density, width=FI, gen=None):
 @pytest.mark.parametrize("kernel", KERNEL_PATHS)
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_sparse_equals_masked_dense(kernel, density, tokens):
+@pytest.mark.parametrize("split", [False, True])  # True: the C++ kernel splits even tiny jobs over threads
+def test_sparse_equals_masked_dense(kernel, density, tokens, split, monkeypatch):
+    if split:
+        if kernel == "torch":
+            pytest.skip("thread split applies to the C++ kernel")
+        monkeypatch.setattr(sc, "MIN_BYTES_PER_THREAD", 1)
     mlp = make_mlp(seed=int(density * 10) + tokens)
     gmlp = GatheredSparseMLP.from_mlp(mlp, kernel=kernel)
     assert gmlp._use_cpp() == (kernel == "cpp")  # the path under test is the one that runs
