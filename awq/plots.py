@@ -77,6 +77,11 @@ def plot_ppl_vs_k(summary: dict, path: Path) -> Path:
     for s in sorted({s for _, s in swaps}):
         ks = sorted(k for k, ss in swaps if ss == s)
         ax.plot(ks, [swaps[(k, s)]["ppl"] for k in ks], marker="o", label=f"AWC centroids, {100 * s:.0f}% sparse")
+    for name, r in runs.items():
+        if name.startswith("predicted_"):
+            k = int(name.split("_k")[-1].split("_")[0])
+            ax.scatter([k], [r["ppl"]], marker="*", s=150, color="red", zorder=5,
+                       label=f"predicted clusters (low-rank predictor), K={k}")
     if "threshold_50" in runs:
         ax.axhline(runs["threshold_50"]["ppl"], color="k", ls="--", label="threshold-only (50%)")
     if "dense" in runs:

@@ -66,6 +66,7 @@ class ReproduceConfig:
     device: Optional[str] = None
     quick: bool = False
     subprocess: bool = False  # run the clustering scripts as subprocesses instead of in-process
+    predictor: Optional[str] = None  # a trained awq.predictor file: adds a predicted-cluster PPL run
 
     @classmethod
     def quick_preset(cls, **over) -> "ReproduceConfig":
@@ -219,6 +220,19 @@ class Reproducer:
                 self._entry(self.runs / f"swap_awc_k{k}_s{round(100 * s)}.json", nsamples=self.cfg.ppl_nsamples,
                             centroids=spec, **thr)
 
+    def step_predicted(self) -> None:
+        """Perplexity with clusters chosen by a trained predictor (no access to the true mask)."""
+        if not self.cfg.predictor:
+            return
+        from safetensors import safe_open
+
+        with safe_open(self.cfg.predictor, "pt") as f:
+            meta = json.loads(f.metadata().get("awq_predictor", "{}"))
+        k = max(meta.get("k", {}).values() or [0]) if isinstance(meta.get("k"), dict) else meta.get("k", 0)
+        thr = {"thresholds": self.cfg.thresholds} if self.cfg.thresholds else {}
+        self._entry(self.runs / f"predicted_k{k}.json", nsamples=self.cfg.ppl_nsamples, predictor=self.cfg.predictor,
+                    **thr)
+
     # ---------------------------------------------------------------------------------------
     def summarize(self) -> dict:
         rows = []
@@ -271,6 +285,7 @@ class Reproducer:
         self._timed("3_cluster", self.step_cluster)
         self._timed("4_precision", self.step_precision)
         self._timed("5_swap_ppl", self.step_swap)
+        self._timed("6_predicted_ppl", self.step_predicted)
         summary = self.summarize()
         paths = self.plot(summary)
         log.info("summary: %s; plots: %s", self.out / "summary.csv", ", ".join(str(p) for p in paths))
@@ -306,6 +321,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--baseline_max_iter", type=int, default=None, help="baseline iterations (default 10)")
     p.add_argument("--device", default=None, help="device for model and clustering (default auto / cpu)")
     p.add_argument("--subprocess", action="store_true", help="run each clustering script in its own process")
+    p.add_argument("--predictor", default=None, help="a trained awq.predictor file: adds a predicted-cluster "
+                   "perplexity run beside the oracle ones")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     over = dict(model_path=a.model_path, data_path=a.data_path, thresholds=a.thresholds, seqlen=a.seqlen,
@@ -314,7 +331,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
                 sparsities=[float(v) for v in a.sparsities.split(",")] if a.sparsities else None,
                 baseline_k=a.baseline_k, max_rows=a.max_rows, eval_rows=a.eval_rows, max_iter=a.max_iter,
                 baseline_max_iter=a.baseline_max_iter, device=a.device, plots_dir=a.plots_dir,
-                subprocess=a.subprocess or None)
+                subprocess=a.subprocess or None, predictor=a.predictor)
     out = a.out or Path("results/reproduce_quick" if a.quick else "results/reproduce")
     if a.quick:
         cfg = ReproduceConfig.quick_preset(out=out, **over)
