@@ -30,7 +30,7 @@ bench: install
 	$(PY) bench/bench_ppl.py
 
 reproduce: install
-	$(PY) -m awq.reproduce
+	$(PY) -m awq.reproduce --plots_dir plots
 
 clean:
 	rm -rf $(VENV) *.egg-info build .pytest_cache

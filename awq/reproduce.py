@@ -52,14 +52,14 @@ class ReproduceConfig:
     data_path: Optional[str] = None
     thresholds: Optional[str] = None
     seqlen: int = 2048
-    ppl_nsamples: int = 12
-    extract_nsamples: int = 16
+    ppl_nsamples: int = 8
+    extract_nsamples: int = 8
     ks: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192])
     sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
     baseline_k: int = 2048
-    max_rows: Optional[int] = 131072
-    eval_rows: Optional[int] = 262144
-    max_iter: int = 5
+    max_rows: Optional[int] = 61440
+    eval_rows: Optional[int] = 131072
+    max_iter: int = 3
     baseline_max_iter: int = 10
     sweep: bool = True
     seed: int = 42
@@ -310,14 +310,14 @@ def cli(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--data_path", default=None, help="local corpus (see awq.entry --help)")
     p.add_argument("--thresholds", default=None, help="thresholds JSON (default: the shipped 50%% file)")
     p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048; 512 with --quick)")
-    p.add_argument("--ppl_nsamples", type=int, default=None, help="windows scored per perplexity run")
-    p.add_argument("--extract_nsamples", type=int, default=None, help="windows recorded into the pattern store")
+    p.add_argument("--ppl_nsamples", type=int, default=None, help="windows scored per perplexity run (default 8)")
+    p.add_argument("--extract_nsamples", type=int, default=None, help="windows recorded into the pattern store (default 8)")
     p.add_argument("--ks", default=None, help="comma-separated K values (default 256,...,8192)")
     p.add_argument("--sparsities", default=None, help="comma-separated centroid sparsities (default 0.2,0.3,0.4)")
     p.add_argument("--baseline_k", type=int, default=None, help="K for BMF/BRB-KMeans/penalized (default 2048)")
-    p.add_argument("--max_rows", type=int, default=None, help="rows sampled per clustering run (default 131072)")
-    p.add_argument("--eval_rows", type=int, default=None, help="rows sampled per precision evaluation")
-    p.add_argument("--max_iter", type=int, default=None, help="AWC iterations (default 5)")
+    p.add_argument("--max_rows", type=int, default=None, help="rows sampled per clustering run (default 61440 = one 2048-token window x 30 layers)")
+    p.add_argument("--eval_rows", type=int, default=None, help="rows sampled per precision evaluation (default 131072)")
+    p.add_argument("--max_iter", type=int, default=None, help="AWC iterations (default 3; the artifact used 10)")
     p.add_argument("--baseline_max_iter", type=int, default=None, help="baseline iterations (default 10)")
     p.add_argument("--device", default=None, help="device for model and clustering (default auto / cpu)")
     p.add_argument("--subprocess", action="store_true", help="run each clustering script in its own process")
