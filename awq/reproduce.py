@@ -263,6 +263,7 @@ class Reproducer:
                    "runs": runs, "precision": [r for r in rows if r["kind"] == "precision"],
                    "timings_s": self.timings, "paper_mistral7b": PAPER}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.out / "results.md").write_text(results_markdown(summary))
         keys: list[str] = []
         for r in rows:
             keys += [k for k in r if k not in keys]
@@ -294,6 +295,34 @@ class Reproducer:
         old[time.strftime("%Y-%m-%dT%H:%M:%S")] = self.timings
         timings_file.write_text(json.dumps(old, indent=2) + "\n")
         return summary
+
+
+def results_markdown(summary: dict) -> str:
+    """Markdown tables of a summary (pasted into the README's Results section)."""
+    runs, prec = summary["runs"], summary["precision"]
+    lines = []
+    any_run = next(iter(runs.values()), None)
+    if any_run:
+        lines.append(f"Corpus: {any_run['dataset']}{' (offline substitute, not WikiText-2)' if any_run['substitute'] else ''}, "
+                     f"{any_run['tokens']} scored tokens per perplexity run.\n")
+    lines += ["| run | PPL | measured sparsity gate / up / down | effective sparsity gate / up / down |",
+              "|---|---|---|---|"]
+
+    def pct(d: Optional[dict]) -> str:
+        return " / ".join(f"{100 * d[p]:.1f}%" for p in PROJ_SHORT if p in d) if d else "–"
+
+    for name, r in sorted(runs.items(), key=lambda kv: kv[0]):
+        lines.append(f"| {name} | {r['ppl']:.2f} | {pct(r['measured_sparsity'])} | {pct(r['effective_sparsity'])} |")
+    lines += ["", "| method | K | centroid sparsity | proj | precision | density | F1 | Jaccard |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(prec, key=lambda r: (r["method"] != "awc", r["method"], r["k"], r["sparsity"] or 0,
+                                         list(PROJ_SHORT).index(r["proj"]))):
+        s = f"{100 * r['sparsity']:.0f}%" if r["sparsity"] is not None else "–"
+        lines.append(f"| {r['method']} | {r['k']} | {s} | {PROJ_SHORT[r['proj']]} | {100 * r['precision']:.2f}% | "
+                     f"{r['density']:.3f} | {r['f1']:.3f} | {r['jaccard']:.3f} |")
+    if summary.get("timings_s"):
+        lines += ["", "Wall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())]
+    return "\n".join(lines) + "\n"
 
 
 def main(cfg: ReproduceConfig) -> dict:

@@ -38,6 +38,7 @@ def test_reproduce_quick_tiny(tiny_model_dir, tiny_corpus, tiny_thresholds, tmp_
     with open(out / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(summary["precision"]) + len(runs)
+    assert "| awc |" in (out / "results.md").read_text()
     for png in ("fig4a_precision_by_method.png", "fig4b_ppl_vs_k.png", "ppl_vs_effective_sparsity.png"):
         f = out / "plots" / png
         assert f.is_file() and f.stat().st_size > 5000 and f.read_bytes()[:4] == b"\x89PNG"
