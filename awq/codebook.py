@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 MODES = ("oracle", "replace", "predicted")
 _SHORT = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
+_HAS_INT_MM = hasattr(torch, "_int_mm")
+
 LabelFn = Callable[[torch.Tensor, int], torch.Tensor]  # (mlp input x [..., H], layer) -> labels [...]
 
 
@@ -46,7 +48,9 @@ class CentroidCodebook(nn.Module):
             raise ValueError("centroid mode 'predicted' needs a predictor")
         self.proj, self.mode, self.label_fn = proj, mode, label_fn
         self.register_buffer("c_float", centroids.float(), persistent=False)  # [K, F] 0/1 for the GEMM
+        self.register_buffer("c_int8", centroids.to(torch.int8), persistent=False)  # exact int8 GEMM on CPU
         self.register_buffer("c_bool", centroids.bool(), persistent=False)
+        self.register_buffer("c_size", centroids.sum(1, dtype=torch.float64), persistent=False)
         self.k, self.width = centroids.shape
         # running counts per layer: active (|A|), covered (|A & C|), predicted (|C_label|), nonzero out, cells
         self.register_buffer("counts", torch.zeros(num_layers, 5, dtype=torch.float64), persistent=False)
@@ -56,8 +60,11 @@ class CentroidCodebook(nn.Module):
     def labels(self, y: torch.Tensor, x: torch.Tensor, layer_idx: int) -> torch.Tensor:
         if self.mode == "predicted":
             return self.label_fn(x, layer_idx).reshape(-1)
-        a = (y.reshape(-1, y.shape[-1]) != 0).float()
-        return torch.argmax(a @ self.c_float.T, dim=1)  # first maximal index on ties
+        a = y.reshape(-1, y.shape[-1]) != 0
+        if a.device.type == "cpu" and _HAS_INT_MM:
+            # int8 x int8 -> int32 GEMM: exact and several times the fp32 rate on CPU
+            return torch.argmax(torch._int_mm(a.to(torch.int8), self.c_int8.T), dim=1)  # first max on ties
+        return torch.argmax(a.to(self.c_float.dtype) @ self.c_float.T, dim=1)
 
     def forward(self, y: torch.Tensor, *, raw: torch.Tensor, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
         if y.shape[-1] != self.width:
@@ -65,15 +72,17 @@ class CentroidCodebook(nn.Module):
                                 f"{y.shape[-1]}")
         lab = self.labels(y, x, layer_idx)
         mask = self.c_bool.index_select(0, lab).view(y.shape)
-        out = y.masked_fill(~mask, 0) if self.mode == "oracle" else raw.masked_fill(~mask, 0)
+        out = (y if self.mode == "oracle" else raw) * mask
         if self.track:
             with torch.no_grad():
-                a = y != 0
-                self.counts[layer_idx, 0] += float(a.sum())
-                self.counts[layer_idx, 1] += float((a & mask).sum())
-                self.counts[layer_idx, 2] += float(mask.sum())
-                self.counts[layer_idx, 3] += float((out != 0).sum())
-                self.counts[layer_idx, 4] += y.numel()
+                c = self.counts[layer_idx]
+                c[0] += int(torch.count_nonzero(y))
+                nz_out = int(torch.count_nonzero(out))
+                # oracle: out != 0 exactly where A & C; otherwise count the overlap explicitly
+                c[1] += nz_out if self.mode == "oracle" else int(torch.count_nonzero((y != 0) & mask))
+                c[2] += float(self.c_size.index_select(0, lab).sum())
+                c[3] += nz_out
+                c[4] += y.numel()
         return out
 
     def stats(self) -> dict:

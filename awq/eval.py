@@ -27,7 +27,7 @@ class SparsityMeter:
     def __call__(self, layer: int, name: str, y: torch.Tensor) -> None:
         if name not in self.zeros:
             return
-        self.zeros[name][layer] += float((y == 0).sum())
+        self.zeros[name][layer] += y.numel() - int(torch.count_nonzero(y))
         self.total[name][layer] += y.numel()
 
     def add(self, other: dict) -> None:

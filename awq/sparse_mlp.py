@@ -17,6 +17,7 @@ and the tensor after thresholding and *before* any centroid mask.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -123,11 +124,31 @@ class SparsityConfig:
                 raise ValueError(f"thresholds lack {missing}")
 
 
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
+
+
+@functools.lru_cache(maxsize=4096)
+def shrink_lambda(t: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value below ``dtype(t)``: ``|y| > shrink_lambda(t) <=> |y| >= dtype(t)``.
+
+    The comparison happens in the tensor's own dtype, as in the artifact (``g >= T`` on fp16).
+    Returns 0.0 when ``dtype(t)`` is 0 (nothing is masked then).
+    """
+    td = torch.tensor(t, dtype=dtype)
+    if float(td) <= 0.0:
+        return 0.0
+    return float((td.view(_INT_VIEW[dtype]) - 1).view(dtype))  # positive floats: bit pattern - 1 = nextafter(., 0)
+
+
 def _threshold(y: torch.Tensor, t: float) -> torch.Tensor:
+    """``y * [|y| >= t]`` in one fused pass (``hardshrink`` keeps ``|y| > lambda``)."""
     if t <= 0.0:
         return y
-    # one fused-ish pass: compare in the tensor's own dtype (the artifact compares in fp16)
-    return y.masked_fill(y.abs() < t, 0)
+    if y.dtype not in _INT_VIEW:
+        return y.masked_fill(y.abs() < t, 0)
+    lam = shrink_lambda(t, y.dtype)
+    return torch.nn.functional.hardshrink(y, lam) if lam > 0.0 else y
 
 
 class SparseMLP(nn.Module):

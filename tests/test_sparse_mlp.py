@@ -170,3 +170,17 @@ def test_measured_sparsity_context_on_model():
     s = meter.summary()
     assert set(s) == set(PROJS) and all(v["mean"] < 0.01 for v in s.values())
     assert not sparse_mlps(model)[0].observers  # detached on exit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_threshold_equals_reference_including_ties(dtype):
+    from awq.sparse_mlp import _threshold
+
+    for t in (0.3, 0.05, 1e-3, 0.7):
+        td = torch.tensor(t, dtype=dtype)
+        y = (torch.randn(50000) * 0.5).to(dtype)
+        y[:3] = torch.stack([td, -td, torch.tensor(0.0, dtype=dtype)])
+        ref = torch.where(y.abs() >= td, y, torch.zeros_like(y))  # compare in the tensor's dtype
+        got = _threshold(y, t)
+        assert torch.equal(got, ref), (dtype, t)
+        assert got[0] == td and got[1] == -td  # |y| == t is kept
