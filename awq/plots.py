@@ -28,6 +28,9 @@ def plot_precision(summary: dict, path: Path) -> Path:
             continue
         if r["method"] == "awc" and abs((r["sparsity"] or 0) - sp) > 1e-9:
             continue
+        # baselines are shown with their own nearest-centroid rule when it was evaluated
+        if (r["method"], r["proj"]) in chosen and r.get("rule", "active_only") == "active_only":
+            continue
         chosen[(r["method"], r["proj"])] = r
     if not chosen:  # baseline K was above the data: fall back to the largest K present
         bk = max(r["k"] for r in prec)
@@ -44,7 +47,9 @@ def plot_precision(summary: dict, path: Path) -> Path:
                 xs.append(j + (i - (len(methods) - 1) / 2) * w)
                 ys.append(100 * r["precision"])
                 dens.append(r["density"])
-        bars = ax.bar(xs, ys, width=w, label=LABELS[m] + (f" @ {100 * sp:.0f}% sparse" if m == "awc" else ""))
+        rule = next((chosen[(m, p)].get("rule", "active_only") for p in PROJS if (m, p) in chosen), "active_only")
+        bars = ax.bar(xs, ys, width=w, label=LABELS[m] + (f" @ {100 * sp:.0f}% sparse" if m == "awc" else "")
+                      + ("" if rule == "active_only" else f" ({rule} assignment)"))
         for b, d in zip(bars, dens):
             ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"d={d:.2f}", ha="center", fontsize=7)
     ax.set_xticks(range(3), [p.replace("_proj", "") for p in PROJS])

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLUSTERING = REPO / "clustering"
 PROJ_SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 BASELINES = {"bmf": "bmf.py", "brbkmeans": "brbkmeans.py", "penalized_brbkmeans": "penalized_brbkmeans.py"}
+OWN_RULE = {"bmf": "hamming", "brbkmeans": "hamming", "penalized_brbkmeans": "penalized"}
 
 # the paper's Mistral-7B numbers, for reference beside ours
 PAPER = {
@@ -206,11 +207,17 @@ class Reproducer:
             if f.name.endswith(".ckpt.pt"):
                 continue
             proj = {v: k for k, v in PROJ_SHORT.items()}[f.stem.split("_k")[0].split("_")[-1]]
-            out = self.prec / f"{f.stem}.json"
-            args = ["--masks", self.store, "--proj", proj, "--centroids", f, "--output", out, "--seed", self.cfg.seed]
+            args = ["--masks", self.store, "--proj", proj, "--centroids", f, "--seed", self.cfg.seed]
             if self.cfg.eval_rows:
                 args += ["--max_rows", self.cfg.eval_rows]
-            self._script("error_checking.py", out, args)
+            out = self.prec / f"{f.stem}.json"
+            self._script("error_checking.py", out, args + ["--output", out])
+            # baselines also with their own nearest-centroid rule: under the paper's active-only rule a dense
+            # centroid (which Hamming k-means produces) covers every row and scores a meaningless 100%
+            own = OWN_RULE.get(f.stem.split("_gate")[0].split("_up")[0].split("_down")[0])
+            if own:
+                out = self.prec / f"{f.stem}.own.json"
+                self._script("error_checking.py", out, args + ["--output", out, "--rule", own])
 
     def step_swap(self) -> None:
         thr = {"thresholds": self.cfg.thresholds} if self.cfg.thresholds else {}
@@ -238,11 +245,12 @@ class Reproducer:
         rows = []
         for f in sorted(self.prec.glob("*.json")):
             r = json.loads(f.read_text())
-            stem = f.stem
+            stem = f.stem.removesuffix(".own")
             method = stem.split("_gate")[0].split("_up")[0].split("_down")[0]
             k = int(stem.split("_k")[1].split("_")[0])
             s = int(stem.split("_s")[-1]) / 100 if method == "awc" else None
-            rows.append({"kind": "precision", "method": method, "proj": r["proj"], "k": k, "sparsity": s,
+            rows.append({"kind": "precision", "method": method, "rule": r.get("rule", "active_only"),
+                         "proj": r["proj"], "k": k, "sparsity": s,
                          "precision": r["precision"], "density": r["density"], "f1": r["f1"],
                          "jaccard": r["jaccard"], "rows": r["rows"], "file": str(f)})
         runs = {}
@@ -313,12 +321,13 @@ def results_markdown(summary: dict) -> str:
 
     for name, r in sorted(runs.items(), key=lambda kv: kv[0]):
         lines.append(f"| {name} | {r['ppl']:.2f} | {pct(r['measured_sparsity'])} | {pct(r['effective_sparsity'])} |")
-    lines += ["", "| method | K | centroid sparsity | proj | precision | density | F1 | Jaccard |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(prec, key=lambda r: (r["method"] != "awc", r["method"], r["k"], r["sparsity"] or 0,
+    lines += ["", "| method | assignment rule | K | centroid sparsity | proj | precision | density | F1 | Jaccard |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(prec, key=lambda r: (r["method"] != "awc", r["method"], r["rule"], r["k"], r["sparsity"] or 0,
                                          list(PROJ_SHORT).index(r["proj"]))):
         s = f"{100 * r['sparsity']:.0f}%" if r["sparsity"] is not None else "–"
-        lines.append(f"| {r['method']} | {r['k']} | {s} | {PROJ_SHORT[r['proj']]} | {100 * r['precision']:.2f}% | "
+        lines.append(f"| {r['method']} | {r['rule']} | {r['k']} | {s} | {PROJ_SHORT[r['proj']]} | "
+                     f"{100 * r['precision']:.2f}% | "
                      f"{r['density']:.3f} | {r['f1']:.3f} | {r['jaccard']:.3f} |")
     if summary.get("timings_s"):
         lines += ["", "Wall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())]

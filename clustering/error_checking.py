@@ -32,8 +32,11 @@ from awq.centroids import CentroidError, atomic_write_json, load_centroids, metr
 log = logging.getLogger("clustering.error_checking")
 
 
+RULES = ("active_only", "hamming", "penalized")
+
+
 def evaluate(src: Source | torch.Tensor, C: torch.Tensor, *, device: str = "cpu", block_rows: Optional[int] = None,
-             progress: bool = False, top: int = 10) -> dict:
+             progress: bool = False, top: int = 10, rule: str = "active_only", penalty: float = 2.0) -> dict:
     """Precision-type metrics of centroids ``C`` ({0,1} ``[K, F]``) on the rows of ``src``."""
     src = as_source(src, block_rows)
     C = C.to(device, torch.float32)
@@ -54,7 +57,12 @@ def evaluate(src: Source | torch.Tensor, C: torch.Tensor, *, device: str = "cpu"
     for s, e in it:
         X = src.read_range(s, e, device)
         G = overlap(X, C)
-        cov, lab = G.max(1)  # max returns the first maximal index
+        if rule == "active_only":  # the paper's rule: largest overlap (= smallest active-only distance)
+            cov, lab = G.max(1)  # max returns the first maximal index
+        else:  # the method's own rule: Hamming |a|+|c|-2<a,c>, or with a penalty per spurious 1 (c=1, a=0)
+            D = csize[None, :] - 2 * G if rule == "hamming" else (1 + penalty) * csize[None, :] - (2 + penalty) * G
+            lab = torch.argmin(D, dim=1)  # |a| is constant per row; first minimal index on ties
+            cov = G.gather(1, lab[:, None]).squeeze(1)
         act = X.sum(1)
         pred = csize[lab]
         S.index_add_(0, lab, X)
@@ -85,15 +93,15 @@ def evaluate(src: Source | torch.Tensor, C: torch.Tensor, *, device: str = "cpu"
 
 def main(masks: Path, proj: str, centroids: Path, output: Optional[Path] = None, *, layer: Optional[int] = None,
          max_rows: Optional[int] = None, block_rows: Optional[int] = None, seed: int = 42, allow_partial: bool = False,
-         device: str = "cpu", progress: bool = True) -> dict:
+         device: str = "cpu", progress: bool = True, rule: str = "active_only", penalty: float = 2.0) -> dict:
     """Evaluate ``centroids`` on ``masks``/``proj`` and write ``output`` JSON (default: next to the centroids)."""
     args = argparse.Namespace(masks=masks, proj=proj, layer=layer, max_rows=max_rows, seed=seed,
                               block_rows=block_rows, allow_partial=allow_partial, device=device)
     src = make_source(args)
     C, meta = load_centroids(centroids, src.width)
     t0 = time.perf_counter()
-    res = evaluate(src, C, device=device, block_rows=block_rows, progress=progress)
-    res.update(proj=proj, centroids=str(centroids), centroid_meta={k: v for k, v in meta.items() if k != "history"},
+    res = evaluate(src, C, device=device, block_rows=block_rows, progress=progress, rule=rule, penalty=penalty)
+    res.update(rule=rule, proj=proj, centroids=str(centroids), centroid_meta={k: v for k, v in meta.items() if k != "history"},
                source=src.describe(), seconds=time.perf_counter() - t0)
     out = output or centroids.with_name(centroids.stem + ".precision.json")
     atomic_write_json(res, out)
@@ -108,8 +116,12 @@ if __name__ == "__main__":
     p.add_argument("--centroids", type=Path, required=True, help="centroid file (.pt)")
     p.add_argument("--output", type=Path, default=None, help="result JSON (default CENTROIDS.precision.json)")
     p.add_argument("--no_progress", action="store_true", help="disable the tqdm progress bar")
+    p.add_argument("--rule", choices=RULES, default="active_only",
+                   help="row -> centroid rule: active_only (paper eq. 6: largest overlap; default), hamming (BMF/"
+                        "BRB-KMeans's own nearest centroid) or penalized (penalized BRB-KMeans's own, see --penalty)")
+    p.add_argument("--penalty", type=float, default=2.0, help="penalty of the 'penalized' rule (default 2.0)")
     a = p.parse_args()
     setup_logging(a.verbose)
     run_cli(lambda: main(a.masks, a.proj, a.centroids, a.output, layer=a.layer, max_rows=a.max_rows,
                          block_rows=a.block_rows, seed=a.seed, allow_partial=a.allow_partial, device=a.device,
-                         progress=not a.no_progress))
+                         progress=not a.no_progress, rule=a.rule, penalty=a.penalty))

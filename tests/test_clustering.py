@@ -424,3 +424,23 @@ def test_analysis_and_replace(tmp_path):
     sp = (new == 0).float().mean(1)
     assert torch.all((sp >= 0.3) & (sp <= 0.7))
     assert torch.equal(load_centroids(src)[0], C.to(torch.uint8))  # input untouched
+
+
+@pytest.mark.parametrize("rule", ["hamming", "penalized"])
+def test_precision_with_the_methods_own_rule_matches_reference(rule):
+    from clustering.error_checking import evaluate
+
+    g = torch.Generator().manual_seed(3)
+    X = (torch.rand(200, 24, generator=g) < 0.5).float()
+    C = (torch.rand(9, 24, generator=g) < 0.5).float()
+    C[4] = 1.0  # an all-ones centroid wins every row under the active-only rule, not under Hamming
+    res = evaluate(X, C, rule=rule, penalty=2.0)
+    cov = act = 0.0
+    for x in X:
+        d = [float((x - c).abs().sum() + (2.0 * ((c == 1) & (x == 0)).sum() if rule == "penalized" else 0))
+             for c in C]
+        j = d.index(min(d))
+        cov += float((x * C[j]).sum())
+        act += float(x.sum())
+    assert res["precision"] == pytest.approx(cov / act)
+    assert evaluate(X, C)["precision"] == 1.0 > res["precision"]
