@@ -37,7 +37,7 @@ def plot_precision(summary: dict, path: Path) -> Path:
         chosen = {(r["method"], r["proj"]): r for r in prec if r["k"] == bk and
                   (r["method"] != "awc" or abs((r["sparsity"] or 0) - sp) < 1e-9)}
     methods = [m for m in LABELS if any(key[0] == m for key in chosen)]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.2))
     w = 0.8 / max(len(methods), 1)
     for i, m in enumerate(methods):
         xs, ys, dens = [], [], []
@@ -56,7 +56,7 @@ def plot_precision(summary: dict, path: Path) -> Path:
     ax.set_ylabel("clustering precision (% of true active neurons covered)")
     ax.set_ylim(0, 110)
     ax.set_title(f"Clustering precision at K={bk} (d = centroid density)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

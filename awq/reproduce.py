@@ -330,7 +330,7 @@ def results_markdown(summary: dict) -> str:
                      f"{100 * r['precision']:.2f}% | "
                      f"{r['density']:.3f} | {r['f1']:.3f} | {r['jaccard']:.3f} |")
     if summary.get("timings_s"):
-        lines += ["", "Wall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())]
+        lines += ["", "Wall time per step of this invocation (s; finished steps are skipped): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())]
     return "\n".join(lines) + "\n"
 
 
