@@ -40,6 +40,7 @@ from typing import Iterator, Optional
 import torch
 
 from awq.hub import cache_dir, hub_available
+from awq.thresholds import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -388,13 +389,6 @@ def convert_dump(path: Path) -> list[dict]:
     return articles
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _atomic_write_json(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -415,7 +409,7 @@ def substitute_articles() -> tuple[list[dict], str]:
         log.warning("gensim %s installed, expected %s: the substitute corpus may differ from the documented one",
                     version, GENSIM_VERSION)
     source = f"gensim-{version}-wheel:{GENSIM_MEMBER}"
-    dump_sha = _file_sha256(dump)
+    dump_sha = file_sha256(dump)
     cache = cache_dir("corpus") / f"{SUBSTITUTE_NAME}-v{CONVERTER_VERSION}-{dump_sha[:12]}.json"
     if cache.is_file():
         try:

@@ -785,14 +785,3 @@ class PatternStore:
     def close(self) -> None:
         """Drop all mappings (views returned by layer()/inputs() must not be used afterwards)."""
         self._maps.clear()
-
-
-def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
-    """Hex sha256 of a file (for the thresholds_sha256 identity field)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(bufsize), b""):
-            h.update(chunk)
-    return h.hexdigest()
