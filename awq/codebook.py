@@ -47,10 +47,10 @@ class CentroidCodebook(nn.Module):
         if mode == "predicted" and label_fn is None:
             raise ValueError("centroid mode 'predicted' needs a predictor")
         self.proj, self.mode, self.label_fn = proj, mode, label_fn
-        self.register_buffer("c_float", centroids.float(), persistent=False)  # [K, F] 0/1 for the GEMM
-        self.register_buffer("c_int8", centroids.to(torch.int8), persistent=False)  # exact int8 GEMM on CPU
-        self.register_buffer("c_bool", centroids.bool(), persistent=False)
+        # one copy of the centroids [K, F]: int8 0/1 serves the exact int8 GEMM on CPU and, viewed as bool, the mask
+        self.register_buffer("c_int8", centroids.to(torch.int8).contiguous(), persistent=False)
         self.register_buffer("c_size", centroids.sum(1, dtype=torch.float64), persistent=False)
+        self._c_float: Optional[torch.Tensor] = None  # fp32 GEMM operand, made on first use off the CPU
         self.k, self.width = centroids.shape
         # running counts per layer: active (|A|), covered (|A & C|), predicted (|C_label|), nonzero out, cells
         self.register_buffer("counts", torch.zeros(num_layers, 5, dtype=torch.float64), persistent=False)
@@ -64,7 +64,14 @@ class CentroidCodebook(nn.Module):
         if a.device.type == "cpu" and _HAS_INT_MM:
             # int8 x int8 -> int32 GEMM: exact and several times the fp32 rate on CPU
             return torch.argmax(torch._int_mm(a.to(torch.int8), self.c_int8.T), dim=1)  # first max on ties
-        return torch.argmax(a.to(self.c_float.dtype) @ self.c_float.T, dim=1)
+        if self._c_float is None or self._c_float.device != self.c_int8.device:
+            self._c_float = self.c_int8.float()  # exact for 0/1 with fp32 accumulation
+        return torch.argmax(a.float() @ self._c_float.T, dim=1)
+
+    @property
+    def c_bool(self) -> torch.Tensor:
+        """The centroids as a bool ``[K, F]`` mask table (a view of the int8 buffer, no copy)."""
+        return self.c_int8.view(torch.bool)
 
     def forward(self, y: torch.Tensor, *, raw: torch.Tensor, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
         if y.shape[-1] != self.width:

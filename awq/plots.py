@@ -17,6 +17,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_precision(summary: dict, path: Path) -> Path:
     plt = _plt()
     prec = summary["precision"]
@@ -58,10 +65,7 @@ def plot_precision(summary: dict, path: Path) -> Path:
     ax.set_title(f"Clustering precision at K={bk} (d = centroid density)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _ppl_runs(summary: dict):
@@ -100,10 +104,7 @@ def plot_ppl_vs_k(summary: dict, path: Path) -> Path:
     ax.set_title(f"Centroid-swap (oracle) perplexity vs K — {corpus}", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_ppl_vs_sparsity(summary: dict, path: Path) -> Path:
@@ -136,10 +137,7 @@ def plot_ppl_vs_sparsity(summary: dict, path: Path) -> Path:
     ax.set_title("Perplexity vs effective MLP sparsity", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_all(summary: dict, plots_dir: Path) -> list[Path]:
