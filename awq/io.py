@@ -1,0 +1,133 @@
+"""The one atomic write: every file this project produces goes through here.
+
+Each writer writes to a unique temporary file in the destination's folder (``mkstemp``: two
+concurrent writers never share a temp name), flushes and ``fsync``\\ s it, then ``os.replace``\\ s it
+over the destination (atomic on POSIX), and finally fsyncs the folder so the rename survives a
+crash. A reader therefore sees the old file or the new one, never a truncated one. On any error
+the temporary file is removed.
+
+``OutputError`` is raised (one line, naming the path) when the destination cannot be written:
+an existing directory at the path, a parent that cannot be created, no permission.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+__all__ = [
+    "OutputError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+    "atomic_torch_save", "atomic_save_safetensors", "check_output_path", "file_sha256", "fsync_dir",
+]
+
+
+class OutputError(OSError):
+    """An output path cannot be written (message names the path)."""
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory so that a rename inside it is durable (best effort off POSIX)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_output_path(path: str | Path, what: str = "output") -> Path:
+    """Fail early, in one line, when ``path`` cannot become a file: call before long work."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} path {path} is a directory, not a file")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the folder of {what} {path}: {e.strerror or e}") from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{what} folder {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{what} {path} exists and is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, what: str = "output") -> Iterator[Path]:
+    """Yield a unique temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    The body writes the temporary file by any means (numpy, torch, safetensors ...). The file is
+    fsynced before the rename and the folder after it; on an exception it is removed.
+    """
+    path = check_output_path(path, what)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, what: str = "output") -> Path:
+    with atomic_path(path, what) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, what: str = "output") -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), what)
+
+
+def atomic_write_json(path: str | Path, obj: Any, what: str = "output", indent: Optional[int] = 2) -> Path:
+    """JSON with a trailing newline; non-JSON values (paths, dtypes) are written with ``str``."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n", what)
+
+
+def atomic_torch_save(obj: Any, path: str | Path, what: str = "output") -> Path:
+    import torch
+
+    with atomic_path(path, what) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: Optional[dict[str, str]] = None,
+                            what: str = "output") -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path, what) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def atomic_write_with(path: str | Path, writer: Callable[[Path], None], what: str = "output") -> Path:
+    """Atomic write through any ``writer(tmp_path)`` callable."""
+    with atomic_path(path, what) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
