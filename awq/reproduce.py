@@ -10,30 +10,33 @@ Steps (each resumable: a finished step's output file makes it skip on rerun):
 5. centroid-swap (oracle) perplexity for every AWC set;
 6. ``results`` (one JSON per run, ``summary.csv``, ``summary.json``) and plots.
 
-Clustering runs as subprocesses of the ``clustering/`` scripts (``awq`` never imports ``clustering``;
-the two talk through files).  ``--quick`` is a few-minute version (used by CI on a tiny model).
+Clustering calls the typed ``main(Config)`` of the ``clustering`` tools in process (``--subprocess``: each
+as ``python -m clustering.<tool>`` with the equivalent command line).  ``--quick`` is a few-minute
+version (used by CI on a tiny model).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
+import importlib
+import io
 import json
 import logging
-import runpy
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+from awq.cli import build_parser, check_config, given_options, opt, to_argv
+from awq.io import atomic_write_json, atomic_write_text
+from awq.sparsify import PROJS
 
 log = logging.getLogger("awq.reproduce")
 
-REPO = Path(__file__).resolve().parent.parent
-CLUSTERING = REPO / "clustering"
-PROJ_SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-BASELINES = {"bmf": "bmf.py", "brbkmeans": "brbkmeans.py", "penalized_brbkmeans": "penalized_brbkmeans.py"}
+PROJ_SHORT = {p: p.split("_")[0] for p in PROJS}  # gate_proj -> gate
+BASELINES = {"bmf": "BMFConfig", "brbkmeans": "BRBKMeansConfig", "penalized_brbkmeans": "PenalizedConfig"}
 OWN_RULE = {"bmf": "hamming", "brbkmeans": "hamming", "penalized_brbkmeans": "penalized"}
 
 # the paper's Mistral-7B numbers, for reference beside ours
@@ -47,31 +50,39 @@ PAPER = {
 
 @dataclass
 class ReproduceConfig:
-    out: Path = Path("results/reproduce")
-    plots_dir: Optional[Path] = None  # default: <out>/plots
-    model_path: Optional[str] = None
-    data_path: Optional[str] = None
-    thresholds: Optional[str] = None
-    seqlen: int = 2048
-    ppl_nsamples: int = 8
-    extract_nsamples: int = 8
-    ks: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192])
-    sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
-    baseline_k: int = 2048
-    max_rows: Optional[int] = 61440
-    eval_rows: Optional[int] = 131072
-    max_iter: int = 3
-    baseline_max_iter: int = 10
-    sweep: bool = True
-    seed: int = 42
-    device: Optional[str] = None
-    quick: bool = False
-    subprocess: bool = False  # run the clustering scripts as subprocesses instead of in-process
-    predictor: Optional[str] = None  # a trained awq.predictor file: adds a predicted-cluster PPL run
+    """Options of ``python -m awq.reproduce`` (each field is one command-line option, see awq.cli)."""
+
+    out: Path = opt(Path("results/reproduce"), help="results directory (default results/reproduce, "
+                    "results/reproduce_quick with --quick)")
+    plots_dir: Optional[Path] = opt(None, help="where the PNGs go (default <out>/plots)")
+    model_path: Optional[str] = opt(None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    data_path: Optional[str] = opt(None, help="local corpus (see awq.entry --help)")
+    thresholds: Optional[str] = opt(None, help="thresholds JSON (default: the shipped 50%% file)")
+    seqlen: int = opt(2048, min=2, help="window length (default 2048; 512 with --quick)")
+    ppl_nsamples: int = opt(8, min=1, help="windows scored per perplexity run (default 8; 4 with --quick)")
+    extract_nsamples: int = opt(8, min=1, help="windows recorded into the pattern store (default 8; 4 with --quick)")
+    ks: list[int] = opt(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192], min=1,
+                        help="comma-separated K values (default 256,...,8192; 64,256 with --quick)")
+    sparsities: list[float] = opt(default_factory=lambda: [0.2, 0.3, 0.4], min=0.0, lt=1.0,
+                                  help="comma-separated centroid sparsities (default 0.2,0.3,0.4; 0.4 with --quick)")
+    baseline_k: int = opt(2048, min=1, help="K for BMF/BRB-KMeans/penalized (default 2048; 256 with --quick)")
+    max_rows: Optional[int] = opt(61440, min=1, help="rows sampled per clustering run (default 61440 = one "
+                                  "2048-token window x 30 layers; 16384 with --quick)")
+    eval_rows: Optional[int] = opt(131072, min=1, help="rows sampled per precision evaluation (default 131072; "
+                                   "16384 with --quick)")
+    max_iter: int = opt(3, min=0, help="AWC iterations (default 3; 2 with --quick; the artifact used 10)")
+    baseline_max_iter: int = opt(10, min=0, help="baseline iterations (default 10; 3 with --quick)")
+    sweep: bool = opt(True, help="skip the threshold sweep (20..70%%; always skipped with --quick)")
+    seed: int = opt(42, help="random seed of every clustering run (default 42)")
+    device: Optional[str] = opt(None, help="device for model and clustering (default auto / cpu)")
+    quick: bool = opt(False, help="a few-minute version: small K, few windows, short seqlen")
+    subprocess: bool = opt(False, help="run each clustering tool in its own process (python -m clustering.<tool>)")
+    predictor: Optional[str] = opt(None, help="a trained awq.predictor file: adds a predicted-cluster "
+                                   "perplexity run beside the oracle ones")
 
     @classmethod
     def quick_preset(cls, **over) -> "ReproduceConfig":
-        base = dict(seqlen=512, ppl_nsamples=4, extract_nsamples=4, ks=[64, 256], sparsities=[0.4], baseline_k=256,
+        base = dict(out=Path("results/reproduce_quick"), seqlen=512, ppl_nsamples=4, extract_nsamples=4, ks=[64, 256], sparsities=[0.4], baseline_k=256,
                     max_rows=16384, eval_rows=16384, max_iter=2, baseline_max_iter=3, sweep=False, quick=True)
         base.update({k: v for k, v in over.items() if v is not None})
         return cls(**base)
@@ -108,35 +119,25 @@ class Reproducer:
                           device=self.cfg.device, output_path=str(out), no_hub=False, **kw)
         return main(cfg)
 
-    def _script(self, script: str, output: Path, args: list) -> None:
+    def _tool(self, module: str, cfg: Any) -> None:
+        """Run ``clustering.<module>.main(cfg)`` unless its output exists (``--subprocess``: as a process)."""
+        output = Path(cfg.output)
         if output.is_file():
             log.info("skip (done): %s", output)
             return
-        argv = [str(CLUSTERING / script), *[str(a) for a in args], "--no_progress"]
-        log.info("run: python %s", " ".join(argv))
+        argv = to_argv(cfg)
+        log.info("run: python -m clustering.%s %s", module, " ".join(argv))
         if self.cfg.subprocess:
-            r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
+            r = subprocess.run([sys.executable, "-m", f"clustering.{module}", *argv], capture_output=True, text=True)
             if r.returncode != 0:
                 tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-                raise RuntimeError(f"{script} failed (exit {r.returncode}): {' | '.join(tail)}")
+                raise RuntimeError(f"clustering.{module} failed (exit {r.returncode}): {' | '.join(tail)}")
             return
-        # in-process: the script's own CLI (same argv, same code path), without paying a Python+torch start-up
-        # per run; SystemExit codes are honoured like a subprocess's exit status
-        old = sys.argv
-        sys.argv = argv
-        try:
-            runpy.run_path(argv[0], run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            sys.argv = old
-        if code != 0:
-            raise RuntimeError(f"{script} failed (exit {code}); see the log above")
+        importlib.import_module(f"clustering.{module}").main(cfg)
 
     def _rows(self) -> int:
         if self._pattern_rows is None:
-            from awq.masks import PatternStore
+            from awq.pattern_store import PatternStore
 
             self._pattern_rows = PatternStore(self.store).n_rows("down_proj")
         return self._pattern_rows
@@ -177,47 +178,45 @@ class Reproducer:
                          device=self.cfg.device, nsamples=self.cfg.extract_nsamples, dump_masks=str(self.store),
                          output_path=str(self.runs / "extract.json"), **thr))
 
-    def _common(self, proj: str, k: int) -> list:
-        a = ["--masks", self.store, "--proj", proj, "--k", k, "--seed", self.cfg.seed]
-        if self.cfg.max_rows:
-            a += ["--max_rows", self.cfg.max_rows]
-        if self.cfg.device:
-            a += ["--device", self.cfg.device]
-        return a
+    def _common(self, proj: str, **kw) -> dict:
+        """Store options shared by every clustering / precision run."""
+        return dict(masks=self.store, proj=proj, seed=self.cfg.seed, device=self.cfg.device or "cpu",
+                    progress=False, **kw)
 
     def awc_file(self, proj: str, k: int, s: float) -> Path:
         return self.cents / f"awc_{PROJ_SHORT[proj]}_k{k}_s{round(100 * s)}.pt"
 
     def step_cluster(self) -> None:
+        from clustering.activation_aware_clustering import AWCConfig
+
         for proj in PROJ_SHORT:
             for k in self._ks():
                 for s in self.cfg.sparsities:
-                    out = self.awc_file(proj, k, s)
-                    self._script("activation_aware_clustering.py", out,
-                                 self._common(proj, k) + ["--output", out, "--sparsity", s,
-                                                          "--max_iter", self.cfg.max_iter])
+                    self._tool("activation_aware_clustering", AWCConfig(
+                        **self._common(proj, k=k, max_rows=self.cfg.max_rows, output=self.awc_file(proj, k, s)),
+                        sparsity=s, max_iter=self.cfg.max_iter))
             if self.cfg.baseline_k <= min(self._rows(), self.cfg.max_rows or self._rows()):
-                for name, script in BASELINES.items():
+                for name, cfg_cls in BASELINES.items():
+                    cls = getattr(importlib.import_module(f"clustering.{name}"), cfg_cls)
                     out = self.cents / f"{name}_{PROJ_SHORT[proj]}_k{self.cfg.baseline_k}.pt"
-                    self._script(script, out, self._common(proj, self.cfg.baseline_k)
-                                 + ["--output", out, "--max_iter", self.cfg.baseline_max_iter])
+                    self._tool(name, cls(**self._common(proj, k=self.cfg.baseline_k, max_rows=self.cfg.max_rows,
+                                                        output=out), max_iter=self.cfg.baseline_max_iter))
 
     def step_precision(self) -> None:
+        from clustering.error_checking import PrecisionConfig
+
         for f in sorted(self.cents.glob("*.pt")):
             if f.name.endswith(".ckpt.pt"):
                 continue
             proj = {v: k for k, v in PROJ_SHORT.items()}[f.stem.split("_k")[0].split("_")[-1]]
-            args = ["--masks", self.store, "--proj", proj, "--centroids", f, "--seed", self.cfg.seed]
-            if self.cfg.eval_rows:
-                args += ["--max_rows", self.cfg.eval_rows]
-            out = self.prec / f"{f.stem}.json"
-            self._script("error_checking.py", out, args + ["--output", out])
+            common = self._common(proj, centroids=f, max_rows=self.cfg.eval_rows)
+            self._tool("error_checking", PrecisionConfig(**common, output=self.prec / f"{f.stem}.json"))
             # baselines also with their own nearest-centroid rule: under the paper's active-only rule a dense
             # centroid (which Hamming k-means produces) covers every row and scores a meaningless 100%
             own = OWN_RULE.get(f.stem.split("_gate")[0].split("_up")[0].split("_down")[0])
             if own:
-                out = self.prec / f"{f.stem}.own.json"
-                self._script("error_checking.py", out, args + ["--output", out, "--rule", own])
+                self._tool("error_checking", PrecisionConfig(**common, output=self.prec / f"{f.stem}.own.json",
+                                                             rule=own))
 
     def step_swap(self) -> None:
         thr = {"thresholds": self.cfg.thresholds} if self.cfg.thresholds else {}
@@ -270,15 +269,16 @@ class Reproducer:
         summary = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.cfg).items()},
                    "runs": runs, "precision": [r for r in rows if r["kind"] == "precision"],
                    "timings_s": self.timings, "paper_mistral7b": PAPER}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (self.out / "results.md").write_text(results_markdown(summary))
+        atomic_write_json(self.out / "summary.json", summary)
+        atomic_write_text(self.out / "results.md", results_markdown(summary))
         keys: list[str] = []
         for r in rows:
             keys += [k for k in r if k not in keys]
-        with open(self.out / "summary.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        fh = io.StringIO(newline="")
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(self.out / "summary.csv", fh.getvalue())
         return summary
 
     def plot(self, summary: dict) -> list[Path]:
@@ -287,8 +287,8 @@ class Reproducer:
         return plot_all(summary, self.plots)
 
     def run(self) -> dict:
-        (self.out / "config.json").write_text(json.dumps(
-            {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.cfg).items()}, indent=2))
+        atomic_write_json(self.out / "config.json",
+                          {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.cfg).items()})
         self._timed("1_ppl_dense_threshold", self.step_ppl)
         self._timed("2_extract", self.step_extract)
         self._timed("3_cluster", self.step_cluster)
@@ -301,7 +301,7 @@ class Reproducer:
         timings_file = self.out / "timings.json"
         old = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
         old[time.strftime("%Y-%m-%dT%H:%M:%S")] = self.timings
-        timings_file.write_text(json.dumps(old, indent=2) + "\n")
+        atomic_write_json(timings_file, old)
         return summary
 
 
@@ -339,44 +339,13 @@ def main(cfg: ReproduceConfig) -> dict:
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m awq.reproduce", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="results directory (default results/reproduce, "
-                   "results/reproduce_quick with --quick)")
-    p.add_argument("--plots_dir", type=Path, default=None, help="where the PNGs go (default <out>/plots)")
-    p.add_argument("--quick", action="store_true", help="a few-minute version: small K, few windows, short seqlen")
-    p.add_argument("--model_path", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data_path", default=None, help="local corpus (see awq.entry --help)")
-    p.add_argument("--thresholds", default=None, help="thresholds JSON (default: the shipped 50%% file)")
-    p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048; 512 with --quick)")
-    p.add_argument("--ppl_nsamples", type=int, default=None, help="windows scored per perplexity run (default 8)")
-    p.add_argument("--extract_nsamples", type=int, default=None, help="windows recorded into the pattern store (default 8)")
-    p.add_argument("--ks", default=None, help="comma-separated K values (default 256,...,8192)")
-    p.add_argument("--sparsities", default=None, help="comma-separated centroid sparsities (default 0.2,0.3,0.4)")
-    p.add_argument("--baseline_k", type=int, default=None, help="K for BMF/BRB-KMeans/penalized (default 2048)")
-    p.add_argument("--max_rows", type=int, default=None, help="rows sampled per clustering run (default 61440 = one 2048-token window x 30 layers)")
-    p.add_argument("--eval_rows", type=int, default=None, help="rows sampled per precision evaluation (default 131072)")
-    p.add_argument("--max_iter", type=int, default=None, help="AWC iterations (default 3; the artifact used 10)")
-    p.add_argument("--baseline_max_iter", type=int, default=None, help="baseline iterations (default 10)")
-    p.add_argument("--device", default=None, help="device for model and clustering (default auto / cpu)")
-    p.add_argument("--subprocess", action="store_true", help="run each clustering script in its own process")
-    p.add_argument("--predictor", default=None, help="a trained awq.predictor file: adds a predicted-cluster "
-                   "perplexity run beside the oracle ones")
-    a = p.parse_args(argv)
+    p = build_parser(ReproduceConfig, prog="python -m awq.reproduce", description=__doc__.split("\n\n")[0],
+                     suppress_defaults=True)  # only the options given: --quick presets the others
+    given = given_options(ReproduceConfig, p.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    over = dict(model_path=a.model_path, data_path=a.data_path, thresholds=a.thresholds, seqlen=a.seqlen,
-                ppl_nsamples=a.ppl_nsamples, extract_nsamples=a.extract_nsamples,
-                ks=[int(v) for v in a.ks.split(",")] if a.ks else None,
-                sparsities=[float(v) for v in a.sparsities.split(",")] if a.sparsities else None,
-                baseline_k=a.baseline_k, max_rows=a.max_rows, eval_rows=a.eval_rows, max_iter=a.max_iter,
-                baseline_max_iter=a.baseline_max_iter, device=a.device, plots_dir=a.plots_dir,
-                subprocess=a.subprocess or None, predictor=a.predictor)
-    out = a.out or Path("results/reproduce_quick" if a.quick else "results/reproduce")
-    if a.quick:
-        cfg = ReproduceConfig.quick_preset(out=out, **over)
-    else:
-        cfg = ReproduceConfig(out=out, **{k: v for k, v in over.items() if v is not None})
     try:
-        main(cfg)
+        cfg = ReproduceConfig.quick_preset(**given) if given.get("quick") else ReproduceConfig(**given)
+        main(check_config(cfg))
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,13 +20,14 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from awq.sparsify import (MLP_ATTRS, PROJS, SwappedMLP, UnsupportedModelError, check_supported,  # noqa: F401
                           decoder_layers, register_method, sparsify_, swapped_mlps)
+from awq.recording import add_observer, remove_observer  # noqa: F401  (historic home)
 from awq.thresholds import ThresholdsError, load_thresholds, save_thresholds  # noqa: F401  (historic home)
 
 log = logging.getLogger(__name__)
@@ -153,18 +154,3 @@ def _build_sparse_mlp(mlp: nn.Module, layer_idx: int, config: SparsityConfig) ->
 def sparse_mlps(model: nn.Module) -> list[SwappedMLP]:
     """Every swapped MLP that accepts observers (all methods installed by ``sparsify_``)."""
     return swapped_mlps(model, SwappedMLP)
-
-
-def add_observer(model: nn.Module, fn: Observer) -> Iterator[SparseMLP]:
-    mlps = sparse_mlps(model)
-    if not mlps:
-        raise RuntimeError("model has no sparsified MLPs: call sparsify_() first")
-    for m in mlps:
-        m.observers.append(fn)
-    return iter(mlps)
-
-
-def remove_observer(model: nn.Module, fn: Observer) -> None:
-    for m in sparse_mlps(model):
-        if fn in m.observers:
-            m.observers.remove(fn)

@@ -26,7 +26,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from awq.masks import PatternStore, StoreWriter, record_masks, unpack
+from awq.bitpack import unpack
+from awq.pattern_store import PatternStore, StoreWriter
+from awq.recording import record_masks
 from awq.sparse_mlp import (
     PROJS, SparsityConfig, add_observer, decoder_layers, load_thresholds, remove_observer, sparsify_,
 )

@@ -1,78 +1,137 @@
-"""Tokens/s of the perplexity run: dense vs thresholded (vs centroid swap at K), on the same windows.
+"""Tokens/s of the perplexity run: dense vs thresholded vs centroid swap at K, on the same windows.
 
-    python bench/bench_ppl.py [--model_path ...] [--nsamples 2] [--seqlen 2048] [--k 2048]
+    python bench/bench_ppl.py [--model_path ...] [--nsamples 2] [--seqlen 2048] [--k 2048] [--threads 2]
 
-Prints one line per configuration and the ratio to dense / to threshold-only.  Targets (issues 2 and
-5): thresholded >= 0.85x dense; oracle centroid swap at K=2048 >= 0.5x threshold-only (CPU).
-The centroid sets used here are random 0/1 matrices at 60% density (only the cost is measured).
+The three configurations are built once (module lists swapped into the same model) and timed
+interleaved round-robin (dense, thresholded, oracle, dense, ...; bench/common.py), one round = one
+perplexity pass over the windows; medians of ``--repeats`` rounds with their spread.  Prints
+tokens/s of each, the dense pass's effective GFLOP/s (2 x parameters x tokens) and weight GB/s, and
+the throughput ratios beside their rooflines.  Thresholding and the centroid swap compute the dense
+projections and then mask (they read every weight and add work), so neither can beat the
+configuration below it: both rooflines are 1.0x, and a ratio above 1.0x is flagged as a
+measurement error, not reported.  Targets (issues 2 and 5): thresholded >= 0.85x dense; oracle
+centroid swap at K=2048 >= 0.5x threshold-only (CPU).  The centroid sets are random 0/1 matrices
+at 60% density (only the cost is measured).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import time
-from typing import Optional
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def _time_ppl(model, windows, repeats: int) -> float:
-    from awq.eval import perplexity
+from bench.common import Report, interleaved  # noqa: E402
 
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        perplexity(model, windows, desc="bench")
-        best = min(best, time.perf_counter() - t)
-    return windows.numel() / best
+log = logging.getLogger("bench_ppl")
 
 
-def main(model_path: Optional[str] = None, nsamples: int = 2, seqlen: int = 2048, k: int = 2048,
-         repeats: int = 2, threads: Optional[int] = None) -> dict:
-    from awq.codebook import CentroidCodebook
-    from awq.data import load_corpus, tokenize_windows
-    from awq.entry import resolve_thresholds, EntryConfig
-    from awq.models import load_model
-    from awq.sparse_mlp import PROJS, SparsityConfig, decoder_layers, sparsify_
-
-    if threads:
-        torch.set_num_threads(threads)
-    model, tok, info = load_model(model_path)
-    windows = tokenize_windows(tok, load_corpus("test").text, seqlen)[:nsamples]
-    thr, path = resolve_thresholds(EntryConfig(model_path=model_path), info.name, info.num_layers)
-    print(f"model={info.name} threads={torch.get_num_threads()} windows={windows.size(0)}x{seqlen} "
-          f"thresholds={path}")
-    _time_ppl(model, windows[:1], 1)  # warm-up
-    out = {}
-    out["dense"] = _time_ppl(model, windows, repeats)
-    sparsify_(model, SparsityConfig(thresholds=thr))
-    out["thresholded"] = _time_ppl(model, windows, repeats)
-    mlp = decoder_layers(model)[0].mlp
-    widths = {"gate_proj": mlp.gate_proj.out_features, "up_proj": mlp.up_proj.out_features,
-              "down_proj": mlp.down_proj.out_features}
-    g = torch.Generator().manual_seed(0)
-    books = {p: CentroidCodebook((torch.rand(k, widths[p], generator=g) < 0.6).to(torch.uint8), p, info.num_layers)
-             for p in PROJS}
-    sparsify_(model, SparsityConfig(thresholds=thr, codebooks=books))
-    out[f"oracle_k{k}"] = _time_ppl(model, windows, repeats)
-    for name, tps in out.items():
-        line = f"{name:>14}: {tps:8.1f} tok/s  {tps / out['dense']:.3f}x dense"
-        if name.startswith("oracle"):
-            line += f"  {tps / out['thresholded']:.3f}x thresholded"
-        print(line)
-    print(f"thresholded/dense = {out['thresholded'] / out['dense']:.3f} (target >= 0.85); "
-          f"oracle K={k}/thresholded = {out[f'oracle_k{k}'] / out['thresholded']:.3f} (target >= 0.5)")
-    return out
-
-
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Perplexity-run throughput: dense vs thresholded vs centroid swap.")
     p.add_argument("--model_path", default=None, help="model (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--thresholds", default=None, help="thresholds JSON (default: the shipped 50%% file for the model)")
+    p.add_argument("--data_path", default=None, help="local WikiText-2 data (default: hub if reachable, else the "
+                   "offline substitute)")
     p.add_argument("--nsamples", type=int, default=2, help="windows timed per configuration (default 2)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     p.add_argument("--k", type=int, default=2048, help="centroids per projection for the swap (default 2048)")
-    p.add_argument("--repeats", type=int, default=2, help="repeats, best is reported (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds, median reported (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    a = p.parse_args()
+    p.add_argument("--output", type=Path, default=None, help="also write the figures and config as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 window of 64 tokens, K=64, 2 rounds (checks the script, not the machine)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Report:
+    from awq.codebook import CentroidCodebook
+    from awq.data import load_corpus, tokenize_windows
+    from awq.entry import EntryConfig, resolve_thresholds
+    from awq.eval import perplexity
+    from awq.models import load_model
+    from awq.sparse_mlp import PROJS, SparsityConfig, decoder_layers, sparsify_
+
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.quick:  # new defaults; options given explicitly still win
+        p.set_defaults(nsamples=1, seqlen=64, k=64, repeats=2, warmup=1)
+        a = p.parse_args(argv)
+    if min(a.nsamples, a.seqlen, a.k, a.repeats) < 1 or a.warmup < 0 or (a.threads is not None and a.threads < 1):
+        raise ValueError("--nsamples, --seqlen, --k, --repeats and --threads must be >= 1, --warmup >= 0")
+    if a.output is not None:
+        from awq.io import check_output_path
+
+        check_output_path(a.output)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, tok, info = load_model(a.model_path)
+    windows = tokenize_windows(tok, load_corpus("test", a.data_path).text, a.seqlen)[:a.nsamples]
+    thr, path = resolve_thresholds(EntryConfig(model_path=a.model_path, thresholds=a.thresholds),
+                                   info.name, info.num_layers)
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()} | {
+        "model": info.name, "thresholds_file": str(path), "windows": windows.size(0)}
+    rep = Report("bench_ppl", cfg)
+    rep.emit(f"# model={info.name} windows={windows.size(0)}x{a.seqlen} thresholds={path} K={a.k}")
+
+    layers = decoder_layers(model)
+    dense = [layer.mlp for layer in layers]
+    sparsify_(model, SparsityConfig(thresholds=thr))
+    thresholded = [layer.mlp for layer in layers]
+    widths = {"gate_proj": dense[0].gate_proj.out_features, "up_proj": dense[0].up_proj.out_features,
+              "down_proj": dense[0].down_proj.out_features}
+    g = torch.Generator().manual_seed(0)
+    books = {p: CentroidCodebook((torch.rand(a.k, widths[p], generator=g) < 0.6).to(torch.uint8), p, info.num_layers)
+             for p in PROJS}
+    sparsify_(model, SparsityConfig(thresholds=thr, codebooks=books))
+    oracle = [layer.mlp for layer in layers]
+    configs = {"dense": dense, "thresholded": thresholded, f"oracle_k{a.k}": oracle}
+
+    def run(mods):
+        for layer, m in zip(layers, mods):
+            layer.mlp = m
+        perplexity(model, windows, desc="bench")
+
+    t = interleaved({name: (lambda m=mods: run(m)) for name, mods in configs.items()}, a.repeats, a.warmup)
+    for layer, m in zip(layers, dense):
+        layer.mlp = m
+    ntok = windows.numel()
+    params = sum(p.numel() for p in model.parameters())
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters()) * windows.size(0)
+    for name, tm in t.items():
+        rep.timing(f"{name} pass", tm, nbytes=wbytes if name == "dense" else None)
+        rep.figure(f"{name}_tok_s", ntok / tm.median)
+        rep.emit(f"{name:>14}: {ntok / tm.median:8.1f} tok/s (median; best {ntok / tm.min:.1f})")
+    rep.figure("dense_gflops", 2 * params * ntok / t["dense"].median / 1e9)
+    rep.emit(f"dense pass: {rep.data['figures']['dense_gflops']:.1f} GFLOP/s effective (2 x {params / 1e6:.1f} M "
+             f"parameters x {ntok} tokens)")
+    r1 = rep.ratio("thresholded/dense", t["dense"], t["thresholded"], 1.0, note="target >= 0.85", what="throughput")
+    r2 = rep.ratio(f"oracle K={a.k}/thresholded", t["thresholded"], t[f"oracle_k{a.k}"], 1.0,
+                   note="target >= 0.5", what="throughput")
+    rep.ratio(f"oracle K={a.k}/dense", t["dense"], t[f"oracle_k{a.k}"], 1.0, what="throughput")
+    for r, target, name in ((r1, 0.85, "thresholded/dense"), (r2, 0.5, "oracle/thresholded")):
+        rep.figure(f"{name} meets target", None if not r["valid"] else r["throughput"] >= target)
+    rep.write(a.output)
+    return rep
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING)
-    main(a.model_path, a.nsamples, a.seqlen, a.k, a.repeats, a.threads)
+    from awq.data import DataError
+    from awq.thresholds import ThresholdsError
+
+    try:
+        main(argv)
+    except (ValueError, OSError, DataError, ThresholdsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

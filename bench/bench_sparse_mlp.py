@@ -1,25 +1,30 @@
-"""Batch-1 decode latency: dense vs gathered sparse MLP (one MLP block and a whole next-token step).
+"""Batch-1 decode latency: best dense vs gathered sparse MLP (one MLP block and a whole next-token step).
 
-For each shape set and centroid density it prints one line such as::
+For each shape set and active-neuron density it prints the timings (median [min, max], effective
+GB/s) and each speedup beside its roofline, e.g.::
 
-    mistral-7b density=50% mlp 2.05x step 1.62x | mlp 27.10 -> 13.20 ms | step 1102.3 -> 680.4 ms ...
+    mistral-7b mlp density=50%: speedup 1.93x [paired IQR 1.90-1.96, range 1.85-2.01] | roofline 2.00x = 97% of roofline
 
-plus the roofline: weight (and KV) bytes read per token, dense vs sparse, the measured memory
-bandwidth and the latency that bandwidth allows.
+A speedup above its roofline is printed as ``ABOVE ROOFLINE: measurement error`` instead (see
+bench/common.py).  The roofline is the ratio of bytes read per token (time ~ bytes for batch-1
+decode): ``F/k`` for the MLP, ``(dense MLP + rest) / (sparse MLP + rest)`` for the step, where the
+rest (attention weights, KV cache, LM head) stays dense.
 
 What is timed (random weights, random active sets of the given density, fixed per layer):
-* mlp: one SwiGLU block, dense = the HF ``LlamaMLP`` (three ``nn.Linear``), sparse =
-  :class:`awq.sparse_compute.GatheredSparseMLP` with the active indices set.  When one block fits
-  in the last-level cache (SmolLM2: 10.6 MB fp32) several distinct blocks are called in turn and
-  the time per block is reported, so that weights come from DRAM as in a real decode step.
+* Dense candidates, all timed and the FASTEST used as the baseline of every ratio:
+  ``hf`` = the HF ``LlamaMLP`` (three ``nn.Linear``); ``fused`` = ``F.linear`` on contiguous weights
+  with one fused ``[2F, H]`` gate+up matmul (bench.common.FusedDenseMLP); ``kernel`` = the gathered
+  sparse kernel with all neurons active.
+* mlp: one SwiGLU block.  When one block fits in the last-level cache (SmolLM2: 10.6 MB fp32)
+  several distinct blocks are called in turn and the time per block is reported, so that weights
+  come from DRAM as in a real decode step.
 * step: a random ``LlamaForCausalLM`` with the given shapes (attention + DynamicCache holding
-  ``--ctx`` tokens, final norm, LM head), one decode step, dense MLPs vs sparse MLPs swapped in
-  the same model.  Mistral-7B does not fit in fp32 in 24 GB, so ``--mistral_layers`` layers are
-  built (default 4) and the full 32-layer step is extrapolated: t = t_head + 32/L * (t_L - t_head),
-  with t_head (embedding + final norm + LM head) timed separately.  The predictor's cost is not
-  included (it is < 5% of the MLP's FLOPs by design, issue 6).
-Timings: ``torch.set_num_threads(--threads)``, warm-up, modes timed round-robin (so that
-background load hits all alike), median of ``--repeats``.
+  ``--ctx`` tokens, final norm, LM head), one decode step, the MLP variants swapped into the same
+  model.  Mistral-7B does not fit in fp32 in 24 GB, so ``--mistral_layers`` layers are built and
+  the 32-layer step is extrapolated per round: t = t_head + 32/L * (t_L - t_head), with t_head
+  (embedding + final norm + LM head) timed in the same rounds.  The predictor is not included.
+Timings: ``torch.set_num_threads(--threads)``, warm-up, all variants interleaved round-robin
+(bench.common.interleaved), medians of ``--repeats`` rounds with their spread.
 """
 from __future__ import annotations
 
@@ -27,15 +32,20 @@ import argparse
 import gc
 import logging
 import math
-import os
-import statistics
+import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
-from awq.sparse_compute import GatheredSparseMLP, cpp_kernel_available
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from awq.sparse_compute import GatheredSparseMLP, cpp_kernel_available  # noqa: E402
+from bench.common import (FusedDenseMLP, Report, Timing, best_dense, interleaved, roofline_speedup,  # noqa: E402
+                          stream_bandwidth_gbs, swiglu_bytes)
 
 log = logging.getLogger("bench_sparse_mlp")
 
@@ -54,34 +64,18 @@ class Shapes:
 SHAPES = {
     "smollm2-135m": Shapes(576, 1536, 30, 9, 3, 49152, True),
     "mistral-7b": Shapes(4096, 14336, 32, 32, 8, 32000, False),
+    "tiny": Shapes(128, 512, 2, 4, 2, 512, True),  # --quick: a smoke run, not a figure
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DENSE = ("dense_hf", "dense_fused", "dense_kernel")
 
 
-def round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn, calling them in turn; the minimum under key 'min:<name>'."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()} | {f"min:{k}": min(v) for k, v in times.items()}
-
-
-def bandwidth_gbs(mb: int = 1024, repeats: int = 7) -> float:
-    """Read bandwidth from summing a tensor much larger than the caches."""
-    a = torch.ones(mb * 2**20 // 4)
-    t = round_robin({"sum": lambda: a.sum()}, repeats)["sum"]
-    return a.numel() * 4 / t / 1e9
+def active_count(inter: int, density: float) -> int:
+    return max(1, int(round(density * inter)))
 
 
 def random_active(inter: int, density: float, gen: torch.Generator) -> torch.Tensor:
-    k = int(round(density * inter))
-    return torch.randperm(inter, generator=gen)[:k].sort().values
+    return torch.randperm(inter, generator=gen)[:active_count(inter, density)].sort().values
 
 
 def make_config(s: Shapes, layers: int):
@@ -92,60 +86,58 @@ def make_config(s: Shapes, layers: int):
                        tie_word_embeddings=s.tie, max_position_embeddings=4096, use_cache=True)
 
 
-def bytes_per_token(s: Shapes, nbytes: int, ctx: int, active: float) -> dict[str, float]:
-    """Bytes read per decode token: MLP weights (dense or `active` neurons), attention weights, KV cache, head."""
+def other_bytes_per_token(s: Shapes, nbytes: int, ctx: int) -> float:
+    """Bytes a decode step reads besides the MLPs: attention weights and KV cache of every layer, LM head."""
     hd = s.hidden // s.heads
     kv = s.kv_heads * hd
     attn = (2 * s.hidden * s.hidden + 2 * s.hidden * kv) * nbytes
     kvc = 2 * ctx * kv * nbytes
-    mlp = 3 * s.hidden * active * nbytes
-    head = s.vocab * s.hidden * nbytes
-    return {"mlp": mlp, "step": s.layers * (attn + kvc + mlp) + head}
+    return s.layers * (attn + kvc) + s.vocab * s.hidden * nbytes
 
 
-def per_density_modules(dense, densities, kernel, gen) -> dict[float, list[GatheredSparseMLP]]:
-    """Sparse twins of the dense MLPs, one set per density, sharing one interleaved weight per layer;
-    each has a fixed random active set (indices prepared once, as a per-centroid cache would)."""
-    base = [GatheredSparseMLP.from_mlp(m, kernel=kernel) for m in dense]
-    out = {}
+def variants(dense: Sequence[torch.nn.Module], densities: Sequence[float], kernel: str,
+             gen: torch.Generator) -> dict[str, list[torch.nn.Module]]:
+    """Every MLP variant, one module per layer: the dense candidates (DENSE) and one gathered sparse
+    set per density ``s<d>``.  The gathered modules of a layer share one interleaved weight; each
+    has a fixed random active set (indices prepared once, as a per-centroid cache would)."""
+    gathered = [GatheredSparseMLP.from_mlp(m, i, kernel=kernel) for i, m in enumerate(dense)]
+
+    def with_active(b: GatheredSparseMLP, idx: torch.Tensor) -> GatheredSparseMLP:
+        m = GatheredSparseMLP(b.weight.data, b.act_fn, b.layer_idx, kernel=kernel)
+        m.set_active(idx)
+        return m
+
+    out = {"dense_hf": list(dense), "dense_fused": [FusedDenseMLP(m) for m in dense],
+           "dense_kernel": [with_active(b, torch.arange(b.intermediate_size)) for b in gathered]}
     for d in densities:
-        mods = []
-        for b in base:
-            m = GatheredSparseMLP(b.weight.data, b.act_fn, b.layer_idx, kernel=kernel)
-            m.set_active(random_active(b.intermediate_size, d, gen))
-            mods.append(m)
-        out[d] = mods
+        out[f"s{d:g}"] = [with_active(b, random_active(b.intermediate_size, d, gen)) for b in gathered]
     return out
 
 
 @torch.no_grad()
-def bench_mlp(s: Shapes, dtype: torch.dtype, densities: Sequence[float], repeats: int, kernel: str,
-              gen: torch.Generator) -> dict[str, float]:
+def bench_mlp(s: Shapes, dtype: torch.dtype, densities: Sequence[float], repeats: int, warmup: int,
+              kernel: str, gen: torch.Generator) -> tuple[dict[str, Timing], int]:
+    """Time per block of every variant (interleaved) and the number of distinct blocks cycled."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    block = 3 * s.hidden * s.inter * torch.finfo(dtype).bits // 8
+    block = swiglu_bytes(s.hidden, s.inter, torch.finfo(dtype).bits // 8)
     n = max(1, min(s.layers, math.ceil(256 * 2**20 / block)))  # enough distinct blocks to defeat the LLC
     cfg = make_config(s, 1)
     dense = [LlamaMLP(cfg).to(dtype).requires_grad_(False) for _ in range(n)]
-    sparse = per_density_modules(dense, densities, kernel, gen)
+    mods = variants(dense, densities, kernel, gen)
     x = torch.randn(1, 1, s.hidden, generator=gen).to(dtype)
 
-    def run_dense():
-        for m in dense:
+    def run(ms):
+        for m in ms:
             m(x)
 
-    def run_sparse(d):
-        for m in sparse[d]:
-            m(x)
-
-    fns = {"dense": run_dense} | {f"{d}": (lambda d=d: run_sparse(d)) for d in densities}
-    t = round_robin(fns, repeats)
-    return {k: v / n for k, v in t.items()} | {"blocks": n}
+    t = interleaved({k: (lambda ms=ms: run(ms)) for k, ms in mods.items()}, repeats, warmup)
+    return {k: v.scaled(1.0 / n) for k, v in t.items()}, n
 
 
 @torch.no_grad()
-def bench_step(s: Shapes, dtype: torch.dtype, densities: Sequence[float], repeats: int, kernel: str,
-               gen: torch.Generator, build_layers: int, ctx: int) -> dict[str, float]:
+def bench_step(s: Shapes, dtype: torch.dtype, densities: Sequence[float], repeats: int, warmup: int,
+               kernel: str, gen: torch.Generator, build_layers: int, ctx: int) -> dict[str, Timing]:
     from transformers import DynamicCache, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -153,10 +145,9 @@ def bench_step(s: Shapes, dtype: torch.dtype, densities: Sequence[float], repeat
     model = LlamaForCausalLM(make_config(s, build_layers)).to(dtype).eval().requires_grad_(False)
     log.info("built %d-layer model in %.1f s", build_layers, time.perf_counter() - t0)
     layers = model.model.layers
-    dense = [layer.mlp for layer in layers]
-    sparse = per_density_modules(dense, densities, kernel, gen)
-    # the KV cache of a ctx-token context: random keys/values (a prefill would cost minutes for 7B shapes
-    # and gives a cache of the same size; the decode step's cost does not depend on the values)
+    mods = variants([layer.mlp for layer in layers], densities, kernel, gen)
+    # the KV cache of a ctx-token context: random keys/values (a prefill would cost minutes for 7B
+    # shapes and gives a cache of the same size; the decode step's cost does not depend on the values)
     cache = DynamicCache()
     hd = s.hidden // s.heads
     for i in range(build_layers):
@@ -164,103 +155,136 @@ def bench_step(s: Shapes, dtype: torch.dtype, densities: Sequence[float], repeat
         cache.update(kv[0], kv[1], i)
     tok = torch.randint(0, s.vocab, (1, 1), generator=gen)
 
-    def step():
+    def step(ms):
+        for layer, m in zip(layers, ms):
+            layer.mlp = m
         model(tok, past_key_values=cache, use_cache=True)
         cache.crop(-1)  # back to ctx tokens: every timed step sees the same context length
 
-    def use_dense():
-        for layer, m in zip(layers, dense):
-            layer.mlp = m
-        step()
-
-    def use_sparse(d):
-        for layer, m in zip(layers, sparse[d]):
-            layer.mlp = m
-        step()
-
     def head():
-        h = model.model.embed_tokens(tok)
-        model.lm_head(model.model.norm(h))
+        model.lm_head(model.model.norm(model.model.embed_tokens(tok)))
 
-    use_dense()
+    step(mods["dense_hf"])
     if cache.get_seq_length() != ctx:
         raise RuntimeError(f"KV cache holds {cache.get_seq_length()} tokens after a step, expected {ctx}")
-    fns = {"dense": use_dense} | {f"{d}": (lambda d=d: use_sparse(d)) for d in densities} | {"head": head}
-    t = round_robin(fns, repeats, warmup=1)
-    del model, dense, sparse, cache
+    fns = {k: (lambda ms=ms: step(ms)) for k, ms in mods.items()} | {"head": head}
+    t = interleaved(fns, repeats, warmup)
+    del model, mods, cache
     gc.collect()
+    h = t.pop("head")
     if build_layers == s.layers:
         return t
     scale = s.layers / build_layers
-    return {k: t[h] + scale * (v - t[h]) for k, v in t.items() if "head" not in k
-            for h in ["min:head" if k.startswith("min:") else "head"]}
+    return {k: Timing([hh + scale * (v - hh) for v, hh in zip(tv.samples, h.samples)]) for k, tv in t.items()}
 
 
-def main(shapes: Sequence[str], densities: Sequence[float], dtype: str = "fp32", threads: int = 2, ctx: int = 512,
-         mistral_layers: int = 4, mlp_repeats: int = 21, step_repeats: int = 9, kernel: str = "auto",
-         seed: int = 0) -> list[str]:
-    unknown = [n for n in shapes if n not in SHAPES]
-    if unknown:
-        raise ValueError(f"unknown shapes {unknown} (want some of {list(SHAPES)})")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype} (want one of {list(DTYPES)})")
-    if not densities or any(not 0 < d <= 1 for d in densities):
-        raise ValueError("densities must be in (0, 1]")
-    torch.set_num_threads(threads)
-    dt = DTYPES[dtype]
+def run_shape(rep: Report, name: str, s: Shapes, dt: torch.dtype, densities: Sequence[float], a) -> None:
     nbytes = torch.finfo(dt).bits // 8
-    gen = torch.Generator().manual_seed(seed)
-    bw = bandwidth_gbs()
-    kpath = "cpp" if (kernel != "torch" and cpp_kernel_available()) else "torch"
-    print(f"# threads={threads} dtype={dtype} kernel={kpath} ctx={ctx} measured read bandwidth {bw:.1f} GB/s "
-          f"(sum over a 1 GiB tensor); load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
-    lines = []
-    for name in shapes:
-        s = SHAPES[name]
-        build = min(s.layers, mistral_layers) if name == "mistral-7b" else s.layers
-        t_mlp = bench_mlp(s, dt, densities, mlp_repeats, kernel, gen)
-        t_step = bench_step(s, dt, densities, step_repeats, kernel, gen, build, ctx)
-        note = f"{s.layers} layers" + ("" if build == s.layers else f", extrapolated from {build} built")
-        bd = bytes_per_token(s, nbytes, ctx, s.inter)
-        print(f"# {name}: hidden {s.hidden} intermediate {s.inter} {note}; mlp timed over {t_mlp['blocks']} "
-              f"distinct block(s); dense bytes/token: mlp {bd['mlp'] / 1e6:.1f} MB, step {bd['step'] / 1e6:.1f} MB "
-              f"-> roofline {bd['mlp'] / bw / 1e6:.2f} ms / {bd['step'] / bw / 1e6:.1f} ms; measured dense "
-              f"mlp {t_mlp['dense'] * 1e3:.2f} ms ({bd['mlp'] / t_mlp['dense'] / 1e9:.1f} GB/s), step "
-              f"{t_step['dense'] * 1e3:.1f} ms ({bd['step'] / t_step['dense'] / 1e9:.1f} GB/s)")
+    gen = torch.Generator().manual_seed(a.seed)
+    build = min(s.layers, a.mistral_layers) if name == "mistral-7b" else s.layers
+    t_mlp, blocks = bench_mlp(s, dt, densities, a.mlp_repeats, a.warmup, a.kernel, gen)
+    t_step = (bench_step(s, dt, densities, a.step_repeats, a.warmup, a.kernel, gen, build, a.ctx)
+              if not a.no_step else None)
+    mlp_d = swiglu_bytes(s.hidden, s.inter, nbytes)
+    rest = other_bytes_per_token(s, nbytes, a.ctx)
+    step_d = s.layers * mlp_d + rest
+    bw = rep.data["figures"]["stream_gbs"]
+    note = f"{s.layers} layers" + ("" if build == s.layers else f", step extrapolated from {build} built")
+    rep.emit(f"# {name}: hidden {s.hidden} intermediate {s.inter} {note}; mlp timed over {blocks} distinct "
+             f"block(s); dense bytes/token: mlp {mlp_d / 1e6:.1f} MB, step {step_d / 1e6:.1f} MB -> at "
+             f"{bw:.1f} GB/s: {mlp_d / bw / 1e6:.3f} ms / {step_d / bw / 1e6:.2f} ms")
+    for what, t, nb in (("mlp", t_mlp, mlp_d), ("step", t_step, step_d)):
+        if t is None:
+            continue
+        for k in DENSE:
+            rep.timing(f"{name} {what} {k}", t[k], nbytes=nb)
+        base = best_dense(t, DENSE)
+        rep.figure(f"{name} {what} dense_baseline", base)
+        rep.emit(f"{name} {what}: dense baseline = {base} (fastest median of {', '.join(DENSE)})")
         for d in densities:
-            k = int(round(d * s.inter))
-            bs = bytes_per_token(s, nbytes, ctx, k)
-            ms, ss = t_mlp[f"{d}"], t_step[f"{d}"]
-            line = (f"{name} density={d * 100:.0f}% mlp {t_mlp['dense'] / ms:.2f}x step {t_step['dense'] / ss:.2f}x"
-                    f" | mlp {t_mlp['dense'] * 1e3:.2f} -> {ms * 1e3:.2f} ms, step {t_step['dense'] * 1e3:.1f} -> "
-                    f"{ss * 1e3:.1f} ms | roofline: bytes/token mlp {bs['mlp'] / 1e6:.1f} MB step "
-                    f"{bs['step'] / 1e6:.1f} MB -> {bs['mlp'] / bw / 1e6:.2f} / {bs['step'] / bw / 1e6:.1f} ms, "
-                    f"allows mlp {bd['mlp'] / bs['mlp']:.2f}x step {bd['step'] / bs['step']:.2f}x; sparse runs at "
-                    f"{bs['mlp'] / ms / 1e9:.1f} GB/s (mlp) {bs['step'] / ss / 1e9:.1f} GB/s (step) | best-of-repeats: "
-                    f"mlp {t_mlp['min:dense'] / t_mlp[f'min:{d}']:.2f}x step {t_step['min:dense'] / t_step[f'min:{d}']:.2f}x")
-            print(line, flush=True)
-            lines.append(line)
-    print(f"# load average at end {os.getloadavg()[0]:.2f}")
-    return lines
+            sb = swiglu_bytes(s.hidden, active_count(s.inter, d), nbytes)
+            if what == "mlp":
+                roof, nbs = roofline_speedup(mlp_d, sb), sb
+            else:
+                roof, nbs = roofline_speedup(s.layers * mlp_d, s.layers * sb, rest), s.layers * sb + rest
+            rep.timing(f"{name} {what} density={d * 100:g}%", t[f"s{d:g}"], nbytes=nbs)
+            rep.ratio(f"{name} {what} density={d * 100:g}%", t[base], t[f"s{d:g}"], roof,
+                      note=f"vs {base}")
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="smollm2-135m,mistral-7b", help=f"comma list of {list(SHAPES)}")
     p.add_argument("--densities", default="30,40,50,60,70", help="comma list of active-neuron densities in percent")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weight and activation dtype")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--ctx", type=int, default=512, help="tokens in the KV cache for the decode step")
     p.add_argument("--mistral_layers", type=int, default=4,
                    help="decoder layers actually built for mistral-7b (the 32-layer step is extrapolated)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds for both mlp and step (overrides the two below)")
     p.add_argument("--mlp_repeats", type=int, default=21, help="timed rounds for the MLP block (median)")
     p.add_argument("--step_repeats", type=int, default=9, help="timed rounds for the decode step (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
+    p.add_argument("--no_step", action="store_true", help="time the MLP block only")
     p.add_argument("--kernel", default="auto", choices=["auto", "cpp", "torch"], help="sparse kernel path")
     p.add_argument("--seed", type=int, default=0, help="random seed for the active sets and inputs")
-    a = p.parse_args()
+    p.add_argument("--bandwidth_mb", type=int, default=1024, help="MiB summed to measure the read bandwidth")
+    p.add_argument("--output", type=Path, default=None, help="also write the figures and config as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny shapes, density 50%%, 3 rounds, ctx 16 (checks the script, not the machine)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Report:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.quick:  # new defaults; options given explicitly still win
+        p.set_defaults(shapes="tiny", densities="50", ctx=16, repeats=3, warmup=1, bandwidth_mb=64)
+        a = p.parse_args(argv)
+    if a.repeats is not None:
+        a.mlp_repeats = a.step_repeats = a.repeats
+    shapes = [x for x in a.shapes.split(",") if x]
+    unknown = [n for n in shapes if n not in SHAPES]
+    if unknown or not shapes:
+        raise ValueError(f"unknown shapes {unknown} (want some of {list(SHAPES)})")
+    try:
+        densities = [float(d) / 100 for d in a.densities.split(",")]
+    except ValueError:
+        raise ValueError(f"--densities must be a comma list of percentages, got {a.densities!r}") from None
+    if not densities or any(not 0 < d <= 1 for d in densities):
+        raise ValueError("densities must be in (0, 100]")
+    if min(a.threads, a.mlp_repeats, a.step_repeats, a.ctx, a.mistral_layers, a.bandwidth_mb) < 1:
+        raise ValueError("--threads, --repeats, --ctx, --mistral_layers and --bandwidth_mb must be >= 1")
+    if a.output is not None:
+        from awq.io import check_output_path
+
+        check_output_path(a.output)
+    torch.set_num_threads(a.threads)
+    kpath = "cpp" if (a.kernel != "torch" and cpp_kernel_available()) else "torch"
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()} | {"kernel_path": kpath}
+    rep = Report("bench_sparse_mlp", cfg)
+    bw = stream_bandwidth_gbs(a.bandwidth_mb)
+    rep.figure("stream_gbs", bw)
+    rep.figure("shapes", {n: asdict(SHAPES[n]) for n in shapes})
+    rep.emit(f"# dtype={a.dtype} kernel={kpath} ctx={a.ctx}; read bandwidth {bw:.1f} GB/s "
+             f"(sum over a {a.bandwidth_mb} MiB tensor)")
+    for name in shapes:
+        run_shape(rep, name, SHAPES[name], DTYPES[a.dtype], densities, a)
+    if rep.flagged():
+        rep.emit(f"# {len(rep.flagged())} ratio(s) above their roofline: measurement error, not results")
+    rep.write(a.output)
+    return rep
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        main(a.shapes.split(","), [float(d) / 100 for d in a.densities.split(",")], a.dtype, a.threads, a.ctx,
-             a.mistral_layers, a.mlp_repeats, a.step_repeats, a.kernel, a.seed)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        main(argv)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -28,39 +28,22 @@ large ``k``.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clustering.common import (  # noqa: E402
-    BinaryClusterer,
-    ClusteringError,
-    check_device,
-    Source,
-    add_data_args,
-    add_fit_args,
-    all_reduce_,
-    checkpoint_path,
-    dist_info,
-    gather_slices,
-    init_distributed,
-    make_source,
-    row_quantile,
-    run_cli,
-    setup_logging,
-    slice_bounds,
-    write_result,
-)
-from awq.centroids import active_only_distance, assign_active_only  # noqa: E402
+from awq.centroids import active_only_distance, assign_active_only
+from clustering import ClusteringError
+from clustering.base import BinaryClusterer, checkpoint_path
+from clustering.cli import FitOptions, check_config, check_device, make_source, opt, run, write_result
+from clustering.distributed import all_reduce_, dist_info, gather_slices, init_distributed, slice_bounds
+from clustering.sources import Source
 
 log = logging.getLogger("clustering.awc")
 
@@ -164,6 +147,20 @@ def member_sums(X: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
         return S.index_add_(0, labels, X.float())
     keep = torch.nonzero(ok).flatten()
     return S.index_add_(0, labels[keep], X.index_select(0, keep).float())
+
+
+def row_quantile(s: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-row quantile with linear interpolation, bit-identical to ``torch.quantile(s, p, dim=1)``
+    (which refuses inputs above 16M elements)."""
+    srt = s.sort(dim=1).values
+    q = torch.tensor(p, dtype=s.dtype, device=s.device)
+    ranks = q * (s.shape[1] - 1)
+    below = ranks.long()
+    above = ranks.ceil().long()
+    w = ranks - below
+    vb = srt[:, below]
+    va = srt[:, above]
+    return vb.lerp(va, w)
 
 
 def awc_update(
@@ -289,69 +286,47 @@ class ActivationAwareClustering(BinaryClusterer):
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def main(
-    masks: Path,
-    proj: str,
-    k: int,
-    output: Path,
-    *,
-    seed: int = 42,
-    sparsity: float = 0.4,
-    max_iter: int = 10,
-    assign: str = "global",
-    leftovers: Optional[str] = None,
-    init: Optional[str] = None,
-    min_sparsity: float = 0.4,
-    layer: Optional[int] = None,
-    max_rows: Optional[int] = None,
-    block_rows: Optional[int] = None,
-    allow_partial: bool = False,
-    device: str = "cpu",
-    resume: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Fit AWC on a pattern store and write ``output`` (+ ``.json`` sidecar, ``.results.json``)."""
-    check_device(device)
-    init_distributed(device)
-    args = argparse.Namespace(masks=masks, proj=proj, layer=layer, max_rows=max_rows, seed=seed,
-                              block_rows=block_rows, allow_partial=allow_partial, device=device)
-    src = make_source(args)
-    log.info("AWC %s: %d rows x %d, k=%d, p=%.2f, assign=%s, world=%d", proj, src.n_rows, src.width, k, sparsity,
-             assign, dist_info()[1])
-    init_file = init if init not in (None, "random", "kmeanspp") else None
+@dataclass(kw_only=True)
+class AWCConfig(FitOptions):
+    """Options of ``python -m clustering.activation_aware_clustering``."""
+
+    sparsity: float = opt(0.4, min=0.0, lt=1.0,
+                          help="centroid sparsity p: the top (1-p) features are kept (0.2/0.3/0.4; default 0.4)")
+    assign: str = opt("global", choices=("global", "greedy"),
+                      help="balanced assignment: 'global' (order-independent, default) or 'greedy' (artifact's "
+                           "centroid order)")
+    leftovers: Optional[str] = opt(None, choices=("drop", "nearest"),
+                                   help="rows beyond k*cap: 'drop' (artifact, default for greedy) or 'nearest' "
+                                        "(default for global)")
+    min_sparsity: float = opt(0.4, min=0.0, max=1.0, help="initial rows need at least this fraction of zeros")
+
+
+def main(cfg: AWCConfig) -> dict:
+    """Fit AWC on a pattern store and write ``cfg.output`` (+ ``.json`` sidecar, ``.results.json``)."""
+    check_config(cfg)
+    check_device(cfg.device)
+    init_distributed(cfg.device)
+    src = make_source(cfg)
+    log.info("AWC %s: %d rows x %d, k=%d, p=%.2f, assign=%s, world=%d", cfg.proj, src.n_rows, src.width, cfg.k,
+             cfg.sparsity, cfg.assign, dist_info()[1])
+    named = cfg.init in (None, "random", "kmeanspp")
     est = ActivationAwareClustering(
-        k, max_iter=max_iter, random_state=seed, device=device, sparsity=sparsity, assign=assign,
-        leftovers=leftovers, init=init if init in ("random", "kmeanspp") else "random", min_sparsity=min_sparsity,
-        block_rows=block_rows, checkpoint=checkpoint_path(output), resume=resume, progress=progress,
+        cfg.k, max_iter=cfg.max_iter, random_state=cfg.seed, device=cfg.device, sparsity=cfg.sparsity,
+        assign=cfg.assign, leftovers=cfg.leftovers, init=cfg.init if cfg.init in ("random", "kmeanspp") else "random",
+        min_sparsity=cfg.min_sparsity, block_rows=cfg.block_rows, checkpoint=checkpoint_path(cfg.output),
+        resume=cfg.resume, progress=cfg.progress,
     )
-    est.fit(src, init=init_file)
-    meta = write_result(est, output, proj, {"sparsity": sparsity, "assign": assign, "cap": est.cap_})
+    est.fit(src, init=None if named else cfg.init)
+    meta = write_result(est, cfg.output, cfg.proj, {"sparsity": cfg.sparsity, "assign": cfg.assign, "cap": est.cap_})
     if dist_info()[0] == 0:
-        print(f"wrote {output}: k={k} density={meta['history'][-1]['density'] if meta['history'] else float('nan'):.4f} "
+        print(f"wrote {cfg.output}: k={cfg.k} density={meta['history'][-1]['density'] if meta['history'] else float('nan'):.4f} "
               f"iterations={est.n_iter_} converged={est.converged_}")
     return meta
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p)
-    add_fit_args(p, max_iter=10)
-    p.add_argument("--sparsity", type=float, default=0.4,
-                   help="centroid sparsity p: the top (1-p) features are kept (0.2/0.3/0.4; default 0.4)")
-    p.add_argument("--assign", choices=("global", "greedy"), default="global",
-                   help="balanced assignment: 'global' (order-independent, default) or 'greedy' (artifact's centroid order)")
-    p.add_argument("--leftovers", choices=("drop", "nearest"), default=None,
-                   help="rows beyond k*cap: 'drop' (artifact, default for greedy) or 'nearest' (default for global)")
-    p.add_argument("--min_sparsity", type=float, default=0.4, help="initial rows need at least this fraction of zeros")
-    return p
+def cli(argv: Optional[list[str]] = None) -> int:
+    return run(AWCConfig, main, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
-    a = build_parser().parse_args()
-    setup_logging(a.verbose)
-    run_cli(lambda: main(
-        a.masks, a.proj, a.k, a.output, seed=a.seed, sparsity=a.sparsity, max_iter=a.max_iter, assign=a.assign,
-        leftovers=a.leftovers, init=a.init, min_sparsity=a.min_sparsity, layer=a.layer, max_rows=a.max_rows,
-        block_rows=a.block_rows, allow_partial=a.allow_partial, device=a.device, resume=a.resume,
-        progress=not a.no_progress,
-    ))
+    sys.exit(cli())

@@ -19,33 +19,20 @@ penalised = ``|x| + (1+pen)|c| - (2+pen) x.c``.  Empty clusters keep their centr
 """
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from awq.centroids import overlap
-from clustering.common import (
-    BinaryClusterer,
-    ClusteringError,
-    check_device,
-    Source,
-    add_data_args,
-    add_fit_args,
-    all_reduce_,
-    checkpoint_path,
-    d1_seeding,
-    dist_info,
-    gather_slices,
-    init_distributed,
-    make_source,
-    random_rows,
-    seeding_sample,
-    slice_bounds,
-    write_result,
-)
+from clustering import ClusteringError
+from clustering.base import BinaryClusterer, checkpoint_path
+from clustering.cli import FitOptions, check_config, make_source, opt, write_result
+from clustering.distributed import all_reduce_, dist_info, gather_slices, init_distributed, slice_bounds
+from clustering.seeding import d1_seeding, random_rows, seeding_sample
+from clustering.sources import Source
 
 log = logging.getLogger("clustering.baselines")
 
@@ -149,32 +136,27 @@ class PenalizedBRBKMeans(_Lloyd):
         return X.sum(1, keepdim=True) + (1 + pen) * C.sum(1)[None, :] - (2 + pen) * overlap(X, C)
 
 
-def cli(cls: type, description: str, extra_args=None, extra_kw=None) -> None:
-    """Shared thin CLI for the three baselines."""
-    from clustering.common import run_cli, setup_logging
+@dataclass(kw_only=True)
+class BaselineOptions(FitOptions):
+    """Options shared by the three baseline tools (their own options are added by subclasses)."""
 
-    p = argparse.ArgumentParser(description=description)
-    add_data_args(p)
-    add_fit_args(p, max_iter=100)
-    if extra_args:
-        extra_args(p)
-    a = p.parse_args()
-    setup_logging(a.verbose)
+    max_iter: int = opt(100, help="maximum iterations (default 100)", min=0)
+    init: Optional[str] = opt(None, help="initial centroids: a .pt file, or 'random' (default)")
 
-    def body() -> None:
-        check_device(a.device)
-        init_distributed(a.device)
-        src = make_source(a)
-        kw = extra_kw(a) if extra_kw else {}
-        est = cls(a.k, max_iter=a.max_iter, random_state=a.seed, device=a.device, block_rows=a.block_rows,
-                  checkpoint=checkpoint_path(a.output), resume=a.resume, progress=not a.no_progress, **kw)
-        init = a.init if a.init not in (None, "random") else None
-        if a.init not in (None, "random") and not Path(a.init).suffix:
-            raise ClusteringError(f"--init must be 'random' or a centroid .pt file, got {a.init!r}")
-        est.fit(src, init=init)
-        meta = write_result(est, a.output, a.proj)
-        if dist_info()[0] == 0:
-            print(f"wrote {a.output}: k={a.k} iterations={est.n_iter_} converged={est.converged_} "
-                  f"objective={meta['objective_history'][-1] if meta['objective_history'] else float('nan'):.6g}")
 
-    run_cli(body)
+def fit_baseline(cls: type, cfg: BaselineOptions, **params) -> dict:
+    """Fit baseline estimator ``cls`` (with its own ``params``) on the store rows of ``cfg``; write the result."""
+    check_config(cfg)
+    init = cfg.init if cfg.init not in (None, "random") else None
+    if init is not None and not Path(init).suffix:
+        raise ClusteringError(f"--init must be 'random' or a centroid .pt file, got {init!r}")
+    src = make_source(cfg)
+    init_distributed(cfg.device)
+    est = cls(cfg.k, max_iter=cfg.max_iter, random_state=cfg.seed, device=cfg.device, block_rows=cfg.block_rows,
+              checkpoint=checkpoint_path(cfg.output), resume=cfg.resume, progress=cfg.progress, **params)
+    est.fit(src, init=init)
+    meta = write_result(est, cfg.output, cfg.proj)
+    if dist_info()[0] == 0:
+        print(f"wrote {cfg.output}: k={cfg.k} iterations={est.n_iter_} converged={est.converged_} "
+              f"objective={meta['objective_history'][-1] if meta['objective_history'] else float('nan'):.6g}")
+    return meta

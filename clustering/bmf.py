@@ -3,21 +3,32 @@ all-zeros first centre (see clustering/baselines.py)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clustering.baselines import BMF, BaselineOptions, fit_baseline
+from clustering.cli import opt, run
 
-from clustering.baselines import BMF, cli  # noqa: E402
-
-__all__ = ["BMF"]
+__all__ = ["BMF", "BMFConfig", "main", "cli"]
 
 
-def _args(p) -> None:
-    p.add_argument("--seed_batch", type=int, default=1,
-                   help="D1 seeding: rows sampled per round (1 = exact sequential D1; larger = one GEMM per round)")
-    p.add_argument("--init_rows", type=int, default=65536, help="D1 seeding runs on this many sampled rows")
+@dataclass(kw_only=True)
+class BMFConfig(BaselineOptions):
+    """Options of ``python -m clustering.bmf``."""
+
+    seed_batch: int = opt(1, min=1, help="D1 seeding: rows sampled per round (1 = exact sequential D1; larger = "
+                                         "one GEMM per round)")
+    init_rows: Optional[int] = opt(65536, min=1, help="D1 seeding runs on this many sampled rows")
+
+
+def main(cfg: BMFConfig) -> dict:
+    """Fit BMF on a pattern store and write ``cfg.output`` (+ sidecar and ``.results.json``)."""
+    return fit_baseline(BMF, cfg, seed_batch=cfg.seed_batch, init_rows=cfg.init_rows)
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    return run(BMFConfig, main, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    cli(BMF, __doc__, extra_args=_args, extra_kw=lambda a: {"seed_batch": a.seed_batch, "init_rows": a.init_rows})
+    sys.exit(cli())

@@ -2,22 +2,31 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clustering.baselines import BaselineOptions, BRBKMeans, fit_baseline
+from clustering.cli import opt, run
 
-from clustering.baselines import BRBKMeans, cli  # noqa: E402
+__all__ = ["BRBKMeans", "BRBKMeansConfig", "main", "cli"]
 
-__all__ = ["BRBKMeans"]
+
+@dataclass(kw_only=True)
+class BRBKMeansConfig(BaselineOptions):
+    """Options of ``python -m clustering.brbkmeans``."""
+
+    round_every_iter: bool = opt(False, help="round the centroids after every update (the artifact's "
+                                             "brbkmeans_same_k) instead of once at the end")
+
+
+def main(cfg: BRBKMeansConfig) -> dict:
+    """Fit BRB-KMeans on a pattern store and write ``cfg.output`` (+ sidecar and ``.results.json``)."""
+    return fit_baseline(BRBKMeans, cfg, round_every_iter=cfg.round_every_iter)
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    return run(BRBKMeansConfig, main, argv, description=__doc__)
+
 
 if __name__ == "__main__":
-    cli(
-        BRBKMeans,
-        __doc__,
-        extra_args=lambda p: p.add_argument(
-            "--round_every_iter", action="store_true",
-            help="round the centroids after every update (the artifact's brbkmeans_same_k) instead of once at the end",
-        ),
-        extra_kw=lambda a: {"round_every_iter": a.round_every_iter},
-    )
+    sys.exit(cli())

@@ -3,18 +3,17 @@ sparsity of every centroid, overall sparsity, a density histogram, and empty / a
 duplicate centroids."""
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clustering.common import run_cli, setup_logging  # noqa: E402
-from awq.centroids import atomic_write_json, load_centroids  # noqa: E402
+from awq.centroids import load_centroids
+from awq.cli import check_config, opt
+from awq.io import atomic_write_json
+from clustering.cli import run
 
 
 def analyze(C: torch.Tensor, bins: int = 10) -> dict:
@@ -40,13 +39,24 @@ def analyze(C: torch.Tensor, bins: int = 10) -> dict:
     }
 
 
-def main(centroids: Path, output: Optional[Path] = None, bins: int = 10) -> dict:
-    """Analyse ``centroids``; writes ``output`` JSON (default CENTROIDS.analysis.json)."""
+@dataclass(kw_only=True)
+class AnalysisConfig:
+    """Options of ``python -m clustering.centroid_analysis``."""
+
+    centroids: Path = opt(help="centroid file (.pt)")
+    output: Optional[Path] = opt(None, help="result JSON (default CENTROIDS.analysis.json)")
+    bins: int = opt(10, min=1, help="histogram bins over density [0, 1]")
+
+
+def main(cfg: AnalysisConfig) -> dict:
+    """Analyse ``cfg.centroids``; writes ``cfg.output`` JSON (default CENTROIDS.analysis.json)."""
+    check_config(cfg)
+    centroids = Path(cfg.centroids)
     C, _ = load_centroids(centroids)
-    res = analyze(C, bins)
+    res = analyze(C, cfg.bins)
     res["centroids"] = str(centroids)
-    out = output or centroids.with_name(centroids.stem + ".analysis.json")
-    atomic_write_json(res, out)
+    out = Path(cfg.output) if cfg.output else centroids.with_name(centroids.stem + ".analysis.json")
+    atomic_write_json(out, res)
     print(f"{centroids}: k={res['k']} width={res['width']} overall sparsity {res['overall_sparsity']:.4f} "
           f"(density {res['density_min']:.3f}..{res['density_max']:.3f}), empty {res['empty_centroids']}, "
           f"all-ones {res['all_ones_centroids']}, duplicates {res['duplicate_centroids']} -> {out}")
@@ -55,11 +65,9 @@ def main(centroids: Path, output: Optional[Path] = None, bins: int = 10) -> dict
     return res
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    return run(AnalysisConfig, main, argv, description=__doc__.split("\n")[0])
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--centroids", type=Path, required=True, help="centroid file (.pt)")
-    p.add_argument("--output", type=Path, default=None, help="result JSON (default CENTROIDS.analysis.json)")
-    p.add_argument("--bins", type=int, default=10, help="histogram bins over density [0, 1]")
-    a = p.parse_args()
-    setup_logging()
-    run_cli(lambda: main(a.centroids, a.output, a.bins))
+    sys.exit(cli())

@@ -13,21 +13,20 @@ Every row ``a`` goes to its nearest centroid by the active-only distance (= larg
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clustering.common import Source, add_data_args, as_source, make_source, run_cli, setup_logging  # noqa: E402
-from awq.centroids import CentroidError, atomic_write_json, load_centroids, metrics_from_counts, overlap  # noqa: E402
+from awq.centroids import CentroidError, load_centroids, metrics_from_counts, overlap
+from awq.io import atomic_write_json
+from clustering.cli import StoreOptions, check_config, make_source, opt, run
+from clustering.sources import Source, as_source
 
 log = logging.getLogger("clustering.error_checking")
 
@@ -91,37 +90,42 @@ def evaluate(src: Source | torch.Tensor, C: torch.Tensor, *, device: str = "cpu"
     return res
 
 
-def main(masks: Path, proj: str, centroids: Path, output: Optional[Path] = None, *, layer: Optional[int] = None,
-         max_rows: Optional[int] = None, block_rows: Optional[int] = None, seed: int = 42, allow_partial: bool = False,
-         device: str = "cpu", progress: bool = True, rule: str = "active_only", penalty: float = 2.0) -> dict:
-    """Evaluate ``centroids`` on ``masks``/``proj`` and write ``output`` JSON (default: next to the centroids)."""
-    args = argparse.Namespace(masks=masks, proj=proj, layer=layer, max_rows=max_rows, seed=seed,
-                              block_rows=block_rows, allow_partial=allow_partial, device=device)
-    src = make_source(args)
+@dataclass(kw_only=True)
+class PrecisionConfig(StoreOptions):
+    """Options of ``python -m clustering.error_checking``."""
+
+    centroids: Path = opt(help="centroid file (.pt)")
+    output: Optional[Path] = opt(None, help="result JSON (default CENTROIDS.precision.json)")
+    progress: bool = opt(True, help="disable the tqdm progress bar")
+    rule: str = opt("active_only", choices=RULES,
+                    help="row -> centroid rule: active_only (paper eq. 6: largest overlap; default), hamming (BMF/"
+                         "BRB-KMeans's own nearest centroid) or penalized (penalized BRB-KMeans's own, see --penalty)")
+    penalty: float = opt(2.0, min=0.0, help="penalty of the 'penalized' rule (default 2.0)")
+
+
+def main(cfg: PrecisionConfig) -> dict:
+    """Evaluate ``cfg.centroids`` on ``cfg.masks``/``cfg.proj``; write ``cfg.output`` JSON (default: next to the
+    centroids)."""
+    check_config(cfg)
+    src = make_source(cfg)
+    centroids = Path(cfg.centroids)
     C, meta = load_centroids(centroids, src.width)
     t0 = time.perf_counter()
-    res = evaluate(src, C, device=device, block_rows=block_rows, progress=progress, rule=rule, penalty=penalty)
-    res.update(rule=rule, proj=proj, centroids=str(centroids), centroid_meta={k: v for k, v in meta.items() if k != "history"},
+    res = evaluate(src, C, device=cfg.device, block_rows=cfg.block_rows, progress=cfg.progress, rule=cfg.rule,
+                   penalty=cfg.penalty)
+    res.update(rule=cfg.rule, proj=cfg.proj, centroids=str(centroids),
+               centroid_meta={k: v for k, v in meta.items() if k != "history"},
                source=src.describe(), seconds=time.perf_counter() - t0)
-    out = output or centroids.with_name(centroids.stem + ".precision.json")
-    atomic_write_json(res, out)
-    print(f"{proj} k={res['k']}: precision {res['precision']:.4f} density {res['density']:.4f} "
+    out = Path(cfg.output) if cfg.output else centroids.with_name(centroids.stem + ".precision.json")
+    atomic_write_json(out, res)
+    print(f"{cfg.proj} k={res['k']}: precision {res['precision']:.4f} density {res['density']:.4f} "
           f"f1 {res['f1']:.4f} jaccard {res['jaccard']:.4f} -> {out}")
     return res
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    return run(PrecisionConfig, main, argv, description=__doc__.split("\n\n")[0])
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_data_args(p, need_k=False, need_output=False)
-    p.add_argument("--centroids", type=Path, required=True, help="centroid file (.pt)")
-    p.add_argument("--output", type=Path, default=None, help="result JSON (default CENTROIDS.precision.json)")
-    p.add_argument("--no_progress", action="store_true", help="disable the tqdm progress bar")
-    p.add_argument("--rule", choices=RULES, default="active_only",
-                   help="row -> centroid rule: active_only (paper eq. 6: largest overlap; default), hamming (BMF/"
-                        "BRB-KMeans's own nearest centroid) or penalized (penalized BRB-KMeans's own, see --penalty)")
-    p.add_argument("--penalty", type=float, default=2.0, help="penalty of the 'penalized' rule (default 2.0)")
-    a = p.parse_args()
-    setup_logging(a.verbose)
-    run_cli(lambda: main(a.masks, a.proj, a.centroids, a.output, layer=a.layer, max_rows=a.max_rows,
-                         block_rows=a.block_rows, seed=a.seed, allow_partial=a.allow_partial, device=a.device,
-                         progress=not a.no_progress, rule=a.rule, penalty=a.penalty))
+    sys.exit(cli())

@@ -10,7 +10,6 @@ continues after the last complete chunk.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
@@ -20,8 +19,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from awq.masks import StoreError, StoreWriter, pack
+from awq.pattern_store import StoreError, StoreWriter, pack
 from awq.sparse_mlp import PROJS
+from dataclasses import dataclass
+
+from awq.cli import opt, run_cli
 
 log = logging.getLogger("import_chunks")
 _CHUNK_RE = re.compile(r"chunk_(\d+)\.pt$")
@@ -133,22 +135,27 @@ def import_chunks(
     return Path(output)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--chunks", nargs="+", required=True,
-                    help="a directory of chunk_<i>.pt files, or the chunk files themselves (imported in numeric order)")
-    ap.add_argument("--output", required=True, help="pattern store directory to create (or resume)")
-    ap.add_argument("--model", default=None, help="model name recorded in the store's meta.json (default: unknown)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = import_chunks(args.chunks, args.output, args.model)
-    except (ValueError, StoreError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+@dataclass
+class ImportConfig:
+    """Options of ``python -m clustering.import_chunks``."""
+
+    chunks: list[Path] = opt(nargs="+", help="a directory of chunk_<i>.pt files, or the chunk files themselves "
+                                             "(imported in numeric order)")
+    output: Path = opt(help="pattern store directory to create (or resume)")
+    model: Optional[str] = opt(None, help="model name recorded in the store's meta.json (default: unknown)")
+
+
+def main(cfg: ImportConfig) -> Path:
+    """Import ``cfg.chunks`` into the pattern store ``cfg.output`` (resumable); returns the store path."""
+    out = import_chunks(cfg.chunks, cfg.output, cfg.model)
     print(f"store written: {out}")
-    return 0
+    return out
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(ImportConfig, main, argv, description=__doc__.split("\n\n")[0],
+                   errors=(ValueError, StoreError, OSError))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

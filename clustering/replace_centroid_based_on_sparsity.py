@@ -4,20 +4,21 @@ centroid by index (previous first, then next); ``--mode row``: a fresh random da
 ``--masks``/``--proj`` whose sparsity is in the band."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clustering.common import ClusteringError, PROJS, StoreSource, run_cli, setup_logging  # noqa: E402
-from awq.centroids import load_centroids, save_centroids  # noqa: E402
+from awq.centroids import load_centroids, save_centroids
+from awq.cli import check_config, opt
+from awq.sparsify import PROJS
+from clustering import ClusteringError
+from clustering.cli import run
+from clustering.sources import StoreSource
 
 log = logging.getLogger("clustering.replace")
 
@@ -54,42 +55,51 @@ def replace_out_of_band(C: torch.Tensor, lo: float, hi: float, *, mode: str = "n
     return out, idx.tolist()
 
 
-def main(centroids: Path, output: Path, *, min_sparsity: float = 0.4, max_sparsity: float = 0.7,
-         mode: str = "neighbour", masks: Optional[Path] = None, proj: Optional[str] = None, seed: int = 42) -> list[int]:
-    """Write ``output`` with out-of-band centroids replaced; returns the replaced indices."""
-    if Path(output).resolve() == Path(centroids).resolve():
+@dataclass(kw_only=True)
+class ReplaceConfig:
+    """Options of ``python -m clustering.replace_centroid_based_on_sparsity``."""
+
+    centroids: Path = opt(help="input centroid file (.pt), never modified")
+    output: Path = opt(help="output centroid file (.pt), must differ from the input")
+    min_sparsity: float = opt(0.4, min=0.0, max=1.0, help="lowest acceptable centroid sparsity (default 0.4)")
+    max_sparsity: float = opt(0.7, min=0.0, max=1.0, help="highest acceptable centroid sparsity (default 0.7)")
+    mode: str = opt("neighbour", choices=("neighbour", "row"), help="replacement source")
+    masks: Optional[Path] = opt(None, help="pattern store (for --mode row)")
+    proj: Optional[str] = opt(None, choices=PROJS, help="projection (for --mode row)")
+    seed: int = opt(42, help="random seed for --mode row")
+
+
+def main(cfg: ReplaceConfig) -> list[int]:
+    """Write ``cfg.output`` with out-of-band centroids replaced; returns the replaced indices."""
+    check_config(cfg)
+    centroids, output = Path(cfg.centroids), Path(cfg.output)
+    lo, hi, mode = cfg.min_sparsity, cfg.max_sparsity, cfg.mode
+    if output.resolve() == centroids.resolve():
         raise ClusteringError("--output must differ from --centroids (the input is never overwritten)")
     C, meta = load_centroids(centroids)
     rows = None
     if mode == "row":
-        if masks is None or proj is None:
+        if cfg.masks is None or cfg.proj is None:
             raise ClusteringError("--mode row needs --masks and --proj")
-        src = StoreSource(masks, proj, max_rows=min(StoreSource(masks, proj).n_rows, 16 * C.shape[0]), seed=seed)
+        n_all = StoreSource(cfg.masks, cfg.proj).n_rows
+        src = StoreSource(cfg.masks, cfg.proj, max_rows=min(n_all, 16 * C.shape[0]), seed=cfg.seed)
         if src.width != C.shape[1]:
             raise ClusteringError(f"width mismatch: centroids have width {C.shape[1]}, data has width {src.width}")
-        perm = np.random.default_rng(seed).permutation(src.n_rows)
+        perm = np.random.default_rng(cfg.seed).permutation(src.n_rows)
         rows = src.read(np.sort(perm))[torch.from_numpy(np.argsort(np.argsort(perm)))]
-    newC, idx = replace_out_of_band(C, min_sparsity, max_sparsity, mode=mode, rows=rows)
+    newC, idx = replace_out_of_band(C, lo, hi, mode=mode, rows=rows)
     for i in idx:
         log.info("centroid %d (sparsity %.3f) replaced", i, 1 - C[i].float().mean().item())
     meta = dict(meta)
-    meta.update(replaced=idx, replaced_from=str(centroids), replace_band=[min_sparsity, max_sparsity], replace_mode=mode)
+    meta.update(replaced=idx, replaced_from=str(centroids), replace_band=[lo, hi], replace_mode=mode)
     save_centroids(output, newC, meta)
-    print(f"replaced {len(idx)} of {C.shape[0]} centroids outside sparsity [{min_sparsity}, {max_sparsity}] -> {output}")
+    print(f"replaced {len(idx)} of {C.shape[0]} centroids outside sparsity [{lo}, {hi}] -> {output}")
     return idx
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    return run(ReplaceConfig, main, argv, description=__doc__.split("\n")[0])
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--centroids", type=Path, required=True, help="input centroid file (.pt), never modified")
-    p.add_argument("--output", type=Path, required=True, help="output centroid file (.pt), must differ from the input")
-    p.add_argument("--min_sparsity", type=float, default=0.4, help="lowest acceptable centroid sparsity (default 0.4)")
-    p.add_argument("--max_sparsity", type=float, default=0.7, help="highest acceptable centroid sparsity (default 0.7)")
-    p.add_argument("--mode", choices=("neighbour", "row"), default="neighbour", help="replacement source")
-    p.add_argument("--masks", type=Path, default=None, help="pattern store (for --mode row)")
-    p.add_argument("--proj", choices=PROJS, default=None, help="projection (for --mode row)")
-    p.add_argument("--seed", type=int, default=42, help="random seed for --mode row")
-    a = p.parse_args()
-    setup_logging()
-    run_cli(lambda: main(a.centroids, a.output, min_sparsity=a.min_sparsity, max_sparsity=a.max_sparsity,
-                         mode=a.mode, masks=a.masks, proj=a.proj, seed=a.seed))
+    sys.exit(cli())

@@ -15,30 +15,21 @@ large K; B = 1 is exact sequential D1.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clustering.common import (  # noqa: E402
-    ClusteringError,
-    Source,
-    add_data_args,
-    d1_seeding,
-    make_source,
-    run_cli,
-    seeding_sample,
-    setup_logging,
-)
-from awq.centroids import save_centroids  # noqa: E402
+from awq.centroids import save_centroids
+from clustering import ClusteringError
+from clustering.cli import StoreOptions, check_config, make_source, opt, run
+from clustering.seeding import d1_seeding, seeding_sample
+from clustering.sources import Source
 
 log = logging.getLogger("clustering.select")
 
@@ -110,52 +101,42 @@ def select_kmeanspp(
     return d1_seeding(X, k, first, g, batch=seed_batch, sqrt=True, floor=1e-6, qualify=qualify, scan=scan)
 
 
-def main(
-    masks: Path,
-    proj: str,
-    k: int,
-    output: Path,
-    *,
-    init: str = "random",
-    seed: int = 42,
-    min_sparsity: float = 0.4,
-    scan: int = 100,
-    seed_batch: int = 1,
-    init_rows: Optional[int] = None,
-    layer: Optional[int] = None,
-    max_rows: Optional[int] = None,
-    block_rows: Optional[int] = None,
-    allow_partial: bool = False,
-    device: str = "cpu",
-) -> torch.Tensor:
-    """Select ``k`` initial centroids and save them to ``output``."""
-    args = argparse.Namespace(masks=masks, proj=proj, layer=layer, max_rows=max_rows, seed=seed,
-                              block_rows=block_rows, allow_partial=allow_partial, device=device)
-    src = make_source(args)
-    if init == "random":
-        C = select_random_rows(src, k, seed=seed, min_sparsity=min_sparsity, scan=scan, block_rows=block_rows)
-    elif init == "kmeanspp":
-        C = select_kmeanspp(src, k, seed=seed, min_sparsity=min_sparsity, scan=scan, init_rows=init_rows,
-                            seed_batch=seed_batch, device=device)
+@dataclass(kw_only=True)
+class SelectConfig(StoreOptions):
+    """Options of ``python -m clustering.select_centroids``."""
+
+    k: int = opt(help="number of clusters", min=1)
+    output: Path = opt(help="output centroid file (.pt); a .json sidecar is written too")
+    init: str = opt("random", choices=("random", "kmeanspp"), help="selection rule (default random)")
+    min_sparsity: float = opt(0.4, min=0.0, max=1.0, help="minimum fraction of zeros of a selected row")
+    scan: int = opt(100, min=0, help="rows scanned forward from a sample (default 100)")
+    seed_batch: int = opt(1, min=1, help="kmeanspp: rows sampled per D1 round (1 = exact)")
+    init_rows: Optional[int] = opt(None, min=1, help="kmeanspp: seed from this many sampled rows (default: first "
+                                                     "block)")
+
+
+def main(cfg: SelectConfig) -> torch.Tensor:
+    """Select ``cfg.k`` initial centroids and save them to ``cfg.output``."""
+    check_config(cfg)
+    src = make_source(cfg)
+    k, seed = cfg.k, cfg.seed
+    if cfg.init == "random":
+        C = select_random_rows(src, k, seed=seed, min_sparsity=cfg.min_sparsity, scan=cfg.scan,
+                               block_rows=cfg.block_rows)
+    elif cfg.init == "kmeanspp":
+        C = select_kmeanspp(src, k, seed=seed, min_sparsity=cfg.min_sparsity, scan=cfg.scan, init_rows=cfg.init_rows,
+                            seed_batch=cfg.seed_batch, device=cfg.device)
     else:
-        raise ClusteringError(f"unknown --init {init!r}")
-    save_centroids(output, C, {"method": f"select_{init}", "proj": proj, "k": k, "seed": seed,
-                               "min_sparsity": min_sparsity, "scan": scan, "source": src.describe()})
-    print(f"wrote {output}: {C.shape[0]} x {C.shape[1]} initial centroids, density {C.mean().item():.4f}")
+        raise ClusteringError(f"unknown --init {cfg.init!r}")
+    save_centroids(cfg.output, C, {"method": f"select_{cfg.init}", "proj": cfg.proj, "k": k, "seed": seed,
+                                   "min_sparsity": cfg.min_sparsity, "scan": cfg.scan, "source": src.describe()})
+    print(f"wrote {cfg.output}: {C.shape[0]} x {C.shape[1]} initial centroids, density {C.mean().item():.4f}")
     return C
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    return run(SelectConfig, main, argv, description=__doc__.split("\n\n")[0])
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_data_args(p)
-    p.add_argument("--init", choices=("random", "kmeanspp"), default="random", help="selection rule (default random)")
-    p.add_argument("--min_sparsity", type=float, default=0.4, help="minimum fraction of zeros of a selected row")
-    p.add_argument("--scan", type=int, default=100, help="rows scanned forward from a sample (default 100)")
-    p.add_argument("--seed_batch", type=int, default=1, help="kmeanspp: rows sampled per D1 round (1 = exact)")
-    p.add_argument("--init_rows", type=int, default=None, help="kmeanspp: seed from this many sampled rows (default: first block)")
-    a = p.parse_args()
-    setup_logging(a.verbose)
-    run_cli(lambda: main(a.masks, a.proj, a.k, a.output, init=a.init, seed=a.seed, min_sparsity=a.min_sparsity,
-                         scan=a.scan, seed_batch=a.seed_batch, init_rows=a.init_rows, layer=a.layer,
-                         max_rows=a.max_rows, block_rows=a.block_rows, allow_partial=a.allow_partial,
-                         device=a.device))
+    sys.exit(cli())

@@ -1,13 +1,8 @@
 """awq.centroids: centroid files, the active-only distance/assignment and coverage counts."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from awq.centroids import (  # noqa: E402
+from awq.centroids import (
     CentroidError,
     active_only_distance,
     assign_active_only,

@@ -1,29 +1,32 @@
 """Clustering suite: fast paths against plainly written references, AWC end to end, CLIs, resume,
 torch.distributed (2 CPU processes), bad inputs."""
+import dataclasses
+import importlib
 import json
 import os
-import runpy
 import subprocess
 import sys
+import typing
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from awq.centroids import CentroidError, load_centroids, save_centroids  # noqa: E402
-from clustering.activation_aware_clustering import (  # noqa: E402
+from awq.centroids import CentroidError, load_centroids, save_centroids
+from clustering import ClusteringError
+from clustering.activation_aware_clustering import (
     ActivationAwareClustering,
     awc_update,
     global_balanced_assign,
     greedy_balanced_assign,
+    row_quantile,
 )
-from clustering.common import ClusteringError, StoreSource, row_quantile  # noqa: E402
+from clustering.sources import StoreSource, TensorSource
 
-PROJS = ("gate_proj", "up_proj", "down_proj")
+REPO = Path(__file__).resolve().parents[1]
+
 SCRIPTS = [
     "activation_aware_clustering", "select_centroids", "brbkmeans", "bmf", "penalized_brbkmeans",
     "error_checking", "centroid_analysis", "replace_centroid_based_on_sparsity",
@@ -127,7 +130,7 @@ def planted(k=6, per=40, f=48, seed=0):
 
 
 def make_store(path, L=3, windows=2, seqlen=40, widths=None, seed=0, windows_done=None):
-    from awq.masks import StoreWriter, pack
+    from awq.pattern_store import StoreWriter, pack
 
     widths = widths or {"gate_proj": 48, "up_proj": 48, "down_proj": 20}
     g = torch.Generator().manual_seed(seed)
@@ -142,13 +145,17 @@ def make_store(path, L=3, windows=2, seqlen=40, widths=None, seed=0, windows_don
     return data
 
 
-def run_script(name, *args, torchrun=0):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+def run_script(name, *args, torchrun=0, module=False, cwd=None):
+    """Run a clustering tool by path (``python clustering/<name>.py``) or as ``python -m clustering.<name>``;
+    no PYTHONPATH: the installed package must be enough."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
     pre = [sys.executable]
     if torchrun:
         pre += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    cmd = pre + [str(REPO / "clustering" / f"{name}.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    target = ["-m", f"clustering.{name}"] if module else [str(REPO / "clustering" / f"{name}.py")]
+    return subprocess.run(pre + target + [*map(str, args)], capture_output=True, text=True, env=env, timeout=180,
+                          cwd=cwd)
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,7 +288,6 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_select_random_rows_matches_artifact_rule():
     import random
 
-    from clustering.common import TensorSource
     from clustering.select_centroids import select_random_rows
 
     X = rand01(200, 20, 0.55, 12)  # many rows with < 40% zeros
@@ -297,7 +303,6 @@ def test_select_random_rows_matches_artifact_rule():
 
 
 def test_kmeanspp_init_sparsity():
-    from clustering.common import TensorSource
     from clustering.select_centroids import select_kmeanspp
 
     X = rand01(300, 32, 0.5, 13)
@@ -333,13 +338,60 @@ def test_store_source_order_and_blocks(tmp_path):
     assert sub.n_rows == 50 and torch.equal(sub.read_range(0, 50), StoreSource(tmp_path / "st", "gate_proj", max_rows=50, seed=3).read_range(0, 50))
 
 
-def test_help_of_every_script(capsys, monkeypatch):
+def test_help_of_every_script(capsys):
     for name in SCRIPTS:
-        monkeypatch.setattr(sys, "argv", [name, "--help"])
+        mod = importlib.import_module(f"clustering.{name}")
         with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(REPO / "clustering" / f"{name}.py"), run_name="__main__")
+            mod.cli(["--help"])
         assert e.value.code == 0
-        assert "--" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "--" in out and "usage" in out
+        for f in dataclasses.fields(typing.get_type_hints(mod.main)["cfg"]):
+            assert f"--{f.name}" in out.replace("--no_", "--")  # every option of the typed config is documented
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_runs_by_path_and_as_module_from_any_cwd(tmp_path, module):
+    """`python clustering/x.py` and `python -m clustering.x` both work without PYTHONPATH, from another folder."""
+    r = run_script("centroid_analysis", "--help", module=module, cwd=tmp_path)
+    assert r.returncode == 0 and "--centroids" in r.stdout, r.stderr
+    r = run_script("activation_aware_clustering", "--masks", tmp_path, "--proj", "gate_proj", "--k", 0, "--output",
+                   tmp_path / "x.pt", module=module, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --k must be >= 1, got 0", r.stderr
+
+
+def test_option_ranges_checked_before_reading_data(tmp_path, capsys):
+    from clustering import activation_aware_clustering as awc, bmf, error_checking
+
+    base = ["--masks", tmp_path / "missing_store", "--proj", "gate_proj"]
+    for mod, extra, msg in ((awc, ["--k", 4, "--output", tmp_path / "a.pt", "--sparsity", 1.0], "--sparsity must be < 1"),
+                            (awc, ["--k", 4, "--output", tmp_path / "a.pt", "--max_rows", 0], "--max_rows must be >= 1"),
+                            (bmf, ["--k", 4, "--output", tmp_path / "a.pt", "--seed_batch", 0], "--seed_batch must be >= 1"),
+                            (error_checking, ["--centroids", tmp_path / "c.pt", "--penalty", -1], "--penalty must be >= 0")):
+        assert mod.cli([str(a) for a in base + extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {msg}"), err
+    # the store is only opened once the options are valid: now the missing store is the error
+    assert awc.cli([str(a) for a in base + ["--k", 4, "--output", tmp_path / "a.pt"]]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_main_with_config_equals_cli(tmp_path):
+    from awq.cli import to_argv
+    from clustering.activation_aware_clustering import AWCConfig, cli, main
+
+    make_store(tmp_path / "st")
+    cfg = AWCConfig(masks=tmp_path / "st", proj="up_proj", k=5, output=tmp_path / "a.pt", seed=3, max_iter=2,
+                    sparsity=0.3, progress=False)
+    meta = main(cfg)
+    assert cli(to_argv(dataclass_replace(cfg, output=tmp_path / "b.pt"))) == 0
+    assert torch.equal(load_centroids(tmp_path / "a.pt")[0], load_centroids(tmp_path / "b.pt")[0])
+    # what `python -m awq.reproduce --subprocess` runs: the same argv as its own process, from another folder
+    r = run_script("activation_aware_clustering", *to_argv(dataclass_replace(cfg, output=tmp_path / "c.pt")),
+                   module=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert torch.equal(load_centroids(tmp_path / "a.pt")[0], load_centroids(tmp_path / "c.pt")[0])
+    assert meta["k"] == 5 and meta["config"]["params"]["sparsity"] == 0.3
 
 
 def test_cli_pipeline_and_precision(tmp_path):
@@ -407,6 +459,7 @@ def test_empty_store_rejected(tmp_path):
 
 def test_analysis_and_replace(tmp_path):
     from clustering.centroid_analysis import analyze
+    from clustering.replace_centroid_based_on_sparsity import ReplaceConfig
     from clustering.replace_centroid_based_on_sparsity import main as replace_main
 
     C = rand01(6, 40, 0.5, 15)
@@ -417,8 +470,8 @@ def test_analysis_and_replace(tmp_path):
     src = tmp_path / "c.pt"
     save_centroids(src, C, {"method": "test"})
     with pytest.raises(ClusteringError, match="differ"):
-        replace_main(src, src, min_sparsity=0.3, max_sparsity=0.7)
-    idx = replace_main(src, tmp_path / "r.pt", min_sparsity=0.3, max_sparsity=0.7)
+        replace_main(ReplaceConfig(centroids=src, output=src, min_sparsity=0.3, max_sparsity=0.7))
+    idx = replace_main(ReplaceConfig(centroids=src, output=tmp_path / "r.pt", min_sparsity=0.3, max_sparsity=0.7))
     new, _ = load_centroids(tmp_path / "r.pt")
     assert 2 in idx and 4 in idx
     sp = (new == 0).float().mean(1)

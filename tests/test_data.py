@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from awq import data, hub
+from awq import data, hub, wiki_substitute
 from awq.data import Corpus, DataError, load_corpus, tokenize_windows
 
 HEADING = re.compile(r"^ (= )+\S.*? (= )+\n$")
@@ -173,7 +173,7 @@ def test_substitute_is_labelled_and_split(substitute):
     for c, split in ((test, "test"), (train, "train")):
         assert c.substitute is True and c.split == split
         assert c.name == data.SUBSTITUTE_NAME and "wikitext" not in c.name.lower()
-        assert c.source.startswith("gensim-") and c.source.endswith(data.GENSIM_MEMBER)
+        assert c.source.startswith("gensim-") and c.source.endswith(wiki_substitute.GENSIM_MEMBER)
         assert c.sha256 == hashlib.sha256(c.text.encode()).hexdigest()
     t_titles, tr_titles = _titles(test), _titles(train)
     assert t_titles and tr_titles and not set(t_titles) & set(tr_titles)
@@ -203,16 +203,16 @@ def test_substitute_conversion_is_deterministic(substitute):
     """Re-converting the first articles from the dump gives exactly the cached rows."""
     cached = {a["title"]: a["rows"] for a in substitute["articles"][:4]}
     redone = {}
-    for title, ns, redirect, text in data._iter_pages(data.gensim_dump_path()):
+    for title, ns, redirect, text in wiki_substitute._iter_pages(wiki_substitute.gensim_dump_path()):
         if title in cached:
-            redone[title] = data.wikitext_article_rows(title, text)
+            redone[title] = wiki_substitute.wikitext_article_rows(title, text)
         if len(redone) == len(cached):
             break
     assert redone == cached
 
 
 def test_substitute_reads_cache_fast(substitute, monkeypatch):
-    monkeypatch.setattr(data, "convert_dump", lambda path: pytest.fail("cache not used"))
+    monkeypatch.setattr(wiki_substitute, "convert_dump", lambda path: pytest.fail("cache not used"))
     t0 = time.perf_counter()
     again = load_corpus("test", use_hub=False)
     assert time.perf_counter() - t0 < 1.0
@@ -229,7 +229,7 @@ def test_conversion_rules_on_handwritten_article():
         "=== Early days ===\n* A listed item here\n"
         "== References ==\n{{reflist}}\nSome reference text\n[[Category:Things]]\n[[de:Ding]]\n"
     )
-    rows = data.wikitext_article_rows("Thing", wikitext)
+    rows = wiki_substitute.wikitext_article_rows("Thing", wikitext)
     assert rows == [
         "", " = Thing = \n", "",
         " Thing is a small example of markup. See the site. \n", "",
@@ -238,14 +238,14 @@ def test_conversion_rules_on_handwritten_article():
         " = = = Early days = = = \n", "",
         " A listed item here \n", "",
     ]
-    assert data.wikitext_article_rows("Empty", "{{stub}}\n[[Category:X]]") == []
+    assert wiki_substitute.wikitext_article_rows("Empty", "{{stub}}\n[[Category:X]]") == []
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("AWQ_CACHE_DIR", str(tmp_path))
     fake = [{"title": f"T{i}", "rows": ["", f" = T{i} = \n", "", f" body {i} \n", ""]} for i in range(4)]
     calls = []
-    monkeypatch.setattr(data, "convert_dump", lambda path: calls.append(path) or fake)
+    monkeypatch.setattr(wiki_substitute, "convert_dump", lambda path: calls.append(path) or fake)
     first = load_corpus("test", use_hub=False)
     assert len(calls) == 1 and _titles(first) == ["T0", "T3"]
     (cache,) = (tmp_path / "corpus").glob("*.json")
@@ -256,13 +256,13 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, caplog):
 
 
 def test_missing_gensim_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(wiki_substitute.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match=re.escape("pip install --no-deps gensim==4.4.0")):
         load_corpus("test", use_hub=False)
 
 
 def test_gensim_found_without_import(substitute):
-    assert data.gensim_dump_path().is_file()
+    assert wiki_substitute.gensim_dump_path().is_file()
     assert "gensim" not in sys.modules
 
 

@@ -179,7 +179,7 @@ def test_dump_masks_through_entry_and_rerun(tiny_model_dir, tiny_corpus, tiny_th
 
     import numpy as np
 
-    from awq.masks import PatternStore, unpack
+    from awq.pattern_store import PatternStore, unpack
 
     store = tmp_path / "store"
     args = ["--model_path", tiny_model_dir, "--data_path", tiny_corpus, "--seqlen", 32, "--nsamples", 3,

@@ -1,4 +1,7 @@
-"""Pattern store: pack/unpack, recorder round trip, resume, refusal, reader, artifact-chunk import."""
+"""Recording masks into a pattern store: round trip, resume after exception / kill -9, refusal, artifact-chunk import.
+
+Bit packing is tested in test_bitpack.py, the reader (pooled and canonical iteration) in test_pattern_store.py.
+"""
 from __future__ import annotations
 
 import json
@@ -13,73 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from awq.masks import (
-    PatternStore,
-    StoreError,
-    StoreMismatchError,
-    StoreWriter,
-    _pack_torch,
-    _unpack_torch,
-    pack,
-    record_masks,
-    unpack,
-)
-from awq.sparse_mlp import PROJS, SparsityConfig, add_observer, remove_observer, sparsify_
+from awq.bitpack import unpack
+from awq.pattern_store import PatternStore, StoreError, StoreMismatchError
+from awq.recording import add_observer, record_masks, remove_observer
+from awq.sparse_mlp import SparsityConfig
+from awq.sparsify import PROJS, sparsify_
 
 SEQ = 16
 WINDOWS = 3
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# --------------------------------------------------------------------------------------------
-# plain references
-# --------------------------------------------------------------------------------------------
-def ref_pack(mask: np.ndarray) -> np.ndarray:
-    """Big bit order: bit 7 of byte j is element 8j."""
-    n, w = mask.shape
-    out = np.zeros((n, (w + 7) // 8), dtype=np.uint8)
-    for i in range(n):
-        for j in range(w):
-            if mask[i, j] != 0:
-                out[i, j // 8] |= 1 << (7 - j % 8)
-    return out
-
-
-def ref_unpack(packed: np.ndarray, width: int) -> np.ndarray:
-    n = packed.shape[0]
-    out = np.zeros((n, width), dtype=np.uint8)
-    for i in range(n):
-        for j in range(width):
-            out[i, j] = (int(packed[i, j // 8]) >> (7 - j % 8)) & 1
-    return out
-
-
-@pytest.mark.parametrize("width", [1, 7, 8, 13, 64])
-def test_pack_unpack_match_reference(width):
-    rng = np.random.default_rng(width)
-    mask = (rng.random((9, width)) < 0.4).astype(np.float32) * rng.normal(size=(9, width)).astype(np.float32)
-    ref = ref_pack(mask)
-    assert np.array_equal(pack(mask), ref)
-    assert np.array_equal(pack(torch.from_numpy(mask)), ref)
-    assert np.array_equal(pack(torch.from_numpy(mask).to(torch.bfloat16)), ref)
-    assert np.array_equal(pack((mask != 0).astype(np.uint8) * 3), ref)  # any nonzero integer is a 1
-    assert np.array_equal(pack(torch.from_numpy(mask != 0).to(torch.int8) * -1), ref)
-    assert np.array_equal(_pack_torch(torch.from_numpy(mask)).numpy(), ref)  # accelerator path, run on CPU
-    bits = ref_unpack(ref, width)
-    for dtype in (torch.float32, torch.bfloat16, torch.uint8, torch.bool):
-        got = unpack(ref, width, dtype=dtype)
-        assert got.dtype == dtype and got.shape == (9, width)
-        assert np.array_equal(got.to(torch.uint8).numpy(), bits)
-    for dtype in (torch.float16, torch.int8, torch.bfloat16):  # into a reused buffer
-        buf = torch.full((9, width), 7, dtype=dtype)
-        assert unpack(ref, width, dtype=dtype, out=buf) is buf
-        assert np.array_equal(buf.to(torch.uint8).numpy(), bits)
-    with pytest.raises(ValueError, match="out is"):
-        unpack(ref, width, dtype=torch.float32, out=torch.empty(9, width, dtype=torch.float16))
-    got = _unpack_torch(torch.from_numpy(ref), width, torch.float16)
-    assert np.array_equal(got.to(torch.uint8).numpy(), bits)
-    with pytest.raises(ValueError):
-        unpack(ref, width + 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +145,7 @@ KILL_SCRIPT = textwrap.dedent(
     import os, sys, signal, torch
     sys.path.insert(0, {tests!r})
     from test_masks import tiny_model, token_windows, run_record
-    from awq.sparse_mlp import add_observer
+    from awq.recording import add_observer
     model = tiny_model()
     kill_window = int(sys.argv[2])
     seen = {{"w": 0}}
@@ -283,78 +228,6 @@ def test_corrupt_meta_and_files_give_clear_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# reader: pooled iteration over a synthetic store
-# --------------------------------------------------------------------------------------------
-def synthetic_store(path: Path, layers=3, windows=4, seqlen=10, widths=(21, 21, 9), seed=0):
-    rng = np.random.default_rng(seed)
-    w = StoreWriter(path, meta={"model": "synthetic"}, total_windows=windows, seqlen=seqlen, num_layers=layers)
-    ref = {p: np.zeros((layers, windows * seqlen, widths[k]), dtype=bool) for k, p in enumerate(PROJS)}
-    for i in range(windows):
-        for l in range(layers):
-            for k, p in enumerate(PROJS):
-                m = rng.random((seqlen, widths[k])) < 0.5
-                ref[p][l, i * seqlen : (i + 1) * seqlen] = m
-                w.write(p, l, i, pack(m), width=widths[k])
-        w.end_window(i)
-    w.close()
-    return ref
-
-
-@pytest.mark.parametrize("block_rows", [1, 7, 40, 1000])
-def test_pooled_iterator_covers_every_row_once(tmp_path, block_rows):
-    ref = synthetic_store(tmp_path / "s")
-    st = PatternStore(tmp_path / "s")
-    pooled = ref["gate_proj"].reshape(-1, 21)  # layer-major, like the row ids
-    n = st.n_rows("gate_proj")
-    assert n == pooled.shape[0] == 120
-
-    def collect(**kw):
-        ids, rows = [], []
-        for rid, packed in st.iter_blocks("gate_proj", block_rows=block_rows, **kw):
-            assert rid.dtype == np.int64 and len(rid) <= block_rows and packed.shape == (len(rid), 3)
-            ids.append(rid)
-            rows.append(packed)
-        return np.concatenate(ids), np.concatenate(rows)
-
-    ids, rows = collect()
-    assert np.array_equal(ids, np.arange(n))
-    assert np.array_equal(unpack(rows, 21, dtype=torch.bool).numpy(), pooled)
-    # subsample: sorted, unique, deterministic in the seed, same rows as a direct read
-    sub, sub_rows = collect(max_rows=37, seed=3)
-    assert len(sub) == 37 and np.all(np.diff(sub) > 0) and sub.max() < n
-    assert np.array_equal(sub, collect(max_rows=37, seed=3)[0])
-    assert not np.array_equal(sub, collect(max_rows=37, seed=4)[0])
-    assert np.array_equal(unpack(sub_rows, 21, dtype=torch.bool).numpy(), pooled[sub])
-    # shards: every (sub)sampled row exactly once over the ranks
-    for kw in ({}, {"max_rows": 37, "seed": 3}):
-        parts = [collect(rank=r, world_size=3, **kw)[0] for r in range(3)]
-        assert np.array_equal(np.sort(np.concatenate(parts)), collect(**kw)[0])
-    # one layer
-    lid, lrows = zip(*st.iter_blocks("down_proj", 2, block_rows=block_rows))
-    assert np.array_equal(np.concatenate(lid), np.arange(40))
-    assert np.array_equal(unpack(np.concatenate(lrows), 9, dtype=torch.bool).numpy(), ref["down_proj"][2])
-    # read_rows in arbitrary order
-    perm = np.random.default_rng(0).permutation(n)[:50]
-    assert np.array_equal(unpack(st.read_rows("gate_proj", perm), 21, dtype=torch.bool).numpy(), pooled[perm])
-
-
-def test_partial_store_shows_only_complete_windows(tmp_path):
-    w = StoreWriter(tmp_path / "s", meta={"model": "m"}, total_windows=3, seqlen=4, num_layers=1)
-    for p in PROJS:
-        w.write(p, 0, 0, pack(np.ones((4, 10), bool)), width=10)
-    w.end_window(0)
-    w.write("gate_proj", 0, 1, pack(np.ones((4, 10), bool)), width=10)
-    with pytest.raises(StoreError, match="no rows were recorded"):
-        w.end_window(1)  # up/down of window 1 never written
-    with pytest.raises(ValueError, match="not the next window"):
-        w.write("gate_proj", 0, 2, pack(np.ones((4, 10), bool)), width=10)
-    w.close()
-    st = PatternStore(tmp_path / "s", allow_partial=True)
-    assert st.n_tokens == 4 and st.layer("up_proj", 0).shape == (4, 2)
-    assert sum(len(r) for r, _ in st.iter_blocks("up_proj")) == 4
-
-
-# --------------------------------------------------------------------------------------------
 # artifact chunk import
 # --------------------------------------------------------------------------------------------
 def write_chunks(d: Path, n=2, layers=2, seqlen=8, widths=(20, 20, 12), seed=0):
@@ -372,13 +245,10 @@ def write_chunks(d: Path, n=2, layers=2, seqlen=8, widths=(20, 20, 12), seed=0):
 
 
 def test_import_chunks(tmp_path):
-    sys.path.insert(0, str(ROOT / "clustering"))
-    try:
-        import import_chunks as ic
-    finally:
-        sys.path.remove(str(ROOT / "clustering"))
+    import clustering.import_chunks as ic
+
     chunks = write_chunks(tmp_path / "c", n=11)  # chunk_10 must come after chunk_9
-    assert ic.main(["--chunks", str(tmp_path / "c"), "--output", str(tmp_path / "s"), "--model", "toy"]) == 0
+    assert ic.cli(["--chunks", str(tmp_path / "c"), "--output", str(tmp_path / "s"), "--model", "toy"]) == 0
     st = PatternStore(tmp_path / "s")
     assert st.meta["model"] == "toy" and st.n_tokens == 11 * 8 and st.num_layers == 2
     for p in PROJS:
@@ -387,8 +257,8 @@ def test_import_chunks(tmp_path):
             assert np.array_equal(np.unpackbits(st.layer(p, l), axis=-1, count=st.widths[p]), want)
     # rerun = no-op resume; same output byte for byte
     before = data_files(tmp_path / "s")
-    assert ic.main(["--chunks", str(tmp_path / "c"), "--output", str(tmp_path / "s")]) == 1  # model differs
-    assert ic.main(["--chunks", str(tmp_path / "c"), "--output", str(tmp_path / "s"), "--model", "toy"]) == 0
+    assert ic.cli(["--chunks", str(tmp_path / "c"), "--output", str(tmp_path / "s")]) == 2  # model differs
+    assert ic.cli(["--chunks", str(tmp_path / "c"), "--output", str(tmp_path / "s"), "--model", "toy"]) == 0
     assert data_files(tmp_path / "s") == before
     # corrupt and mismatched chunks: one-line errors, no traceback
     bad = tmp_path / "bad"

@@ -47,4 +47,4 @@ def test_shipped_thresholds_are_valid():
     assert len(mistral["gate_proj"]) == 32
     for f in files:
         thr = load_thresholds(f)
-        assert len(thr["gate_proj"]) in (30, 32)
+        assert len(thr["gate_proj"]) in (24, 30, 32)  # Qwen2.5-Coder-0.5B, SmolLM2-135M, Mistral-7B

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from awq import predictor as P
+from awq import predictor_train as PT
 from awq.centroids import save_centroids
-from awq.masks import StoreWriter, pack, record_masks, unpack
+from awq.bitpack import pack, unpack
+from awq.pattern_store import StoreWriter
+from awq.recording import record_masks
 from awq.sparse_mlp import PROJS, SparsityConfig, sparsify_
 
 H, WIDTHS, LAYERS, SEQ = 24, {"gate_proj": 40, "up_proj": 40, "down_proj": 24}, 2, 32
@@ -95,7 +98,7 @@ def ref_logits(t: dict, meta: dict, x: torch.Tensor, layer: int, proj: str) -> t
 
 def ref_eval(store_dir: Path, pred: P.ClusterPredictor, cents: dict, topk: int) -> dict:
     """Plain per-row evaluation of one store (all rows)."""
-    from awq.masks import PatternStore
+    from awq.pattern_store import PatternStore
 
     st = PatternStore(store_dir)
     out = {}
@@ -176,10 +179,10 @@ def test_inference_matches_reference_and_fold(planted, tmp_path):
                                        rtol=1e-5, atol=1e-5)
     # a shared relu trunk, and folding the standardisation into W1 keeps the net's logits
     ks = {"gate_proj": 5, "down_proj": 3}
-    net = P._LayerNet(H, 3, ks, "shared", "relu")
+    net = PT._LayerNet(H, 3, ks, "shared", "relu")
     xs = torch.randn(50, H) * 3 + 1
     mean, std = xs.mean(0), xs.std(0)
-    t = P._fold(net, mean, std, 0, {p: torch.zeros(k, dtype=torch.int64) for p, k in ks.items()})
+    t = PT._fold(net, mean, std, 0, {p: torch.zeros(k, dtype=torch.int64) for p, k in ks.items()})
     meta = {"hidden": H, "intermediate": 40, "num_layers": 1, "rank": 3, "trunk": "shared", "act": "relu", "k": ks,
             "widths": {"gate_proj": 40, "down_proj": 24}}
     cp = P.ClusterPredictor(t, meta)
@@ -208,19 +211,19 @@ def test_round_trip_determinism_and_resume(planted, tmp_path, monkeypatch):
     P.train(d / "train", spec, tmp_path / "r1.safetensors", small)
     P.train(d / "train", spec, tmp_path / "r2.safetensors", small)
     same_file(tmp_path / "r1.safetensors", tmp_path / "r2.safetensors")
-    real = P._train_layer
+    real = PT._train_layer
 
     def boom(x, targets, cfg, rank, ks, layer):
         if layer == 1:
             raise KeyboardInterrupt
         return real(x, targets, cfg, rank, ks, layer)
 
-    monkeypatch.setattr(P, "_train_layer", boom)
+    monkeypatch.setattr(PT, "_train_layer", boom)
     with pytest.raises(KeyboardInterrupt):
         P.train(d / "train", spec, tmp_path / "r3.safetensors", small)
     assert (tmp_path / "r3.safetensors.partial").is_file() and not (tmp_path / "r3.safetensors").exists()
     calls = []
-    monkeypatch.setattr(P, "_train_layer", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(PT, "_train_layer", lambda *a: calls.append(a[-1]) or real(*a))
     P.train(d / "train", spec, tmp_path / "r3.safetensors", small)
     assert calls == [1]
     same_file(tmp_path / "r1.safetensors", tmp_path / "r3.safetensors")
@@ -300,7 +303,7 @@ def tiny_predictor(tmp_path_factory):
             with torch.no_grad():
                 model(windows[i: i + 1])
             rec.end_window(i, {})
-    from awq.masks import PatternStore
+    from awq.pattern_store import PatternStore
 
     st = PatternStore(d / "store")
     files = []
@@ -401,3 +404,60 @@ def test_entry_cli_with_predictor(tiny_predictor, tiny_corpus, tmp_path, capsys)
     rc = cli(["--model_path", str(mdir), "--data_path", str(tiny_corpus), "--seqlen", "32", "--nsamples", "1",
               "--thresholds", str(thr), "--sparse_compute"])
     assert rc == 2 and "--sparse_compute needs --predictor" in capsys.readouterr().err
+
+
+def test_cli_contract_and_module_entry_point(planted, tmp_path):
+    """`python -m awq.predictor train|evaluate` keep their arguments; the split modules stay reachable here."""
+    import subprocess
+    import sys
+
+    ap = P.build_parser()
+    sub = next(a for a in ap._actions if a.dest == "cmd").choices
+    opts = {c: {o for a in p._actions for o in a.option_strings} - {"-h", "--help"} for c, p in sub.items()}
+    assert opts == {
+        "train": {"--masks", "--centroids", "--output", "--rank", "--trunk", "--act", "--loss", "--epochs",
+                  "--batch_size", "--lr", "--weight_decay", "--max_rows", "--val_fraction", "--top_m", "--budget",
+                  "--seed", "--log_level"},
+        "evaluate": {"--masks", "--predictor", "--centroids", "--topk", "--max_rows", "--output", "--log_level"}}
+    from awq.predictor import LOSSES, TrainConfig, evaluate, train  # noqa: F401  (re-exported names)
+
+    assert TrainConfig is PT.TrainConfig and LOSSES == ("ce", "coverage")
+    with pytest.raises(AttributeError):
+        P.no_such_name  # noqa: B018
+    d, spec, cents, cfg = planted
+    out = tmp_path / "ev.json"
+    r = subprocess.run([sys.executable, "-m", "awq.predictor", "evaluate", "--masks", str(d / "test"), "--predictor",
+                        str(d / "pred.safetensors"), "--topk", "3", "--max_rows", "100", "--output", str(out),
+                        "--log_level", "WARNING"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    want = P.evaluate(d / "test", d / "pred.safetensors", topk=3, max_rows=100)
+    assert res["overall"] == json.loads(json.dumps(want["overall"]))
+    assert r.stdout.splitlines()[0].startswith("predictor rank=4")
+    r = subprocess.run([sys.executable, "-m", "awq.predictor", "evaluate", "--masks", str(d / "test"), "--predictor",
+                        str(d / "pred.safetensors"), "--output", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "is a directory" in r.stderr
+
+
+def test_load_predicted_selector(tiny_predictor):
+    """The gathered-compute selector: labels of the named projections pick centroid rows (gate AND up, down ->
+    output mask); a subset spec restricts the projections."""
+    d, spec, windows = tiny_predictor
+    model = tiny()
+    pred = P.ClusterPredictor.load(d / "pred.safetensors")
+    cents = {p: torch.load(d / f"{p}.pt", weights_only=True)["centroids"].bool() for p in PROJS}
+    sel, info = P.load_predicted_selector(d / "pred.safetensors", model)
+    assert info["projs"] == list(PROJS) and info["rank"] == pred.rank
+    x = torch.randn(5, 64)
+    out = sel(1, x)
+    lab = {p: pred.labels(x, 1, p) for p in PROJS}
+    assert torch.equal(out["active"], cents["gate_proj"][lab["gate_proj"]] & cents["up_proj"][lab["up_proj"]])
+    assert torch.equal(out["out_mask"], cents["down_proj"][lab["down_proj"]])
+    gate_only = spec.split(",")[0]
+    sel, info = P.load_predicted_selector(d / "pred.safetensors", model, centroids=gate_only)
+    assert info["projs"] == ["gate_proj"]
+    out = sel(0, x)
+    labs, table = out["active"]
+    assert torch.equal(labs, pred.labels(x, 0, "gate_proj")) and torch.equal(table, cents["gate_proj"])
+    assert out["out_mask"] is None

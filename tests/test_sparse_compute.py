@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import awq.kernel_build as kb
 import awq.sparse_compute as sc
-from awq.sparse_compute import GatheredSparseMLP, cluster_selector, gather_sparsify_, group_tokens
-from awq.sparse_mlp import SparseMLP
+from awq.cost import metering
+from awq.sparse_compute import GatheredConfig, GatheredSparseMLP, InterleavedMLP, cluster_selector, group_tokens
+from awq.sparse_mlp import SparseMLP, SparsityConfig
+from awq.sparsify import PROJS, base_mlp, sparsify_, swapped_mlps, unsparsify_
 from tests.conftest import tiny_model
 
 # both paths; the C++ one is skipped (and says so) where it cannot be built (no g++/ninja)
@@ -106,8 +109,7 @@ def test_thresholds_match_sparse_mlp_with_same_mask(kernel):
          "down_proj": float(mlp(x).abs().quantile(0.2))}
     m = random_mask(0.5)
     cb = MaskCodebook(m.float())
-    smlp = SparseMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, 0, t,
-                     {"gate_proj": cb, "up_proj": cb})
+    smlp = SparseMLP(mlp, 0, t, {"gate_proj": cb, "up_proj": cb})
     gmlp = GatheredSparseMLP.from_mlp(smlp, kernel=kernel)  # takes SparseMLP's thresholds
     assert gmlp.thresholds == t
     ref = smlp(x)
@@ -197,17 +199,38 @@ def test_fallback_when_compile_fails(monkeypatch, caplog):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(sc, "_kernel_state", {})
-    monkeypatch.setattr(ext, "load_inline", boom)
+    monkeypatch.setattr(ext, "load", boom)
     monkeypatch.delenv("AWQ_SPARSE_KERNEL", raising=False)
     mlp = make_mlp(8)
     gmlp = GatheredSparseMLP.from_mlp(mlp)  # kernel="auto"
     x, m = torch.randn(1, H), random_mask(0.5)
-    with caplog.at_level(logging.WARNING, logger="awq.sparse_compute"):
+    with caplog.at_level(logging.WARNING, logger="awq.kernel_build"):
         got = gmlp(x, m)
     assert "C++ kernel unavailable" in caplog.text and "no compiler here" in caplog.text
+    assert len(caplog.records) == 1  # one line, once
+    gmlp(x, m)
+    assert len(caplog.records) == 1
     torch.testing.assert_close(got, reference(mlp, x, m.float()), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="could not be built"):
         GatheredSparseMLP.from_mlp(mlp, kernel="cpp")(x, m)
+
+
+def test_fallback_when_source_missing(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(sc, "_kernel_state", {})
+    monkeypatch.setattr(kb, "SOURCE_DIRS", (tmp_path,))
+    monkeypatch.delenv("AWQ_SPARSE_KERNEL", raising=False)
+    with caplog.at_level(logging.WARNING, logger="awq.kernel_build"):
+        assert sc.cpp_kernel() is None
+    assert "source csrc/sparse_mlp.cpp not found" in caplog.text
+
+
+def test_kernel_source_is_found_and_keyed():
+    src = kb.find_source("sparse_mlp.cpp")
+    assert src is not None and "fused_sparse_swiglu" in src.read_text() and "PYBIND11_MODULE" in src.read_text()
+    k = kb.build_key(src.read_text(), sc._CFLAGS, ["-fopenmp"])
+    assert k == kb.build_key(src.read_text(), sc._CFLAGS, ["-fopenmp"])
+    assert k != kb.build_key(src.read_text() + " ", sc._CFLAGS, ["-fopenmp"])
+    assert k != kb.build_key(src.read_text(), sc._CFLAGS[:-1], ["-fopenmp"])
 
 
 @pytest.mark.parametrize("kernel", KERNEL_PATHS)
@@ -243,7 +266,7 @@ def test_model_swap_with_selector(kernel):
         ref = model(ids).logits
         for i, layer in enumerate(model.model.layers):
             layer.mlp = origs[i]
-        mods = gather_sparsify_(model, kernel=kernel)
+        mods = swapped_mlps(sparsify_(model, GatheredConfig(kernel=kernel)), GatheredSparseMLP)
         assert [m.layer_idx for m in mods] == [0, 1]
         torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)  # no selector: dense
         for m in mods:
@@ -252,7 +275,11 @@ def test_model_swap_with_selector(kernel):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, dense, atol=1e-3)
     with pytest.raises(ValueError, match="must have 2 entries"):
-        gather_sparsify_(tiny_model("llama", layers=2), thresholds={p: [0.0] for p in ("gate_proj", "up_proj", "down_proj")})
+        sparsify_(tiny_model("llama", layers=2), GatheredConfig(thresholds={p: [0.0] for p in PROJS}))
+    with pytest.raises(ValueError, match=r"thresholds lack \['down_proj'\]"):
+        GatheredConfig(thresholds={"gate_proj": [0.0], "up_proj": [0.0]})
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        GatheredConfig(kernel="cuda")
 
 
 @pytest.mark.parametrize("kernel", KERNEL_PATHS)
@@ -276,3 +303,88 @@ def test_cluster_selector_single_token_decode(kernel, projs):
     gmlp.selector = bad
     with pytest.raises(ValueError, match=r"gate_proj cluster labels out of range \[0, 4\)"):
         gmlp(torch.randn(1, H))
+
+
+def ref_read_fraction(active, T):
+    """Mean over tokens of |active set| / F, from per-token masks built by hand."""
+    if active is None:
+        return 1.0
+    if isinstance(active, tuple):
+        labels, cents = active
+        return sum(int(cents[int(l)].sum()) for l in labels) / (len(labels) * FI)
+    if active.dtype == torch.int64:  # an index list
+        active = torch.zeros(FI, dtype=torch.bool).index_fill_(0, active, True)
+    m = active.bool() if active.dim() == 2 else active.bool().expand(T, FI)
+    return sum(int(r.sum()) for r in m) / (T * FI)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
+@pytest.mark.parametrize("max_groups", [16, 1])  # grouped sparse path, then the masked-dense fallback
+def test_read_meter_counts_the_gathered_rows(kernel, max_groups):
+    """Every path (dense, shared set, one token, groups, masked-dense fallback) reports |active| / F per token
+    for gate, up and down."""
+    model = sparsify_(tiny_model("llama", layers=2), GatheredConfig(kernel=kernel, max_groups=max_groups))
+    mod = swapped_mlps(model, GatheredSparseMLP)[0]
+    gen = torch.Generator().manual_seed(3)
+    cents = torch.stack([random_mask(0.3, gen=gen) for _ in range(4)])
+    labels = torch.tensor([2, 0, 2, 3, 1, 2])
+    x = torch.randn(len(labels), H)
+    for active in (None, cents[1], cents[1].float(), torch.nonzero(cents[2]).flatten(), (labels, cents),
+                   cents[labels]):
+        for xs in (x, x[:1]):
+            act = active
+            if isinstance(active, tuple) and len(xs) == 1:
+                act = (labels[:1], cents)
+            elif isinstance(active, torch.Tensor) and active.dim() == 2:
+                act = active[:len(xs)]
+            with metering(model) as meter:
+                mod(xs, act)
+            want = ref_read_fraction(act, len(xs))
+            for p in PROJS:
+                assert meter.per_projection()[p] == pytest.approx(want, abs=1e-12), (p, act)
+            assert meter.per_layer()[1] is None and float(meter.tokens[0]) == len(xs)
+
+
+def test_selector_model_is_metered():
+    """Through the walker: a selector-driven model feeds the meter with the selected sets' sizes."""
+    model = tiny_model("llama", layers=2)
+    gen = torch.Generator().manual_seed(4)
+    cents = {"gate_proj": torch.stack([random_mask(0.4, gen=gen) for _ in range(3)])}
+    fn = lambda x, layer: (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # noqa: E731
+    sparsify_(model, GatheredConfig(selector=cluster_selector({"gate_proj": fn}, cents)))
+    seen = []
+    for m in swapped_mlps(model, GatheredSparseMLP):
+        sel = m.selector
+        m.selector = lambda layer, x2, sel=sel: seen.append(fn(x2, layer)) or sel(layer, x2)
+    with torch.no_grad(), metering(model) as meter:
+        model(torch.randint(0, 128, (1, 5)))
+    sizes = cents["gate_proj"].sum(1).double() / FI
+    want = float(torch.cat([sizes[lab] for lab in seen]).mean())
+    assert meter.weight_read_fraction() == pytest.approx(want, abs=1e-12) and 0 < want < 1
+
+
+def test_reconfigure_through_base():
+    """base_mlp() of a gathered MLP is a SwiGLU MLP (views of the interleaved weight): the walker can
+    re-configure the model with any method, and put a working dense MLP back."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (1, 7))
+    thr = {p: [0.05, 0.08] for p in PROJS}
+    with torch.no_grad():
+        dense = tiny_model("llama", layers=2)(ids).logits
+        want = sparsify_(tiny_model("llama", layers=2), SparsityConfig(thresholds=thr))(ids).logits
+        model = sparsify_(tiny_model("llama", layers=2), GatheredConfig(kernel="torch"))
+        g0 = swapped_mlps(model, GatheredSparseMLP)[0]
+        b = base_mlp(g0)
+        assert isinstance(b, InterleavedMLP) and all(hasattr(b, a) for a in ("gate_proj", "up_proj", "down_proj",
+                                                                                "act_fn"))
+        assert b.gate_proj.weight.data_ptr() == g0.weight.data_ptr()  # a view, not a copy
+        sparsify_(model, GatheredConfig(thresholds=thr, kernel="torch"))  # re-configured without a copy
+        g1 = swapped_mlps(model, GatheredSparseMLP)[0]
+        assert g1.weight.data_ptr() == g0.weight.data_ptr() and g1.thresholds["up_proj"] == 0.05
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        sparsify_(model, SparsityConfig(thresholds=thr))
+        assert isinstance(model.model.layers[0].mlp, SparseMLP)
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        unsparsify_(model)
+        assert isinstance(model.model.layers[1].mlp, InterleavedMLP)
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,326 @@
+"""Lean batch-1 greedy decoding for HF Llama / Qwen2 / Mistral models (the gpt-fast shape).
+
+:class:`LeanDecoder` reads the weights of a loaded Hugging Face causal LM once and runs generation
+without the framework around it: a static KV cache (``[kv_heads, capacity, head_dim]`` per layer,
+grown only when a longer run asks for it), the rotary table precomputed from the model's own
+rotary module (so ``rope_theta``, ``rope_scaling`` and the attention scaling are the model's), and a
+per-token step of about 18 tensor ops per layer:
+
+* RMSNorm: ``F.rms_norm`` (one fused op).
+* q, k, v: one GEMV over the concatenated ``[q; k; v]`` weight (+ the concatenated biases of Qwen2).
+  The rows of q and k are permuted within each head to the interleaved pair order (what llama.cpp
+  does), so RoPE is one complex multiply; ``q . k`` is unchanged by the same permutation on both
+  sides.  The softmax scale ``head_dim ** -0.5`` is folded into the q rows.
+* GQA attention over the cache: ``q [kv, group, hd] @ K[:, :L]^T``, softmax, ``@ V[:, :L]``
+  (no key/value repetition); Mistral/Qwen2 sliding windows are honoured.
+* MLP: dense SwiGLU with one GEMV over ``[gate; up]`` and one over ``down``, **or the layer's
+  swapped module** (anything ``awq.sparsify.sparsify_`` installed, e.g.
+  :class:`awq.sparse_compute.GatheredSparseMLP` or a method of ``awq/methods/``), called on the
+  ``[1, H]`` normed input at decode and on ``[1, T, H]`` at prefill.  The choice is read from
+  ``layer.mlp`` when the decoder is built; call :meth:`LeanDecoder.refresh_mlps` after re-sparsifying.
+
+The prompt is prefilled in one batched pass (``scaled_dot_product_attention``, causal, GQA).
+Greedy tokens equal ``model.generate(do_sample=False)`` (tests/test_decode.py: tiny random Llama,
+Qwen2, Mistral and the real default model); logits agree to float tolerance, not bit for bit
+(fused GEMVs and the folded scale change the rounding order).
+
+The decoder copies the attention and dense MLP weights once (fused/permuted; for SmolLM2-135M fp32
+about 0.4 GB); embeddings, norms and the LM head are shared with the model.  ``torch.compile`` is
+not used: the step is memory bound (each weight is read once per token by one GEMV) and the eager
+overhead is ~20 small ops per layer; compiling was not measured to help (not tried on the shared
+2-core machine, where a compile takes minutes).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from awq.sparsify import base_mlp, decoder_layers, is_swapped
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+_DENSE_ATTRS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+class DecodeError(ValueError):
+    """The model cannot be run by the lean decoder (one-line message)."""
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: Optional[torch.Tensor]
+    wo: torch.Tensor
+    bo: Optional[torch.Tensor]
+    mlp: Optional[nn.Module] = None  # a swapped module, or None: dense fast path below
+    wgu: Optional[torch.Tensor] = None
+    bgu: Optional[torch.Tensor] = None
+    wd: Optional[torch.Tensor] = None
+    bd: Optional[torch.Tensor] = None
+    act: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    window: Optional[int] = None
+    dense_src: Optional[nn.Module] = None  # the MLP the fused dense weights were made from
+    k: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    v: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+@dataclass
+class DecodeStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0  # one-token forward passes after the prefill
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _bias(lin: nn.Module) -> Optional[torch.Tensor]:
+    b = getattr(lin, "bias", None)
+    return None if b is None else b.detach()
+
+
+def _cat_bias(lins: Sequence[nn.Module], sizes: Sequence[int], like: torch.Tensor) -> Optional[torch.Tensor]:
+    bs = [_bias(lin) for lin in lins]
+    if all(b is None for b in bs):
+        return None
+    return torch.cat([b if b is not None else like.new_zeros(n) for b, n in zip(bs, sizes)]).contiguous()
+
+
+def _pair_perm(heads: int, hd: int) -> torch.Tensor:
+    """Row order taking HF's half-split rotary layout to interleaved (x1_i, x2_i) pairs per head."""
+    half = torch.arange(hd // 2)
+    one = torch.stack([half, half + hd // 2], dim=1).flatten()
+    return (torch.arange(heads)[:, None] * hd + one[None]).flatten()
+
+
+def _act(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    act = mlp.act_fn
+    with torch.no_grad():
+        probe = torch.linspace(-8, 8, 33)
+        if torch.allclose(act(probe), F.silu(probe), rtol=1e-6, atol=1e-7):
+            return F.silu  # skip the module call
+    return act
+
+
+class LeanDecoder:
+    """Batch-1 greedy decoder over the weights of ``model`` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, capacity: int = 512) -> None:
+        cfg = model.config
+        mtype = getattr(cfg, "model_type", "?")
+        if mtype not in SUPPORTED_TYPES:
+            raise DecodeError(f"lean decoder supports {', '.join(SUPPORTED_TYPES)} models, not '{mtype}'")
+        inner = model.model
+        self.model = model
+        self.H = int(cfg.hidden_size)
+        self.nh = int(cfg.num_attention_heads)
+        self.nkv = int(getattr(cfg, "num_key_value_heads", None) or self.nh)
+        self.hd = int(getattr(cfg, "head_dim", None) or self.H // self.nh)
+        self.eps = float(cfg.rms_norm_eps)
+        self.max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.embed = inner.embed_tokens.weight.detach()
+        self.norm = inner.norm.weight.detach()
+        self.lm_head = model.lm_head.weight.detach()
+        self._rotary = inner.rotary_emb
+        self.layers: list[_Layer] = []
+        perm_q, perm_k = _pair_perm(self.nh, self.hd), _pair_perm(self.nkv, self.hd)
+        scale = self.hd ** -0.5
+        with torch.no_grad():
+            for layer in decoder_layers(model):
+                at = layer.self_attn
+                wq = at.q_proj.weight.detach()[perm_q] * scale
+                wk = at.k_proj.weight.detach()[perm_k]
+                wqkv = torch.cat([wq, wk, at.v_proj.weight.detach()]).contiguous()
+                sizes = (self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd)
+                bqkv = _cat_bias((at.q_proj, at.k_proj, at.v_proj), sizes, wqkv)
+                if bqkv is not None:
+                    q_end, k_end = sizes[0], sizes[0] + sizes[1]
+                    bqkv = torch.cat([bqkv[:q_end][perm_q] * scale, bqkv[q_end:k_end][perm_k], bqkv[k_end:]])
+                window = getattr(at, "sliding_window", None)
+                if window is None and mtype == "mistral":
+                    window = getattr(cfg, "sliding_window", None)
+                self.layers.append(_Layer(
+                    ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
+                    wqkv=wqkv, bqkv=bqkv, wo=at.o_proj.weight.detach(), bo=_bias(at.o_proj),
+                    window=int(window) if window else None))
+        self.refresh_mlps()
+        self.capacity = 0
+        self._ensure(capacity)
+        self.pos = 0
+        self.stats = DecodeStats()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def refresh_mlps(self) -> None:
+        """Re-read every layer's MLP: a swapped module (or any module without plain projections) is
+        called as is; a plain SwiGLU MLP runs on the fused dense path.  The fused dense weights are
+        made once per original MLP (from ``base_mlp``) and kept, so :meth:`set_mlps` can switch back."""
+        with torch.no_grad():
+            for ly, layer in zip(self.layers, decoder_layers(self.model)):
+                mlp = layer.mlp
+                base = base_mlp(mlp)
+                if all(hasattr(base, a) for a in _DENSE_ATTRS) and ly.dense_src is not base:
+                    wg, wu = base.gate_proj.weight.detach(), base.up_proj.weight.detach()
+                    ly.wgu = torch.cat([wg, wu]).contiguous()
+                    ly.bgu = _cat_bias((base.gate_proj, base.up_proj), (wg.shape[0], wu.shape[0]), ly.wgu)
+                    ly.wd, ly.bd = base.down_proj.weight.detach(), _bias(base.down_proj)
+                    ly.act, ly.dense_src = _act(base), base
+                plain = not is_swapped(mlp) and all(hasattr(mlp, a) for a in _DENSE_ATTRS)
+                ly.mlp = None if plain else mlp
+
+    def set_mlps(self, mlps: Optional[Sequence[Optional[nn.Module]]]) -> None:
+        """Run these per-layer MLP modules (``None`` or a ``None`` entry: the fused dense MLP) without
+        touching the model; e.g. dense and sparse timed in turn on one decoder."""
+        if mlps is not None and len(mlps) != len(self.layers):
+            raise DecodeError(f"{len(mlps)} MLP modules for {len(self.layers)} layers")
+        for i, ly in enumerate(self.layers):
+            m = None if mlps is None else mlps[i]
+            if m is None and ly.wgu is None:
+                raise DecodeError(f"layer {i} has no dense MLP weights (its module keeps no original projections)")
+            ly.mlp = m
+
+    def _ensure(self, n: int) -> None:
+        """Make the KV cache and the rotary table hold ``n`` positions (kept contents)."""
+        if n <= self.capacity:
+            return
+        if self.max_pos and n > self.max_pos:
+            raise DecodeError(f"{n} positions asked, the model supports {self.max_pos}")
+        cap = max(n, 2 * self.capacity)
+        if self.max_pos:
+            cap = min(cap, self.max_pos)
+        with torch.no_grad():
+            pos = torch.arange(cap, device=self.device)[None]
+            dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = self._rotary(dummy, pos)  # [1, cap, hd], the model's rope (theta, scaling, attention scale)
+            half = self.hd // 2
+            self.freqs = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float()).contiguous()
+            for ly in self.layers:
+                k = torch.zeros(self.nkv, cap, self.hd, dtype=self.dtype, device=self.device)
+                v = torch.zeros_like(k)
+                if self.capacity:
+                    k[:, :self.capacity] = ly.k
+                    v[:, :self.capacity] = ly.v
+                ly.k, ly.v = k, v
+        self.capacity = cap
+
+    # -- compute -------------------------------------------------------------------------------
+    def _rope(self, qk: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """qk [..., heads, hd] (interleaved pairs) times e^{i theta} -> same shape, new tensor."""
+        c = torch.view_as_complex(qk.float().reshape(*qk.shape[:-1], self.hd // 2, 2))
+        return torch.view_as_real(c * freqs).reshape(qk.shape).to(qk.dtype)
+
+    def _mlp(self, ly: _Layer, n: torch.Tensor) -> torch.Tensor:
+        if ly.mlp is not None:
+            return ly.mlp(n)
+        gu = F.linear(n, ly.wgu, ly.bgu)
+        f = gu.shape[-1] // 2
+        return F.linear(ly.act(gu[..., :f]) * gu[..., f:], ly.wd, ly.bd)
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Run the prompt from position 0 (resets the cache); returns the last position's logits [V]."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
+        T = ids.numel()
+        if T == 0:
+            raise DecodeError("empty prompt")
+        self._ensure(T)
+        nh, nkv, hd, H = self.nh, self.nkv, self.hd, self.H
+        qk_end = (nh + nkv) * hd
+        fr = self.freqs[:T, None, :]
+        h = self.embed[ids]
+        for ly in self.layers:
+            n = F.rms_norm(h, (H,), ly.ln1, self.eps)
+            qkv = F.linear(n, ly.wqkv, ly.bqkv)
+            qk = self._rope(qkv[:, :qk_end].reshape(T, nh + nkv, hd), fr)
+            q = qk[:, :nh].transpose(0, 1)
+            k = qk[:, nh:].transpose(0, 1)
+            v = qkv[:, qk_end:].reshape(T, nkv, hd).transpose(0, 1)
+            ly.k[:, :T] = k
+            ly.v[:, :T] = v
+            mask = None
+            if ly.window is not None and T > ly.window:
+                i = torch.arange(T, device=self.device)
+                mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - ly.window)
+            a = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                               scale=1.0, enable_gqa=nkv != nh)
+            h = h + F.linear(a[0].transpose(0, 1).reshape(T, nh * hd), ly.wo, ly.bo)
+            n = F.rms_norm(h, (H,), ly.ln2, self.eps)
+            h = h + (self._mlp(ly, n) if ly.mlp is None else ly.mlp(n[None]).reshape(T, H))
+        self.pos = T
+        return F.linear(F.rms_norm(h[-1:], (H,), self.norm, self.eps), self.lm_head)[0]
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """Append one token at the current position; returns the next-token logits [V]."""
+        p = self.pos
+        if p == 0:
+            raise DecodeError("call prefill() before step()")
+        self._ensure(p + 1)
+        nh, nkv, hd, H = self.nh, self.nkv, self.hd, self.H
+        g, qk_end = nh // nkv, (nh + nkv) * hd
+        fr = self.freqs[p]
+        h = self.embed[token:token + 1].clone()
+        L = p + 1
+        for ly in self.layers:
+            n = F.rms_norm(h, (H,), ly.ln1, self.eps)
+            qkv = F.linear(n, ly.wqkv, ly.bqkv)[0]
+            qk = self._rope(qkv[:qk_end].view(nh + nkv, hd), fr)
+            ly.k[:, p] = qk[nh:]
+            ly.v[:, p] = qkv[qk_end:].view(nkv, hd)
+            lo = 0 if ly.window is None else max(0, L - ly.window)
+            s = torch.bmm(qk[:nh].view(nkv, g, hd), ly.k[:, lo:L].transpose(1, 2))
+            a = torch.bmm(torch.softmax(s, dim=-1), ly.v[:, lo:L])
+            h.add_(F.linear(a.view(1, nh * hd), ly.wo, ly.bo))
+            n = F.rms_norm(h, (H,), ly.ln2, self.eps)
+            h.add_(self._mlp(ly, n))
+        self.pos = L
+        return F.linear(F.rms_norm(h, (H,), self.norm, self.eps), self.lm_head)[0]
+
+    def generate(self, ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
+                 eos_token_id: Optional[int | Sequence[int]] = None) -> list[int]:
+        """Greedy continuation of ``ids`` (new tokens only; stops after an EOS token, which is kept,
+        like ``model.generate``).  Timings go to ``self.stats``."""
+        if max_new_tokens < 1:
+            raise DecodeError("max_new_tokens must be >= 1")
+        eos = set() if eos_token_id is None else {int(eos_token_id)} if isinstance(eos_token_id, int) \
+            else {int(e) for e in eos_token_id}
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        self._ensure(ids.numel() + max_new_tokens)
+        st = DecodeStats(prompt_tokens=ids.numel())
+        t0 = time.perf_counter()
+        logits = self.prefill(ids)
+        st.prefill_s = time.perf_counter() - t0
+        out: list[int] = []
+        t0 = time.perf_counter()
+        while True:
+            tok = int(torch.argmax(logits))
+            out.append(tok)
+            if tok in eos or len(out) >= max_new_tokens:
+                break
+            logits = self.step(tok)
+            st.decode_steps += 1
+        st.decode_s = time.perf_counter() - t0
+        st.new_tokens = len(out)
+        self.stats = st
+        return out
+
+
+def measure_point(model: nn.Module, tok, point: Optional[dict] = None, **kw) -> dict:
+    """Decode speed of a sparsified model vs its dense MLPs (for ``awq.frontier --speed``);
+    see :func:`awq.decode_speed.measure_point`."""
+    from awq.decode_speed import measure_point as _measure
+
+    return _measure(model, tok, point, **kw)

@@ -1,0 +1,228 @@
+"""``python -m awq.frontier``: perplexity against MLP weight bytes read per token, every method side by side.
+
+For one model: every selected method (:data:`awq.methods.METHODS`) is calibrated on the train part at
+each density of its sweep, then scored on the same test windows. The cost axis,
+``weight_read_fraction``, is what a batch-1 decode step must read of the MLP's weight bytes per token,
+measured from the masks actually applied on the test tokens (:mod:`awq.cost`), plus any predictor or
+rotation the method reads besides (``extra``). Resumable: one JSON per point under
+``<out>/points/``; points already done are skipped. The directory's ``fingerprint.json`` (model,
+weights sha256, corpus sha256, seqlen, windows) must match, else the run is refused.
+Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_<model>.png``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from awq.cli import build_parser, check_config, opt, parse_config, setup_logging
+
+log = logging.getLogger("awq.frontier")
+
+ALL_METHODS = ["dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
+               "larosa", "cluster_oracle", "cluster_predicted", "neuron_predictor"]
+
+
+class FrontierError(ValueError):
+    """Bad frontier input or a results directory made with another setup (one line)."""
+
+
+@dataclass
+class FrontierConfig:
+    model_path: Optional[str] = opt(None, help="model: HF directory, .gguf or hub id (default: the embedded "
+                                    "SmolLM2-135M-Instruct)")
+    data_path: Optional[str] = opt(None, help="local corpus (see awq.entry --help); default: hub or offline substitute")
+    out: Optional[Path] = opt(None, help="results directory (default results/frontier/<model>)")
+    plots_dir: Path = opt(Path("plots"), help="where frontier_<model>.png goes (default plots)")
+    methods: Optional[list[str]] = opt(None, help="comma-separated subset of: " + ", ".join(ALL_METHODS)
+                                       + " (default: all; cluster_oracle with --centroids, cluster_predicted with "
+                                       "--predictor)")
+    densities: Optional[list[float]] = opt(None, help="comma-separated densities in (0, 1] for every method "
+                                           "(default: each method's own sweep, read fractions ~0.3-0.8)")
+    centroids: Optional[str] = opt(None, help="centroid sets for cluster_oracle / cluster_predicted: "
+                                   "gate=FILE,up=FILE,down=FILE (any subset) or a folder (see awq.entry --centroids)")
+    predictor: Optional[str] = opt(None, help="a trained awq.predictor file for cluster_predicted")
+    nsamples: int = opt(4, help="test windows scored per point (default 4)", min=1)
+    calib_nsamples: int = opt(2, help="train windows for calibration (default 2)", min=1)
+    calib_tokens: int = opt(4096, help="MLP inputs per layer kept for calibration (default 4096)", min=1)
+    seqlen: int = opt(2048, help="window length in tokens (default 2048)", min=2)
+    seed: int = opt(0, help="calibration subsample / predictor training seed (default 0)")
+    dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)",
+                               choices=["float32", "float16", "bfloat16"])
+    device: Optional[str] = opt(None, help="cpu / cuda (default auto)")
+    speed: bool = opt(False, help="also measure batch-1 decode speedup (needs awq.decode.measure_point)")
+    no_hub: bool = opt(False, help="never try the Hugging Face hub for the corpus")
+
+
+def _weights_sha(info) -> str:
+    if info.kind in ("gguf", "default-gguf"):
+        from awq.io import file_sha256
+
+        return file_sha256(info.path)
+    p = Path(info.loaded_from)
+    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) if p.is_dir() else []
+    if not files:
+        return f"hub:{info.loaded_from}"
+    from awq.io import file_sha256
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _point_name(method: str, param: float) -> str:
+    return f"{method}_{param:.4f}.json"
+
+
+class Frontier:
+    def __init__(self, cfg: FrontierConfig) -> None:
+        from awq.methods import MethodError, check_density, get_method
+
+        self.cfg = cfg
+        names = cfg.methods or [m for m in ALL_METHODS if (m != "cluster_oracle" or cfg.centroids)
+                                and (m != "cluster_predicted" or cfg.predictor)]
+        try:
+            self.specs = [get_method(m) for m in names]
+            for d in cfg.densities or []:
+                check_density(d)
+        except MethodError as e:
+            raise FrontierError(str(e)) from None
+        check_config(cfg)
+        self.measure = None
+        if cfg.speed:
+            try:
+                from awq.decode import measure_point  # provided by awq/decode.py (real batch-1 decode speed)
+            except ImportError:
+                raise FrontierError("--speed needs awq.decode.measure_point, which is not available yet") from None
+            self.measure = measure_point
+
+    # ------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from awq.data import load_corpus, tokenize_windows
+        from awq.methods import CalibData
+        from awq.models import load_model, model_slug
+
+        c = self.cfg
+        self.model, self.tok, self.info = load_model(c.model_path, c.dtype, c.device)
+        self.slug = model_slug(self.info)
+        self.out = Path(c.out) if c.out else Path("results/frontier") / self.slug
+        test = load_corpus("test", c.data_path, use_hub=not c.no_hub)
+        train = load_corpus("train", c.data_path, use_hub=not c.no_hub)
+        tw = tokenize_windows(self.tok, test.text, c.seqlen)
+        if tw.size(0) < c.nsamples:
+            raise FrontierError(f"--nsamples {c.nsamples} but the test part has only {tw.size(0)} windows of {c.seqlen}")
+        self.test_windows = tw[: c.nsamples]
+        self.calib = CalibData(tokenize_windows(self.tok, train.text, c.seqlen)[: c.calib_nsamples],
+                               model_name=self.info.name, max_tokens=c.calib_tokens, seed=c.seed,
+                               centroids=c.centroids, predictor=c.predictor)
+        self.fingerprint = {"model": self.info.path, "model_name": self.info.name,
+                            "weights_sha256": _weights_sha(self.info), "dtype": self.info.dtype,
+                            "corpus": test.name, "corpus_test_sha256": test.sha256, "corpus_train_sha256": train.sha256,
+                            "seqlen": c.seqlen, "nsamples": c.nsamples, "calib_nsamples": c.calib_nsamples,
+                            "calib_tokens": c.calib_tokens, "seed": c.seed}
+        self._check_fingerprint()
+
+    def _check_fingerprint(self) -> None:
+        from awq.io import atomic_write_json
+
+        fp = self.out / "fingerprint.json"
+        if fp.is_file():
+            old = json.loads(fp.read_text())
+            diff = [k for k in self.fingerprint if old.get(k) != self.fingerprint[k]]
+            if diff:
+                k = diff[0]
+                raise FrontierError(f"{self.out} was made with another setup ({k}: {old.get(k)!r} there, "
+                                    f"{self.fingerprint[k]!r} now); refusing to mix: pass another --out")
+        else:
+            atomic_write_json(fp, self.fingerprint, "frontier fingerprint")
+
+    # ------------------------------------------------------------------------------------------
+    def _point(self, spec, density: float) -> dict:
+        from awq.cost import metering
+        from awq.eval import perplexity
+        from awq.methods import config_summary, extra_read
+        from awq.sparsify import sparsify_, unsparsify_
+
+        t0 = time.perf_counter()
+        cfg = spec.calibrate(self.model, self.calib, density)
+        t_cal = time.perf_counter() - t0
+        unsparsify_(self.model)
+        desc = f"{spec.name} d={density:.2f}"
+        if cfg is None:  # dense: reads every weight
+            res = perplexity(self.model, self.test_windows, desc=desc)
+            summ = {"weight_read_fraction": 1.0, "per_projection": {"gate_proj": 1.0, "up_proj": 1.0, "down_proj": 1.0},
+                    "per_layer": None, "extra": 0.0}
+        else:
+            sparsify_(self.model, cfg)
+            extra = extra_read(cfg, self.model)
+            with metering(self.model) as meter:
+                res = perplexity(self.model, self.test_windows, desc=desc)
+            summ = meter.summary(extra)
+        point = {"model": self.slug, "method": spec.name, "param": float(density),
+                 "weight_read_fraction": summ["weight_read_fraction"], "ppl": res.ppl, "tokens": res.tokens,
+                 "realizable": spec.realizable, "decode_speedup": None, "roofline": None,
+                 "extra": summ["extra"], "per_projection": summ["per_projection"], "per_layer": summ["per_layer"],
+                 "config": config_summary(cfg), "calib_seconds": t_cal, "eval_seconds": res.seconds,
+                 "fingerprint": self.fingerprint}
+        if self.measure is not None and spec.realizable:
+            point.update(self.measure(self.model, self.tok, point))
+        unsparsify_(self.model)
+        return point
+
+    def run(self) -> dict:
+        from awq.frontier_report import plot, sort_points, write_csv, write_markdown
+        from awq.io import atomic_write_json
+
+        self._setup()
+        pdir = self.out / "points"
+        pdir.mkdir(parents=True, exist_ok=True)
+        todo = [(s, d) for s in self.specs for d in ((1.0,) if s.name == "dense" else (self.cfg.densities or s.densities))]
+        done = 0
+        for k, (spec, d) in enumerate(todo):
+            path = pdir / _point_name(spec.name, d)
+            if path.is_file():
+                log.info("[%d/%d] skip (done): %s", k + 1, len(todo), path)
+                continue
+            log.info("[%d/%d] %s at density %.3f", k + 1, len(todo), spec.name, d)
+            p = self._point(spec, d)
+            atomic_write_json(path, p, "frontier point")
+            done += 1
+            log.info("%s d=%.3f: read %.3f ppl %.3f", spec.name, d, p["weight_read_fraction"], p["ppl"])
+        points = sort_points([json.loads(f.read_text()) for f in sorted(pdir.glob("*.json"))], ALL_METHODS)
+        csv_path = write_csv(points, self.out / "frontier.csv")
+        head = (f"Model {self.info.name}, corpus {self.fingerprint['corpus']}, {self.cfg.nsamples} test windows of "
+                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows.\n\n")
+        md_path = write_markdown(points, self.out / "frontier.md", head)
+        png = plot(points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}.png", self.info.name)
+        return {"points": points, "computed": done, "csv": str(csv_path), "markdown": str(md_path), "plot": str(png),
+                "out": str(self.out)}
+
+
+def main(cfg: FrontierConfig) -> dict:
+    return Frontier(cfg).run()
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
+    parser = build_parser(FrontierConfig, prog="python -m awq.frontier", description=__doc__.split("\n\n")[0])
+    try:
+        cfg, _ = parse_config(FrontierConfig, argv, parser)
+        res = main(cfg)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    from awq.frontier_report import markdown
+
+    print(markdown(res["points"]), end="")
+    print(f"frontier: {len(res['points'])} points ({res['computed']} computed now) -> {res['csv']}, {res['plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,150 @@
+"""Greedy generation with the lean decoder: ``python -m awq.generate --method M --density D --prompt "..."``.
+
+Prints the continuation and the decode speed of the method beside the dense model's, both measured
+in the same run on the same :class:`awq.decode.LeanDecoder` (repeats interleaved, medians)::
+
+    python -m awq.generate --prompt "The capital of France is" --max_new_tokens 64 --threads 2
+    python -m awq.generate --method gathered --density 0.5 --threads 2
+    python -m awq.generate --method teal --density 0.5           # any method of awq.methods.METHODS
+
+Methods (:data:`SPARSIFIERS`, name -> ``fn(model, density, ctx) -> per-layer MLP modules``):
+
+* ``dense``: the fused dense MLP.
+* ``gathered``: :class:`awq.sparse_compute.GatheredSparseMLP` with a fixed random set of
+  ``density * intermediate`` neurons per layer (seeded): reads exactly that share of the MLP
+  weights.  A speed probe: the text is not meaningful.
+* every method of :data:`awq.methods.METHODS` (paper, teal, cats, ...): calibrated at ``--density`` on
+  ``--calib_nsamples`` train windows, installed with ``awq.sparsify.sparsify_``; the decoder calls
+  the method's own module, so the speed is what that module realises (a masked dense module
+  reads every weight and shows no gain).
+
+Adding a method is one line: ``SPARSIFIERS["name"] = lambda model, density, ctx: [module per layer]``
+(``ctx.cfg``: the options, ``ctx.tok``, ``ctx.info``: the tokenizer and ModelInfo; None = dense).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from awq.cli import opt, run_cli
+
+log = logging.getLogger("awq.generate")
+
+Sparsifier = Callable[[nn.Module, float, SimpleNamespace], Optional[list]]
+
+
+def _gathered(model: nn.Module, density: float, ctx: SimpleNamespace) -> list:
+    from awq.sparse_compute import GatheredSparseMLP
+    from awq.sparsify import base_mlp, decoder_layers
+
+    g = torch.Generator().manual_seed(ctx.cfg.seed)
+    mods = []
+    for i, layer in enumerate(decoder_layers(model)):
+        m = GatheredSparseMLP.from_mlp(base_mlp(layer.mlp), i, kernel=ctx.cfg.kernel)
+        n = m.intermediate_size
+        m.set_active(torch.randperm(n, generator=g)[: max(1, round(density * n))].sort().values)
+        mods.append(m)
+    return mods
+
+
+def _registered(name: str) -> Sparsifier:
+    def build(model: nn.Module, density: float, ctx: SimpleNamespace) -> Optional[list]:
+        from awq.data import load_corpus, tokenize_windows
+        from awq.methods import CalibData, get_method
+        from awq.sparsify import decoder_layers, sparsify_
+
+        cfg = ctx.cfg
+        train = load_corpus("train", cfg.data_path)
+        windows = tokenize_windows(ctx.tok, train.text, cfg.calib_seqlen)[: cfg.calib_nsamples]
+        conf = get_method(name).calibrate(model, CalibData(windows, model_name=ctx.info.name), density)
+        if conf is None:
+            return None
+        sparsify_(model, conf)
+        return [layer.mlp for layer in decoder_layers(model)]
+    return build
+
+
+SPARSIFIERS: dict[str, Sparsifier] = {"dense": lambda model, density, ctx: None, "gathered": _gathered}
+
+
+def methods() -> dict[str, Sparsifier]:
+    """:data:`SPARSIFIERS` plus every method registered in :mod:`awq.methods` (if importable)."""
+    out = dict(SPARSIFIERS)
+    try:
+        from awq.methods import METHODS
+    except ImportError:  # awq.methods not present in this checkout
+        return out
+    for name in METHODS:
+        out.setdefault(name, _registered(name))
+    return out
+
+
+@dataclass
+class GenerateConfig:
+    prompt: str = opt("The capital of France is", help="prompt text (plain, no chat template)")
+    method: str = opt("dense", help="dense, gathered, or a method of awq.methods (see the module doc)")
+    density: float = opt(0.5, help="share of MLP neurons/entries kept by the method (default 0.5)", gt=0, max=1)
+    max_new_tokens: int = opt(64, help="tokens to generate (default 64)", min=1)
+    threads: Optional[int] = opt(None, help="torch threads (default: torch's choice)", min=1)
+    repeats: int = opt(1, help="timed runs per mode, interleaved; medians printed (default 1)", min=1)
+    model_path: Optional[str] = opt(None, help="HF dir, hub id or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)",
+                               choices=["float32", "bfloat16", "float16"])
+    kernel: str = opt("auto", help="gathered MLP kernel: auto, cpp or torch", choices=["auto", "cpp", "torch"])
+    seed: int = opt(0, help="seed of the gathered method's random neuron sets")
+    calib_nsamples: int = opt(1, help="train windows for calibrating awq.methods methods (default 1)", min=1)
+    calib_seqlen: int = opt(512, help="length of those windows (default 512)", min=16)
+    data_path: Optional[str] = opt(None, help="corpus for calibration (default: as awq.entry)")
+    no_dense: bool = opt(False, help="skip the dense baseline run")
+
+
+def main(cfg: GenerateConfig) -> dict:
+    from awq.decode import LeanDecoder
+    from awq.decode_speed import timed_runs
+    from awq.models import load_model
+
+    table = methods()
+    if cfg.method not in table:
+        raise ValueError(f"unknown --method '{cfg.method}' (choose from {', '.join(table)})")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok, info = load_model(cfg.model_path, cfg.dtype, "cpu")
+    ids = torch.tensor(tok(cfg.prompt).input_ids, dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError("--prompt gives no tokens")
+    dec = LeanDecoder(model, capacity=ids.numel() + cfg.max_new_tokens)
+    modes: dict = {} if cfg.no_dense else {"dense": None}
+    if cfg.method != "dense":
+        mlps = table[cfg.method](model, cfg.density, SimpleNamespace(cfg=cfg, tok=tok, info=info))
+        modes[cfg.method] = mlps
+    if not modes:
+        raise ValueError("--no_dense with --method dense leaves nothing to run")
+    res = timed_runs(dec, ids, cfg.max_new_tokens, modes, cfg.repeats, warmup=0 if cfg.repeats == 1 else 1)
+    out = {"model": info.name, "threads": torch.get_num_threads(), "prompt_tokens": int(ids.numel()),
+           "new_tokens": cfg.max_new_tokens, "modes": {}}
+    for name, r in res.items():
+        text = tok.decode(r["tokens"], skip_special_tokens=True)
+        out["modes"][name] = {"tok_s": r["median"], "runs": r["tok_s"], "text": text}
+        print(f"--- {name}{'' if name == 'dense' else f' (density {cfg.density:g})'}:\n{cfg.prompt}{text}")
+    line = [f"{name} {r['median']:.2f} tok/s" for name, r in res.items()]
+    if "dense" in res and len(res) > 1:
+        line.append(f"speedup {res[cfg.method]['median'] / res['dense']['median']:.2f}x")
+    print(f"{info.name} threads={out['threads']} prompt={out['prompt_tokens']} new={cfg.max_new_tokens}: "
+          + " | ".join(line))
+    return out
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    return run_cli(GenerateConfig, main, argv, prog="python -m awq.generate",
+                   description="Greedy generation with the lean batch-1 decoder; prints the text and decode "
+                               "tok/s of a sparsity method beside the dense model's (same run).")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

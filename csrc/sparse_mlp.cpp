@@ -1,0 +1,193 @@
+// Fused gathered sparse SwiGLU MLP kernel (CPU), loaded by awq/kernel_build.py through
+// torch.utils.cpp_extension.load and used by awq/sparse_compute.py (GatheredSparseMLP).
+//
+// For the active neurons idx of one token group it reads, per neuron n, the interleaved row
+// w[n] = [W_gate[n], W_up[n], W_down[:, n]] once, computes g = <W_gate[n], x>, u = <W_up[n], x>
+// (+ bias), thresholds |g| < t_gate and |u| < t_up to 0, a = silu(g) * u (rounded like the
+// weights' dtype), and adds a * W_down[:, n] to the output.  Parallel over neurons with
+// at::parallel_for; per-thread accumulators summed in a fixed order.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+template <typename S> struct Ld;
+template <> struct Ld<float> {
+  static inline float f(const float* p, int64_t h) { return p[h]; }
+  static inline float rnd(float v) { return v; }
+};
+template <> struct Ld<c10::BFloat16> {
+  static inline float f(const c10::BFloat16* p, int64_t h) {
+    uint32_t b = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[h]) << 16;
+    float v; std::memcpy(&v, &b, 4); return v;
+  }
+  static inline float rnd(float v) { return static_cast<float>(c10::BFloat16(v)); }
+};
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld16(const c10::BFloat16* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#endif
+
+// g = <wg, x>, u = <wu, x> in one pass over x
+template <typename S>
+static inline void dot2(const S* __restrict wg, const S* __restrict wu, const float* __restrict x, int64_t H,
+                        float& g, float& u) {
+  int64_t h = 0;
+  float sg = 0.f, su = 0.f;
+#if defined(__AVX512F__)
+  __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps(), u0 = _mm512_setzero_ps(), u1 = _mm512_setzero_ps();
+  for (; h + 32 <= H; h += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + h), x1 = _mm512_loadu_ps(x + h + 16);
+    g0 = _mm512_fmadd_ps(ld16(wg + h), x0, g0);
+    g1 = _mm512_fmadd_ps(ld16(wg + h + 16), x1, g1);
+    u0 = _mm512_fmadd_ps(ld16(wu + h), x0, u0);
+    u1 = _mm512_fmadd_ps(ld16(wu + h + 16), x1, u1);
+  }
+  sg = _mm512_reduce_add_ps(_mm512_add_ps(g0, g1));
+  su = _mm512_reduce_add_ps(_mm512_add_ps(u0, u1));
+#endif
+  for (; h < H; ++h) { sg += Ld<S>::f(wg, h) * x[h]; su += Ld<S>::f(wu, h) * x[h]; }
+  g = sg; u = su;
+}
+
+#if defined(__AVX512BF16__)
+// bf16 weights and a bf16-exact input: dot products with the native bf16 pair instruction
+static inline void dot2_dp(const c10::BFloat16* __restrict wg, const c10::BFloat16* __restrict wu,
+                           const uint16_t* __restrict xb, const float* __restrict x, int64_t H, float& g, float& u) {
+  __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps(), u0 = _mm512_setzero_ps(), u1 = _mm512_setzero_ps();
+  int64_t h = 0;
+  for (; h + 64 <= H; h += 64) {
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + h), x1 = (__m512bh)_mm512_loadu_si512(xb + h + 32);
+    g0 = _mm512_dpbf16_ps(g0, (__m512bh)_mm512_loadu_si512(wg + h), x0);
+    g1 = _mm512_dpbf16_ps(g1, (__m512bh)_mm512_loadu_si512(wg + h + 32), x1);
+    u0 = _mm512_dpbf16_ps(u0, (__m512bh)_mm512_loadu_si512(wu + h), x0);
+    u1 = _mm512_dpbf16_ps(u1, (__m512bh)_mm512_loadu_si512(wu + h + 32), x1);
+  }
+  float sg = _mm512_reduce_add_ps(_mm512_add_ps(g0, g1)), su = _mm512_reduce_add_ps(_mm512_add_ps(u0, u1));
+  for (; h < H; ++h) { sg += Ld<c10::BFloat16>::f(wg, h) * x[h]; su += Ld<c10::BFloat16>::f(wu, h) * x[h]; }
+  g = sg; u = su;
+}
+#endif
+
+template <typename S>
+static inline void axpy(float* __restrict y, float a, const S* __restrict w, int64_t H) {
+  int64_t h = 0;
+#if defined(__AVX512F__)
+  const __m512 va = _mm512_set1_ps(a);
+  for (; h + 32 <= H; h += 32) {
+    _mm512_storeu_ps(y + h, _mm512_fmadd_ps(va, ld16(w + h), _mm512_loadu_ps(y + h)));
+    _mm512_storeu_ps(y + h + 16, _mm512_fmadd_ps(va, ld16(w + h + 16), _mm512_loadu_ps(y + h + 16)));
+  }
+#endif
+  for (; h < H; ++h) y[h] += a * Ld<S>::f(w, h);
+}
+
+#ifndef AWQ_PF_LINES
+#define AWQ_PF_LINES 0
+#endif
+// touch the first lines of the next neuron's three rows so the hardware prefetcher starts early
+static inline void prefetch_next(const char* p, int64_t row_bytes) {
+  for (int r = 0; r < 3; ++r)
+    for (int o = 0; o < AWQ_PF_LINES * 64; o += 64) __builtin_prefetch(p + r * row_bytes + o, 0, 3);
+}
+
+// x [T, H] float32; w [F, 3, H] (gate row, up row, down column); idx [k] int64 (in range);
+// bias_gu [F, 2] float32 or empty.  Returns [T, H] float32 = sum_n a[t, n] * w[n, 2, :].
+template <typename S>
+static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& idx,
+                         const torch::Tensor& bias_gu, double t_gate, double t_up, int64_t min_bytes_per_thread) {
+  const int64_t T = x.size(0), H = x.size(1), k = idx.size(0);
+  auto out = torch::zeros({T, H}, x.options().dtype(torch::kFloat));
+  float* outp = out.data_ptr<float>();
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<float>> part(nt);  // one accumulator per thread, summed in a fixed order
+  const float* xp = x.data_ptr<float>();
+  const S* wp = w.data_ptr<S>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* bp = bias_gu.numel() ? bias_gu.data_ptr<float>() : nullptr;
+  const float tg = static_cast<float>(t_gate), tu = static_cast<float>(t_up);
+  // threads only for jobs of at least min_bytes_per_thread weight bytes each: a parallel region costs
+  // microseconds when the machine is idle but a scheduler tick when a core is busy with something else
+  const int64_t row_bytes = 3 * H * static_cast<int64_t>(sizeof(S));
+  const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread / row_bytes);
+  // bf16 weights: if the input is exactly bf16 (it is, in a bf16 model) use the bf16 dot instruction
+  std::vector<uint16_t> xb;
+  bool use_dp = false;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<S, c10::BFloat16>::value) {
+    use_dp = true;
+    xb.resize(T * H);
+    for (int64_t j = 0; j < T * H && use_dp; ++j) {
+      const c10::BFloat16 b(xp[j]);
+      use_dp = static_cast<float>(b) == xp[j];
+      xb[j] = b.x;
+    }
+  }
+#endif
+  at::parallel_for(0, k, grain, [&](int64_t b, int64_t e) {
+    std::vector<float>& accv = part[at::get_thread_num()];
+    if (accv.empty()) accv.assign(T * H, 0.f);
+    std::vector<float> a(T);
+    float* acc = accv.data();
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = ip[i];
+      const S* wg = wp + n * 3 * H;
+      if (AWQ_PF_LINES > 0 && i + 1 < e)
+        prefetch_next(reinterpret_cast<const char*>(wp + ip[i + 1] * 3 * H), H * (int64_t)sizeof(S));
+      bool any = false;
+      for (int64_t t = 0; t < T; ++t) {
+        float g, u;
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same<S, c10::BFloat16>::value) {
+          if (use_dp) dot2_dp(wg, wg + H, xb.data() + t * H, xp + t * H, H, g, u);
+          else dot2<S>(wg, wg + H, xp + t * H, H, g, u);
+        } else {
+          dot2<S>(wg, wg + H, xp + t * H, H, g, u);
+        }
+#else
+        dot2<S>(wg, wg + H, xp + t * H, H, g, u);
+#endif
+        if (bp) { g += bp[2 * n]; u += bp[2 * n + 1]; }
+        g = Ld<S>::rnd(g); u = Ld<S>::rnd(u);
+        if (std::fabs(g) < tg) g = 0.f;
+        if (std::fabs(u) < tu) u = 0.f;
+        const float s = Ld<S>::rnd(g / (1.f + std::exp(-g)));
+        a[t] = Ld<S>::rnd(s * u);
+        any = any || a[t] != 0.f;
+      }
+      if (!any) continue;  // nothing to add: the down column need not be read
+      for (int64_t t = 0; t < T; ++t)
+        if (a[t] != 0.f) axpy<S>(acc + t * H, a[t], wg + 2 * H, H);
+    }
+  });
+  for (const auto& acc : part) {
+    if (acc.empty()) continue;
+#pragma omp simd
+    for (int64_t j = 0; j < T * H; ++j) outp[j] += acc[j];
+  }
+  return out;
+}
+
+torch::Tensor fused_sparse_swiglu(torch::Tensor x, torch::Tensor w, torch::Tensor idx,
+                                  torch::Tensor bias_gu, double t_gate, double t_up,
+                                  int64_t min_bytes_per_thread) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: [T, H] float32");
+  TORCH_CHECK(w.dim() == 3 && w.size(1) == 3 && w.size(2) == x.size(1) && w.is_contiguous(), "w: [F, 3, H]");
+  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx: [k] int64");
+  if (w.scalar_type() == torch::kFloat) return run<float>(x, w, idx, bias_gu, t_gate, t_up, min_bytes_per_thread);
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w: float32 or bfloat16");
+  return run<c10::BFloat16>(x, w, idx, bias_gu, t_gate, t_up, min_bytes_per_thread);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_sparse_swiglu", torch::wrap_pybind_function(fused_sparse_swiglu), "fused_sparse_swiglu");
+}

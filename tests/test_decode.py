@@ -1,0 +1,212 @@
+"""awq.decode.LeanDecoder against transformers' greedy generate (tiny random models and the real default model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from awq.decode import DecodeError, LeanDecoder
+from tests.conftest import tiny_model
+
+
+def _tiny_qwen2(seed: int = 0):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      rope_theta=1e6, use_cache=False, tie_word_embeddings=True)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # random q/k/v biases so the bias path matters (HF inits them to 0)
+        for layer in m.model.layers:
+            for p in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.self_attn, p).bias.normal_(0, 0.5)
+    return m
+
+
+def _hf_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
+    out = model.generate(ids[None], do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                         pad_token_id=0, use_cache=True)
+    return out[0, ids.numel():].tolist()
+
+
+def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids[None]).logits[0]
+
+
+MODELS = {"llama": lambda: tiny_model("llama", seed=1), "mistral": lambda: tiny_model("mistral", seed=2),
+          "qwen2": _tiny_qwen2}
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_logits_match_hf_forward(arch):
+    """Prefill + one-token steps give the same logits as a full HF forward over the same tokens."""
+    model = MODELS[arch]()
+    ids = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(3))
+    ref = _hf_logits(model, ids)
+    dec = LeanDecoder(model, capacity=8)  # small: the cache must grow
+    got = [dec.prefill(ids[:5])]
+    for t in ids[5:].tolist():
+        got.append(dec.step(t))
+    torch.testing.assert_close(got[0], ref[4], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(got[1:]), ref[5:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_greedy_tokens_equal_hf_generate(arch):
+    model = MODELS[arch]()
+    ids = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(5))
+    want = _hf_greedy(model, ids, 24)
+    dec = LeanDecoder(model)
+    assert dec.generate(ids, 24) == want
+    assert dec.stats.decode_steps == 23 and dec.stats.new_tokens == 24
+    assert dec.generate(ids, 24) == want  # a second run reuses the cache from position 0
+
+
+def test_sliding_window_matches_hf():
+    """A Mistral window shorter than the sequence: prefill mask and decode window both apply."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(4)
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6, use_cache=False)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(6))
+    ref = _hf_logits(model, ids)
+    dec = LeanDecoder(model)
+    got = [dec.prefill(ids[:10])] + [dec.step(t) for t in ids[10:].tolist()]
+    torch.testing.assert_close(torch.stack(got), ref[9:], rtol=1e-4, atol=1e-4)
+
+
+def test_swapped_mlp_is_called_and_matches_model():
+    """A sparsified model: the decoder calls the swapped modules ([1, H] at decode) and agrees with HF."""
+    from awq.sparse_mlp import SparsityConfig
+    from awq.sparsify import sparsify_
+
+    model = tiny_model("llama", seed=7)
+    L = len(model.model.layers)
+    sparsify_(model, SparsityConfig(thresholds={p: [0.05] * L for p in ("gate_proj", "up_proj", "down_proj")}))
+    shapes = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    ids = torch.randint(0, 128, (7,), generator=torch.Generator().manual_seed(8))
+    want = _hf_greedy(model, ids, 10)
+    shapes.clear()
+    dec = LeanDecoder(model)
+    assert dec.layers[0].mlp is model.model.layers[0].mlp
+    assert dec.generate(ids, 10) == want
+    assert shapes[0] == (1, 7, 64) and set(shapes[1:]) == {(1, 64)}
+
+
+def test_gathered_mlp_matches_masked_dense():
+    """GatheredSparseMLP with a fixed mask in the decoder == the same mask applied densely."""
+    from awq.sparse_compute import GatheredSparseMLP
+
+    model = tiny_model("llama", seed=9)
+    ids = torch.randint(0, 128, (6,), generator=torch.Generator().manual_seed(10))
+    dec = LeanDecoder(model)
+    masks = []
+    g = torch.Generator().manual_seed(11)
+    for i, layer in enumerate(model.model.layers):
+        m = torch.rand(128, generator=g) < 0.5
+        masks.append(m)
+        mod = GatheredSparseMLP.from_mlp(layer.mlp, i)
+        mod.set_active(m)
+        layer.mlp = mod  # not a SwappedMLP: any module without plain projections is called as is
+    dec.refresh_mlps()
+    got = [dec.prefill(ids[:3])] + [dec.step(t) for t in ids[3:].tolist()]
+    # reference: the dense MLP weights with the masked intermediate neurons
+    for layer, m in zip(model.model.layers, masks):
+        layer.mlp = _Masked(layer.mlp, m)
+    ref = _hf_logits(model, ids)
+    torch.testing.assert_close(torch.stack(got), ref[2:], rtol=1e-4, atol=1e-4)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self, g, m):
+        super().__init__()
+        self.w, self.m = g.weight, m.float()
+
+    def forward(self, x):
+        gu = x @ self.w[:, 0].T, x @ self.w[:, 1].T
+        return (torch.nn.functional.silu(gu[0]) * gu[1] * self.m) @ self.w[:, 2]
+
+
+def test_errors():
+    model = tiny_model("llama", seed=0)
+    dec = LeanDecoder(model)
+    with pytest.raises(DecodeError):
+        dec.step(1)
+    with pytest.raises(DecodeError):
+        dec.prefill([])
+    with pytest.raises(DecodeError):
+        dec.generate([1, 2], 0)
+    with pytest.raises(DecodeError):
+        dec.generate([1, 2], 600)  # beyond max_position_embeddings=512
+    model.config.model_type = "gpt2"
+    with pytest.raises(DecodeError, match="gpt2"):
+        LeanDecoder(model)
+
+
+@pytest.mark.integration
+def test_default_model_greedy_equals_hf_generate():
+    from awq.models import load_model
+
+    model, tok, _ = load_model(None)
+    ids = tok("The capital of France is a city that", return_tensors="pt").input_ids[0]
+    want = _hf_greedy(model, ids, 24)
+    assert LeanDecoder(model).generate(ids, 24) == want
+
+
+def test_read_bytes_and_roofline():
+    from awq.decode_speed import read_bytes, roofline
+
+    model = tiny_model("llama", seed=0)  # untied: the input embedding counts as one row
+    H, F, V, L = 64, 128, 128, 2
+    attn = H * H * 2 + 2 * H * (H // 2)  # q, o [H, H]; k, v [H/2, H] (2 of 4 heads for kv)
+    want_mlp = L * 3 * H * F * 4
+    want = (L * (attn + 3 * H * F + 2 * H) + H + V * H + H) * 4
+    b = read_bytes(model)
+    assert b == {"total": want, "mlp": want_mlp}
+    assert roofline(model, 1.0) == 1.0
+    assert roofline(model, 0.5) == pytest.approx(want / (want - want_mlp / 2))
+
+
+def test_measure_point_on_sparsified_model():
+    from awq.decode_speed import measure_point
+    from awq.sparse_mlp import SparsityConfig
+    from awq.sparsify import sparsify_
+    from tests.conftest import tiny_tokenizer
+
+    model = tiny_model("llama", seed=3)
+    sparsify_(model, SparsityConfig(thresholds={p: [0.05, 0.05] for p in ("gate_proj", "up_proj", "down_proj")}))
+    out = measure_point(model, tiny_tokenizer(), {"weight_read_fraction": 0.5}, prompt_tokens=8, new_tokens=4,
+                        repeats=1)
+    assert out["decode_tok_s"] > 0 and out["dense_decode_tok_s"] > 0
+    assert out["decode_speedup"] == pytest.approx(out["decode_tok_s"] / out["dense_decode_tok_s"])
+    assert out["roofline"] > 1.0
+
+
+def test_generate_cli(tiny_model_dir, capsys):
+    from awq.generate import SPARSIFIERS, cli
+
+    assert cli(["--model_path", str(tiny_model_dir), "--method", "gathered", "--density", "0.5",
+                "--prompt", "The quick brown fox", "--max_new_tokens", "5", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert "dense" in last and "gathered" in last and "tok/s" in last and "speedup" in last
+    assert "--- gathered (density 0.5):" in out
+    assert cli(["--model_path", str(tiny_model_dir), "--method", "nope"]) == 2
+    assert "unknown --method 'nope'" in capsys.readouterr().err
+    assert cli(["--model_path", str(tiny_model_dir), "--density", "0"]) == 2
+    assert {"dense", "gathered"} <= set(SPARSIFIERS)
+
+
+def test_gathered_sparsifier_reads_density(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from awq.generate import GenerateConfig, _gathered
+
+    model = tiny_model("llama", seed=0)
+    mods = _gathered(model, 0.25, SimpleNamespace(cfg=GenerateConfig(), tok=None, info=None))
+    assert len(mods) == 2
+    assert all(m._fixed.idx.numel() == 32 for m in mods)  # 25% of 128 neurons

@@ -1,0 +1,102 @@
+"""``python -m awq.frontier`` end to end on the tiny random model: CSV, resume, refusal, and the cost axis."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from awq.frontier import FrontierConfig, FrontierError, cli, main
+from awq.frontier_report import CSV_COLUMNS
+
+
+def _cfg(tiny_model_dir, tiny_corpus, tmp_path, **kw):
+    base = dict(model_path=str(tiny_model_dir), data_path=str(tiny_corpus), out=tmp_path / "fr",
+                plots_dir=tmp_path / "plots", methods=["dense", "paper", "cats", "teal", "neuron_predictor"],
+                densities=[0.5], nsamples=2, calib_nsamples=2, seqlen=32, device="cpu")
+    base.update(kw)
+    return FrontierConfig(**base)
+
+
+def _reference_teal_cost(tiny_model_dir, tiny_corpus, point, nsamples, seqlen):
+    """Recompute TEAL's read fraction from dense masks on the test windows (independent of awq.cost)."""
+    from awq.data import load_corpus, tokenize_windows
+    from awq.models import load_model
+    from awq.sparsify import decoder_layers
+
+    model, tok, _ = load_model(str(tiny_model_dir), device="cpu")
+    windows = tokenize_windows(tok, load_corpus("test", str(tiny_corpus)).text, seqlen)[:nsamples]
+    tx, th = point["config"]["x_thresholds"], point["config"]["h_thresholds"]
+    fracs = []
+
+    def hook(mod, args, i):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        kx = x.abs() >= tx[i]
+        xs = x * kx
+        h = mod.act_fn(mod.gate_proj(xs)) * mod.up_proj(xs)
+        kh = h.abs() >= th[i]
+        y = mod.down_proj(h * kh)
+        fracs.append((2 * kx.double().mean(1) + kh.double().mean(1)) / 3)
+        return y.reshape(args[0].shape[:-1] + (y.shape[-1],))
+
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, y, i=i: hook(m, a, i))
+             for i, layer in enumerate(decoder_layers(model))]
+    with torch.no_grad():
+        for w in windows:
+            model(w[None])
+    for h in hooks:
+        h.remove()
+    return float(torch.cat(fracs).mean())
+
+
+def test_frontier_end_to_end(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    cfg = _cfg(tiny_model_dir, tiny_corpus, tmp_path)
+    res = main(cfg)
+    assert res["computed"] == 5
+    rows = list(csv.DictReader(open(res["csv"])))
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"dense", "paper", "cats", "teal", "neuron_predictor"}
+    assert by["dense"]["weight_read_fraction"] == "1.0" and by["dense"]["realizable"] == "true"
+    assert all(r["decode_speedup"] == "" and r["roofline"] == "" for r in rows)
+    assert all(int(r["tokens"]) == 2 * 31 for r in rows)
+    # accounting shapes: cats reads all of gate, paper all of gate and up
+    assert float(by["cats"]["weight_read_fraction"]) >= 1 / 3
+    assert float(by["paper"]["weight_read_fraction"]) >= 2 / 3
+    assert (tmp_path / "plots" / f"frontier_{tiny_model_dir.name.lower()}.png").is_file()
+    # the printed cost is the cost recomputed from the masks
+    teal = json.loads((cfg.out / "points" / "teal_0.5000.json").read_text())
+    ref = _reference_teal_cost(tiny_model_dir, tiny_corpus, teal, cfg.nsamples, cfg.seqlen)
+    assert float(by["teal"]["weight_read_fraction"]) == pytest.approx(ref, abs=1e-9)
+    # resume: nothing recomputed, same CSV
+    before = open(res["csv"]).read()
+    assert cli(["--model_path", str(tiny_model_dir), "--data_path", str(tiny_corpus), "--out", str(cfg.out),
+                "--plots_dir", str(tmp_path / "plots"), "--methods", "dense,paper,cats,teal,neuron_predictor",
+                "--densities", "0.5", "--nsamples", "2", "--seqlen", "32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "(0 computed now)" in out and f"| teal | 0.50 | {teal['weight_read_fraction']:.3f}" in out
+    assert open(res["csv"]).read() == before
+
+
+def test_frontier_refuses_other_corpus(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense"]))
+    other = tmp_path / "corpus2"
+    other.mkdir()
+    for f in ("wiki.test.raw", "wiki.train.raw"):
+        (other / f).write_text((tiny_corpus / f).read_text()[::-1])
+    with pytest.raises(FrontierError, match="made with another setup"):
+        main(_cfg(tiny_model_dir, other, tmp_path, methods=["dense"]))
+    assert cli(["--model_path", str(tiny_model_dir), "--data_path", str(other), "--out", str(tmp_path / "fr"),
+                "--methods", "dense", "--seqlen", "32", "--nsamples", "2", "--device", "cpu"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "corpus_test_sha256" in err[0]
+
+
+@pytest.mark.parametrize("args, msg", [(["--methods", "teal,bogus"], "unknown method 'bogus'"),
+                                       (["--densities", "0.5,0"], "density must be in (0, 1]"),
+                                       (["--nsamples", "0"], "--nsamples must be >= 1")])
+def test_frontier_bad_input_one_line(args, msg, capsys):
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0]
