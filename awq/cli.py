@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 import types
 import typing
@@ -156,6 +157,8 @@ def check_config(cfg: T) -> T:
         for x in vals:
             if "choices" in m and x not in m["choices"]:
                 raise ConfigError(f"--{f.name} must be one of {', '.join(map(str, m['choices']))}, got {x!r}")
+            if tp is float and not math.isfinite(x):
+                raise ConfigError(f"--{f.name} must be a finite number, got {x}")
             if tp in (int, float) and not isinstance(x, bool):
                 for key, ok, word in (("min", lambda a, b: a >= b, ">="), ("max", lambda a, b: a <= b, "<="),
                                       ("gt", lambda a, b: a > b, ">"), ("lt", lambda a, b: a < b, "<")):

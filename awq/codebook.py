@@ -114,13 +114,15 @@ def parse_centroid_spec(spec: str) -> dict[str, Path]:
     """``gate=FILE,up=FILE,down=FILE`` (any subset; full names gate_proj=... also accepted) or a directory.
 
     A directory is searched for files whose name contains the projection (``gate``/``up``/``down``)
-    and ends in ``.pt``; exactly one per projection it holds is allowed.
+    and ends in ``.pt`` (a clustering checkpoint ``*.ckpt.pt`` beside its result is ignored); exactly
+    one per projection it holds is allowed.
     """
     out: dict[str, Path] = {}
     p = Path(spec)
     if "=" not in spec and p.is_dir():
         for short, proj in _SHORT.items():
-            hits = sorted(f for f in p.glob("*.pt") if short in f.stem.replace("gate_proj", "gate")
+            hits = sorted(f for f in p.glob("*.pt") if not f.name.endswith(".ckpt.pt")  # a run's checkpoint
+                          and short in f.stem.replace("gate_proj", "gate")
                           .replace("up_proj", "up").replace("down_proj", "down").split("_"))
             if len(hits) > 1:
                 raise CentroidError(f"centroid directory {p} holds several {proj} files: {[h.name for h in hits]}")
@@ -144,6 +146,13 @@ def parse_centroid_spec(spec: str) -> dict[str, Path]:
     return out
 
 
+def check_centroid_proj(path: Path, meta: dict, proj: str) -> None:
+    """Refuse a centroid file whose metadata names another projection (e.g. ``up=<a gate_proj file>``)."""
+    have = meta.get("proj") if isinstance(meta, dict) else None
+    if have is not None and _SHORT.get(str(have), str(have)) != proj:
+        raise CentroidError(f"centroid file {path} holds {have} centroids (its metadata), but it was given for {proj}")
+
+
 def load_codebooks(spec: str, model: nn.Module, mode: str = "oracle",
                    label_fns: Optional[dict[str, LabelFn]] = None) -> tuple[dict[str, CentroidCodebook], dict]:
     """Load the centroid sets named by ``spec`` once, on the model's device; -> (codebooks, info for results)."""
@@ -156,6 +165,7 @@ def load_codebooks(spec: str, model: nn.Module, mode: str = "oracle",
     books, info = {}, {"mode": mode, "files": {}}
     for proj, path in files.items():
         c, meta = load_centroids(path, widths[proj])
+        check_centroid_proj(path, meta, proj)
         fn = (label_fns or {}).get(proj)
         books[proj] = CentroidCodebook(c, proj, len(layers), mode=mode, label_fn=fn).to(device)
         info["files"][proj] = {"path": str(path), "sha256": file_sha256(path), "k": int(c.shape[0]),

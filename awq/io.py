@@ -8,6 +8,11 @@ the temporary file is removed.
 
 ``OutputError`` is raised (one line, naming the path) when the destination cannot be written:
 an existing directory at the path, a parent that cannot be created, no permission.
+
+Guards used by every CLI before it computes: :func:`check_output_path` (writable file path),
+:func:`check_not_input` (an output never resolves to an input file nor into an input folder such as
+a pattern store), and :func:`output_lock` (an advisory ``fcntl.flock`` on ``<dir>/.lock`` or
+``.<file>.lock`` beside it; a second concurrent writer is refused with :class:`LockedError`).
 """
 from __future__ import annotations
 
@@ -21,11 +26,92 @@ from typing import Any, Callable, Iterator, Optional
 __all__ = [
     "OutputError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "atomic_torch_save", "atomic_save_safetensors", "check_output_path", "file_sha256", "fsync_dir",
+    "LockedError", "output_lock", "check_not_input", "is_pattern_store",
 ]
 
 
 class OutputError(OSError):
     """An output path cannot be written (message names the path)."""
+
+
+class LockedError(OutputError):
+    """Another process holds the advisory lock of an output file or folder."""
+
+
+def _lock_file(target: Path, folder: Optional[bool]) -> Path:
+    folder = target.is_dir() if folder is None else folder
+    return target / ".lock" if folder else target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(target: str | Path, what: str = "output", folder: Optional[bool] = None) -> Iterator[Path]:
+    """Hold an exclusive advisory lock on ``target`` (a folder: ``target/.lock``; a file: ``.NAME.lock`` beside it;
+    ``folder`` forces the choice, e.g. for a folder not created yet).
+
+    Non-blocking: if another process holds it, :class:`LockedError` (one line) is raised at once.
+    The lock file is left in place (removing it would race with a third writer); the lock itself
+    disappears with the process, so a killed run never leaves a stale lock behind.
+    """
+    import fcntl
+
+    target = Path(target)
+    lock = _lock_file(target, folder)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise OutputError(f"cannot create the lock file {lock} of {what} {target}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{what} {target} is in use by another process (lock {lock} is held); "
+                              "wait for it to finish or use another output") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
+        yield lock
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def is_pattern_store(path: str | Path) -> bool:
+    """True for a folder holding a pattern store's ``meta.json`` (the stores of ``awq.pattern_store``)."""
+    return (Path(path) / "meta.json").is_file() and Path(path).is_dir()
+
+
+def _resolve(p: str | Path) -> Path:
+    try:
+        return Path(p).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(Path(p).expanduser()))
+
+
+def check_not_input(output: str | Path, inputs: "list[str | Path | None]", what: str = "output") -> Path:
+    """Refuse (one-line :class:`OutputError`) an ``output`` that is one of ``inputs`` or lies inside
+    an input folder (e.g. a pattern store) -- symlinks and ``..`` resolved. Returns ``output``."""
+    out = _resolve(output)
+    for inp in inputs:
+        if inp is None or str(inp) == "":
+            continue
+        src = _resolve(inp)
+        if out == src:
+            raise OutputError(f"{what} {output} is the input {inp}: refusing to overwrite an input")
+        if src.is_dir() and src in out.parents:
+            kind = "pattern store" if is_pattern_store(src) else "folder"
+            raise OutputError(f"{what} {output} lies inside the input {kind} {inp}: refusing to write there")
+        if out.exists() and src.exists():
+            try:
+                if os.path.samefile(out, src):
+                    raise OutputError(f"{what} {output} is the input {inp} (same file): refusing to overwrite it")
+            except OSError:
+                pass
+    for parent in (out, *out.parents):
+        if is_pattern_store(parent) and parent != out:
+            raise OutputError(f"{what} {output} lies inside the pattern store {parent}: refusing to write there")
+    return Path(output)
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from awq.centroids import load_centroids
-from awq.io import OutputError, atomic_save_safetensors
+from awq.io import atomic_save_safetensors
 from awq.sparsify import PROJS, base_mlp, decoder_layers
 from awq.thresholds import file_sha256
 
@@ -149,6 +149,10 @@ class ClusterPredictor:
         extra = sorted(set(tensors) - set(want))
         if extra:
             raise PredictorError(f"predictor file holds unexpected tensors, e.g. '{extra[0]}'")
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise PredictorError(f"predictor tensor '{name}' holds non-finite values (NaN/inf): a damaged or "
+                                     "diverged predictor")
         self.tensors = {n: t.contiguous() for n, t in tensors.items()}
         self._cache: Optional[tuple] = None
 
@@ -235,13 +239,17 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
 # --------------------------------------------------------------------------------------------
 def check_centroids(pred: ClusterPredictor, spec: str) -> dict:
     """Check the centroid sets named by ``spec`` are the ones the predictor was trained with."""
-    from awq.codebook import parse_centroid_spec
+    from awq.codebook import check_centroid_proj, parse_centroid_spec
 
     out = {}
     for proj, path in parse_centroid_spec(spec).items():
         if proj not in pred.ks:
             raise PredictorError(f"--centroids names {proj} but the predictor has no head for it (has {pred.projs})")
-        c, _ = load_centroids(path, pred.widths[proj])
+        if not Path(path).is_file():
+            raise PredictorError(f"{proj} centroid file {path} (named by the predictor or --centroids) not found: "
+                                 "pass --centroids with the files the predictor was trained with")
+        c, cmeta = load_centroids(path, pred.widths[proj])
+        check_centroid_proj(path, cmeta, proj)
         if c.shape[0] != pred.ks[proj]:
             raise PredictorError(f"predictor {proj} head has K={pred.ks[proj]} but centroid file {path} has "
                                  f"K={c.shape[0]}")
@@ -258,8 +266,9 @@ def load_predictor(path: str | Path, model: nn.Module, centroids: Optional[str] 
     """-> (``{proj: fn(x, layer_idx) -> labels}``, info for the results JSON).
 
     Raises :class:`PredictorError` when the file does not fit the model (hidden size, layer count,
-    projection widths) or, with ``centroids`` (a ``--centroids`` spec), when a centroid set's K or
-    sha256 differs from the training one.  ``info["centroids_spec"]`` names the training
+    projection widths) or when a centroid set -- ``centroids`` (a ``--centroids`` spec) or, without
+    it, the training files the predictor names -- differs from the training one (K, sha256, or a
+    file whose metadata names another projection).  ``info["centroids_spec"]`` names the training
     centroid files (a default for ``--centroids``).
     """
     pred = ClusterPredictor.load(path)
@@ -278,7 +287,7 @@ def load_predictor(path: str | Path, model: nn.Module, centroids: Optional[str] 
         if pred.widths[p] != w:
             raise PredictorError(f"predictor {path} {p} width {pred.widths[p]} != model's {w}")
     spec = ",".join(f"{p.split('_')[0]}={pred.meta['centroids'][p]['path']}" for p in pred.projs)
-    checked = check_centroids(pred, centroids) if centroids else None
+    checked = check_centroids(pred, centroids or spec)  # the training sets too: never silently other centroids
     device = next(model.parameters()).device
     pred.to(device)
     info = {"path": str(path), "sha256": file_sha256(path), "model": name, "rank": pred.rank, "trunk": pred.trunk,
@@ -339,7 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from awq.predictor_eval import run_evaluate_cli
 
         return run_evaluate_cli(args)
-    except (ValueError, FileNotFoundError, OutputError) as e:  # PredictorError, StoreError, CentroidError: ValueError
+    except (ValueError, OSError) as e:  # PredictorError, StoreError, CentroidError (ValueError); OutputError, LockedError
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from awq.centroids import load_centroids
-from awq.io import atomic_write_json, check_output_path
+from awq.io import atomic_write_json, check_not_input, check_output_path
 from awq.predictor import ClusterPredictor, PredictorError, check_centroids
 from awq.thresholds import file_sha256
 
@@ -170,7 +170,11 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise PredictorError(f"--topk must be >= 1, got {args.topk}")
     if args.output:
+        from awq.codebook import parse_centroid_spec
+
         check_output_path(args.output, "evaluation results")
+        spec = parse_centroid_spec(args.centroids) if getattr(args, "centroids", None) else {}
+        check_not_input(args.output, [args.masks, args.predictor, *spec.values()], "evaluation results")
     res = evaluate(args.masks, args.predictor, args.centroids, args.topk, args.max_rows)
     if args.output:
         atomic_write_json(args.output, res)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from awq.centroids import load_centroids
-from awq.io import check_output_path
+from awq.io import check_not_input, check_output_path, output_lock
 from awq.predictor import (ACT_FNS, ACTS, FORMAT, FORMAT_VERSION, TRUNKS, ClusterPredictor, PredictorError, auto_rank,
                            most_frequent, predictor_cost, save_tensors)
 from awq.predictor_eval import EvalCounts, block_overlaps, input_rows
@@ -288,7 +288,33 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     return t
 
 
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Numeric options in range (one line naming the option), before any data is read."""
+    checks = (("epochs", lambda v: v >= 1, ">= 1"), ("batch_size", lambda v: v >= 1, ">= 1"),
+              ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+              ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+              ("max_rows", lambda v: v >= 0, ">= 0"), ("val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+              ("top_m", lambda v: v >= 1, ">= 1"), ("budget", lambda v: 0 < v <= 1, "in (0, 1]"))
+    for name, ok, want in checks:
+        v = getattr(args, name)
+        if not ok(v):
+            raise PredictorError(f"--{name} must be {want}, got {v}")
+    if args.rank is not None and args.rank < 1:
+        raise PredictorError(f"--rank must be >= 1, got {args.rank}")
+
+
 def run_train_cli(args: argparse.Namespace) -> int:
+    from awq.codebook import parse_centroid_spec
+
+    _check_train_args(args)
+    inputs = [args.masks, *parse_centroid_spec(args.centroids).values()]
+    check_output_path(args.output, "predictor")  # before the work: writable, not an input, not in use
+    check_not_input(args.output, inputs, "predictor")
+    with output_lock(args.output, "predictor", folder=False):
+        return _run_train(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(rank=args.rank, trunk=args.trunk, act=args.act, loss=args.loss, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       max_rows=args.max_rows or None, val_fraction=args.val_fraction, top_m=args.top_m,

@@ -139,7 +139,9 @@ def record_masks(
     ``meta`` holds the run's identity under the keys of :data:`IDENTITY_KEYS` (``model``,
     ``thresholds_sha256``, ``dataset``, ``dataset_source``, ``split``, ``corpus_sha256``,
     ``dtype``; a missing key counts as None) plus any other JSON-serialisable provenance
-    (thresholds path, versions, ...).
+    (thresholds path, versions, ...).  ``model_fingerprint`` defaults to
+    :func:`awq.fingerprint.weights_fingerprint` of ``model`` (so two models whose directories share a
+    name never resume into one store).
     Raises :class:`StoreMismatchError` if ``out_dir`` holds a store with other identity fields
     (or another seqlen, total_windows, record_inputs), :class:`StoreError` if ``out_dir`` is a
     non-empty directory without meta.json.  The model must be called with batch size 1.
@@ -149,6 +151,10 @@ def record_masks(
     mlps = observed_mlps(model)
     if not mlps:
         raise RuntimeError("model has no SparseMLP modules: call sparsify_() before record_masks()")
+    if "model_fingerprint" not in meta:  # identity by content, not by the model's (directory) name
+        from awq.fingerprint import weights_fingerprint
+
+        meta = {**meta, "model_fingerprint": weights_fingerprint(model)}
     writer = StoreWriter(
         out_dir, meta=meta, total_windows=total_windows, seqlen=seqlen, num_layers=len(mlps),
         record_inputs=record_inputs, sync=sync,

@@ -1,6 +1,8 @@
 """``python -m awq.reproduce``: the paper's experiments end to end on one model and corpus.
 
-Steps (each resumable: a finished step's output file makes it skip on rerun):
+Steps (each resumable: a finished step's output file makes it skip on a rerun of the same run --
+``DIR/fingerprint.json`` records what produced the directory and another run is refused, see
+:mod:`awq.reproduce_state`; ``--force`` starts over):
 
 1. dense and threshold-only perplexity (and, where shipped, the threshold sweep 20..70%);
 2. activation-mask extraction into a pattern store (test part);
@@ -30,7 +32,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from awq.cli import build_parser, check_config, given_options, opt, to_argv
-from awq.io import atomic_write_json, atomic_write_text
+from awq.io import atomic_write_json, atomic_write_text, check_output_path, output_lock
+from awq.reproduce_state import check_or_claim, read_json, run_fingerprint
 from awq.sparsify import PROJS
 
 log = logging.getLogger("awq.reproduce")
@@ -79,6 +82,8 @@ class ReproduceConfig:
     subprocess: bool = opt(False, help="run each clustering tool in its own process (python -m clustering.<tool>)")
     predictor: Optional[str] = opt(None, help="a trained awq.predictor file: adds a predicted-cluster "
                                    "perplexity run beside the oracle ones")
+    force: bool = opt(False, help="start over: delete this tool's outputs in --out first (needed when --out holds "
+                      "the results of another model, corpus, thresholds or options)")
 
     @classmethod
     def quick_preset(cls, **over) -> "ReproduceConfig":
@@ -98,8 +103,6 @@ class Reproducer:
         self.prec = self.out / "precision"
         self.store = self.out / "store"
         self.timings: dict[str, float] = {}
-        for d in (self.out, self.plots, self.runs, self.cents, self.prec):
-            d.mkdir(parents=True, exist_ok=True)
         self._pattern_rows: Optional[int] = None
 
     # ---------------------------------------------------------------------------------------
@@ -112,7 +115,7 @@ class Reproducer:
     def _entry(self, out: Path, **kw) -> dict:
         if out.is_file():
             log.info("skip (done): %s", out)
-            return json.loads(out.read_text())
+            return read_json(out)
         from awq.entry import EntryConfig, main
 
         cfg = EntryConfig(model_path=self.cfg.model_path, data_path=self.cfg.data_path, seqlen=self.cfg.seqlen,
@@ -167,7 +170,7 @@ class Reproducer:
     def step_extract(self) -> None:
         done = self.store / "meta.json"
         if done.is_file():
-            meta = json.loads(done.read_text())
+            meta = read_json(done, "pattern store meta")
             if meta.get("windows_done") == meta.get("windows_total"):
                 log.info("skip (done): %s", self.store)
                 return
@@ -243,7 +246,7 @@ class Reproducer:
     def summarize(self) -> dict:
         rows = []
         for f in sorted(self.prec.glob("*.json")):
-            r = json.loads(f.read_text())
+            r = read_json(f)
             stem = f.stem.removesuffix(".own")
             method = stem.split("_gate")[0].split("_up")[0].split("_down")[0]
             k = int(stem.split("_k")[1].split("_")[0])
@@ -254,7 +257,7 @@ class Reproducer:
                          "jaccard": r["jaccard"], "rows": r["rows"], "file": str(f)})
         runs = {}
         for f in sorted(self.runs.glob("*.json")):
-            r = json.loads(f.read_text())
+            r = read_json(f)
             if "ppl" not in r:
                 continue
             eff = {}
@@ -287,6 +290,18 @@ class Reproducer:
         return plot_all(summary, self.plots)
 
     def run(self) -> dict:
+        """Check the directory (writable, not in use, made by this same run), then run every step."""
+        check_output_path(self.out / "summary.json", "results directory")
+        fp = run_fingerprint(self.cfg)  # before the lock: hashing a big model for the first time takes a while
+        with output_lock(self.out, "results directory", folder=True):
+            check_or_claim(self.out, fp, self.cfg.force, self.plots)
+            if (self.out / "timings.json").is_file():  # appended to at the end: fail now, not after the work
+                read_json(self.out / "timings.json", "timings file")
+            for d in (self.out, self.plots, self.runs, self.cents, self.prec):
+                d.mkdir(parents=True, exist_ok=True)
+            return self._run()
+
+    def _run(self) -> dict:
         atomic_write_json(self.out / "config.json",
                           {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.cfg).items()})
         self._timed("1_ppl_dense_threshold", self.step_ppl)
@@ -299,7 +314,7 @@ class Reproducer:
         paths = self.plot(summary)
         log.info("summary: %s; plots: %s", self.out / "summary.csv", ", ".join(str(p) for p in paths))
         timings_file = self.out / "timings.json"
-        old = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+        old = read_json(timings_file, "timings file") if timings_file.is_file() else {}
         old[time.strftime("%Y-%m-%dT%H:%M:%S")] = self.timings
         atomic_write_json(timings_file, old)
         return summary
@@ -346,7 +361,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = ReproduceConfig.quick_preset(**given) if given.get("quick") else ReproduceConfig(**given)
         main(check_config(cfg))
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # awq.reproduce_state.ReproduceError, OutputError, LockedError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -32,6 +32,7 @@ META_JSON_INDENT = 1
 # meta fields that must agree for a rerun to resume into an existing store
 IDENTITY_KEYS: tuple[str, ...] = (
     "model",
+    "model_fingerprint",  # awq.fingerprint.weights_fingerprint of the loaded (sparsified) model
     "thresholds_sha256",
     "dataset",
     "dataset_source",
@@ -78,8 +79,8 @@ def layer_file(root: Path, kind: str, layer: int) -> Path:
 
 
 def is_meta_temp(name: str) -> bool:
-    """True for the temp file a writer killed while creating meta.json leaves behind."""
-    return bool(_META_TMP.match(name))
+    """True for what a writer killed while creating meta.json leaves behind (temp file, its lock file)."""
+    return name == ".lock" or bool(_META_TMP.match(name))
 
 
 def now() -> str:

@@ -4,7 +4,9 @@
 and writes each window's rows with ``os.pwrite``.  After all rows of a window are written the
 files are fdatasync'ed and ``meta.json`` is replaced atomically (:mod:`awq.io`, unique temp name)
 with ``windows_done = i + 1``: a killed run leaves a store that a rerun resumes from the last
-complete window, and a reader never sees rows of an unfinished window.
+complete window, and a reader never sees rows of an unfinished window.  The writer holds an
+advisory lock on ``DIR/.lock`` from construction to :meth:`StoreWriter.close`: a second writer of
+the same store is refused at once (:class:`awq.io.LockedError`, one line).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from numpy.lib import format as npy_format
 
-from awq.io import atomic_path, atomic_write_json
+from awq.io import atomic_path, atomic_write_json, output_lock
 from awq.store_format import (
     BIT_ORDER, FORMAT_NAME, FORMAT_VERSION, IDENTITY_KEYS, INPUT_KIND, META_JSON_INDENT, PROJS, ROW_LAYOUT,
     WRITER_KEYS, StoreError, StoreMismatchError, is_meta_temp, layer_file, now, npy_header, read_meta,
@@ -93,6 +95,24 @@ class StoreWriter:
             new_meta = json.loads(json.dumps(new_meta))
         except (TypeError, ValueError) as e:
             raise ValueError(f"store meta must be JSON serialisable: {e}") from None
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root} exists and is not a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the pattern store folder {self.root}: {e.strerror or e}") from None
+        self._lock = output_lock(self.root, what="pattern store", folder=True)
+        self._lock.__enter__()  # released by close()
+        self._files: dict[tuple[str, int], tuple[int, int, int]] = {}  # (kind, layer) -> (fd, offset, row bytes)
+        try:
+            self._open_meta(new_meta, pre_widths)
+        except BaseException:
+            self.close()
+            raise
+        self._written: set[tuple[str, int]] = set()
+        self._dirty: set[int] = set()
+
+    def _open_meta(self, new_meta: dict, pre_widths: dict) -> None:
         if (self.root / "meta.json").exists():
             old = read_meta(self.root)
             for key in IDENTITY_KEYS:
@@ -120,18 +140,12 @@ class StoreWriter:
             log.info("resuming store %s at window %d/%d", self.root, self.meta["windows_done"], self.total_windows)
         else:
             if self.root.exists():
-                if not self.root.is_dir():
-                    raise StoreError(f"{self.root} exists and is not a directory")
                 if not all(is_meta_temp(p.name) for p in self.root.iterdir()):  # tmp: killed while creating
                     raise StoreError(
                         f"{self.root} is not empty and holds no meta.json: refusing to write a store there"
                     )
-            self.root.mkdir(parents=True, exist_ok=True)
             self.meta = new_meta
             atomic_write_json(self.root / "meta.json", self.meta, what="pattern store meta", indent=META_JSON_INDENT)
-        self._files: dict[tuple[str, int], tuple[int, int, int]] = {}  # (kind, layer) -> (fd, offset, row bytes)
-        self._written: set[tuple[str, int]] = set()
-        self._dirty: set[int] = set()
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -242,4 +256,7 @@ class StoreWriter:
         for fd, _, _ in self._files.values():
             os.close(fd)
         self._files.clear()
-        self._dirty.clear()
+        getattr(self, "_dirty", set()).clear()
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.__exit__(None, None, None)

@@ -215,6 +215,7 @@ def main(argv=None) -> int:
     for r in range(a.repeats + 1):  # round 0: warm-up
         for name, run in runners.items():
             s, out = run(ids, a.new_tokens)
+            log.info("round %d/%d %s: %.2f tok/s%s", r, a.repeats, name, 1 / s, "" if r else " (warm-up)")
             if r:
                 times[name].samples.append(s)
             tokens[name] = out

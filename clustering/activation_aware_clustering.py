@@ -324,8 +324,18 @@ def main(cfg: AWCConfig) -> dict:
     return meta
 
 
+NO_ARGS_HELP = ("With no arguments (the artifact's step 2): reads the default pattern store results/masks, clusters "
+                "gate/up/down with K=2048 and sparsity 0.4 on 61,440 rows each and writes results/centroids/awc "
+                "(paths relative to the project root; see clustering/artifact_defaults.py).")
+
+
 def cli(argv: Optional[list[str]] = None) -> int:
-    return run(AWCConfig, main, argv, description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # the artifact's "no additional configuration" run
+        from clustering.artifact_defaults import cli as artifact_cli
+
+        return artifact_cli()
+    return run(AWCConfig, main, argv, description=__doc__.split("\n\n")[0] + " " + NO_ARGS_HELP)
 
 
 if __name__ == "__main__":

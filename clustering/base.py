@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +31,40 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def memory_budget(device: str) -> int:
+    """Bytes one block may use: ``AWQ_CLUSTER_MEMORY_GB`` if set, else a quarter of the available RAM
+    (CPU, at most 8 GiB) or half of the free memory of the GPU."""
+    env = os.environ.get("AWQ_CLUSTER_MEMORY_GB")
+    if env:
+        try:
+            gb = float(env)
+        except ValueError:
+            raise ClusteringError(f"AWQ_CLUSTER_MEMORY_GB={env!r} is not a number") from None
+        if not gb > 0 or gb == float("inf"):
+            raise ClusteringError(f"AWQ_CLUSTER_MEMORY_GB={env!r} must be a positive finite number")
+        return int(gb * 2**30)
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free // 2)
+    avail = 16 * 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return int(min(8 * 2**30, avail // 4))
+
+
+def block_bytes(rows: int, width: int, k: int) -> int:
+    """Approximate peak bytes of one block: the fp32 block ``[rows, width]`` and ~3 fp32 ``[rows, k]`` matrices
+    (distances and the temporaries of the assignment)."""
+    return 4 * int(rows) * (int(width) + 3 * int(k))
+
+
 def checkpoint_path(output: Path) -> Path:
     """Where a run writing ``output`` keeps its per-iteration checkpoint (``OUTPUT.ckpt.pt``)."""
     output = Path(output)
@@ -46,6 +81,9 @@ class BinaryClusterer:
     """
 
     method = "base"
+    #: True when the result does not depend on the block size (then an over-budget block is shrunk;
+    #: otherwise it is refused, since shrinking would change the result)
+    block_invariant = False
 
     def __init__(
         self,
@@ -98,9 +136,28 @@ class BinaryClusterer:
         if self.max_iter < 0:
             raise ClusteringError("max_iter must be >= 0")
 
+    def _guard_memory(self, src: Source, invariant: bool) -> Optional[int]:
+        """The block size to use: as configured if it fits :func:`memory_budget`; else shrunk (``invariant``)
+        or a one-line :class:`ClusteringError`."""
+        br = int(self.block_rows or src.default_block_rows)
+        need, budget = block_bytes(br, src.width, self.n_clusters), memory_budget(self.device)
+        if need <= budget:
+            return self.block_rows
+        fit_rows = max(1, budget // block_bytes(1, src.width, self.n_clusters))
+        if invariant:
+            log.warning("%s: a block of %d rows x K=%d needs ~%.2f GiB, over the budget of %.2f GiB: using blocks "
+                        "of %d rows (same result)", self.method, br, self.n_clusters, need / 2**30, budget / 2**30,
+                        fit_rows)
+            return int(fit_rows)
+        raise ClusteringError(
+            f"{self.method}: a block of {br} rows x K={self.n_clusters} needs ~{need / 2**30:.2f} GiB (block + "
+            f"[block, K] distances), over the memory budget of {budget / 2**30:.2f} GiB; pass --block_rows "
+            f"{fit_rows} or less (this method's result depends on the block) or set AWQ_CLUSTER_MEMORY_GB")
+
     def fit(self, X: Any, init: Optional[torch.Tensor | str | Path] = None) -> "BinaryClusterer":
         src = as_source(X, self.block_rows)
         self._validate(src)
+        self.block_rows = self._guard_memory(src, self.block_invariant)
         self.source_ = src
         rank, _ = dist_info()
         cfg = {
@@ -185,7 +242,8 @@ class BinaryClusterer:
         if src.width != C.shape[1]:
             raise CentroidError(f"width mismatch: data has width {src.width}, centroids have width {C.shape[1]}")
         out = []
-        for s, e in src.blocks(self.block_rows):
+        block_rows = self._guard_memory(src, invariant=True)  # labels do not depend on the block
+        for s, e in src.blocks(block_rows):
             out.append(self._predict_block(src.read_range(s, e, self.device), C).cpu())
         return torch.cat(out)
 

@@ -39,6 +39,7 @@ log = logging.getLogger("clustering.baselines")
 
 class _Lloyd(BinaryClusterer):
     binary_centroids = True
+    block_invariant = True  # batch Lloyd: assignments per row, updates summed over all blocks
 
     def _dist(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

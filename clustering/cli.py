@@ -6,10 +6,11 @@ own), a typed ``main(cfg) -> result`` and ``cli(argv) -> int`` = ``run(Config, m
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -17,10 +18,10 @@ import torch
 
 from awq.centroids import CentroidError, save_centroids
 from awq.cli import ConfigError, build_parser, check_config, opt, parse_config
-from awq.io import atomic_write_json
+from awq.io import atomic_write_json, check_not_input, check_output_path, output_lock
 from awq.sparsify import PROJS
 from clustering import ClusteringError
-from clustering.base import BinaryClusterer
+from clustering.base import BinaryClusterer, checkpoint_path
 from clustering.distributed import dist_info, shutdown_distributed
 from clustering.sources import StoreSource
 
@@ -91,9 +92,60 @@ def write_result(est: BinaryClusterer, output: Path, proj: str, extra: Optional[
     return meta
 
 
+_NOT_PATHS = {"random", "kmeanspp"}  # --init values that are not files
+
+
+def _inputs(cfg: Any) -> list[Path]:
+    """Every path-valued option of ``cfg`` except ``output``: the files and folders a tool reads."""
+    out: list[Path] = []
+    for f in fields(cfg):
+        if f.name == "output":
+            continue
+        v = getattr(cfg, f.name)
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, Path) or (isinstance(x, str) and f.name in ("init",) and x not in _NOT_PATHS):
+                out.append(Path(x))
+                if Path(x).suffix == ".pt":  # a centroid file's metadata sidecar is read too
+                    out.append(Path(x).with_suffix(".json"))
+    return out
+
+
+def output_files(cfg: Any) -> list[Path]:
+    """The files a run of ``cfg`` writes: ``output`` and, for a fit, its sidecar, results JSON and checkpoint."""
+    out = getattr(cfg, "output", None)
+    if out is None:
+        return []
+    out = Path(out)
+    help_text = next((f.metadata.get("help", "") for f in fields(cfg) if f.name == "output"), "")
+    if isinstance(cfg, FitOptions) or "centroid file" in help_text:  # .pt + sidecar (+ results, checkpoint)
+        files = [out, out.with_suffix(".json"), out.with_name(out.stem + ".results.json"), checkpoint_path(out)]
+        if len({str(p) for p in files}) < len(files):
+            raise ClusteringError(f"--output {out}: a centroid file must not end in .json (its .json sidecar "
+                                  "would replace it); use a .pt name")
+        return files
+    return [out]
+
+
+def check_outputs(cfg: Any) -> list[Path]:
+    """Before any work: every output is writable, no output is (or lies inside) an input or a pattern
+    store, and no two outputs coincide.  One-line :class:`awq.io.OutputError` / ClusteringError."""
+    inputs = _inputs(cfg)
+    if getattr(cfg, "output", None) is None:
+        return []
+    check_not_input(cfg.output, inputs, "--output")
+    if type(cfg).__name__ == "ImportConfig":  # its output is a pattern store folder (locked by its writer)
+        return []
+    files = output_files(cfg)
+    for f in files:
+        check_output_path(f, "--output")
+        check_not_input(f, inputs, "--output")
+    return files[:1]
+
+
 def run(cls: type[T], main: Callable[[T], Any], argv: Optional[Sequence[str]] = None,
         description: Optional[str] = None, prog: Optional[str] = None) -> int:
-    """Parse ``argv`` into ``cls``, run ``main(cfg)``; bad input -> one ``error: ...`` line on stderr, exit 2."""
+    """Parse ``argv`` into ``cls``, check its outputs (writable, not an input, not in use), run ``main(cfg)``
+    under a lock of the output; bad input -> one ``error: ...`` line on stderr, exit 2."""
     parser = build_parser(cls, prog=prog, description=description)
     try:
         try:
@@ -102,8 +154,12 @@ def run(cls: type[T], main: Callable[[T], Any], argv: Optional[Sequence[str]] = 
             print(f"error: {e}", file=sys.stderr)
             return 2
         setup_logging(bool(getattr(cfg, "verbose", False)))
-        main(cfg)
-    except (ClusteringError, CentroidError, FileNotFoundError, ValueError) as e:
+        with contextlib.ExitStack() as stack:
+            if int(os.environ.get("RANK", dist_info()[0])) == 0:  # rank 0 writes the outputs (RANK: before init)
+                for f in check_outputs(cfg):
+                    stack.enter_context(output_lock(f, "--output", folder=False))
+            main(cfg)
+    except (ClusteringError, CentroidError, FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -112,4 +168,5 @@ def run(cls: type[T], main: Callable[[T], Any], argv: Optional[Sequence[str]] = 
 
 
 __all__ = ["StoreOptions", "FitOptions", "setup_logging", "check_device", "make_source", "write_result", "run",
+           "check_outputs", "output_files",
            "check_config", "opt", "PROJS"]

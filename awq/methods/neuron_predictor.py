@@ -94,10 +94,10 @@ def _build_np(mlp: nn.Module, i: int, cfg: NeuronPredictorConfig) -> NeuronPredi
     return NeuronPredictorMLP(mlp, i, cfg.density, cfg.a[i], cfg.b[i], cfg.bias[i])
 
 
-def train_layer(x: torch.Tensor, target: torch.Tensor, w_gate: torch.Tensor, rank: int, steps: int = 100,
-                batch: int = 1024, lr: float = 3e-3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def train_layer(x: torch.Tensor, target: torch.Tensor, w_gate: torch.Tensor, rank: int, steps: int = 60,
+                batch: int = 512, lr: float = 3e-3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BCE-train ``B (A x) + b`` to predict ``target`` (bool ``[N, F]``); starts from the rank-r SVD of ``w_gate``."""
-    u, s, vh = torch.linalg.svd(w_gate.double(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(w_gate.float(), full_matrices=False)
     a = nn.Parameter((s[:rank, None].sqrt() * vh[:rank]).float().clone())
     b = nn.Parameter((u[:, :rank] * s[:rank].sqrt()).float().clone())
     bias = nn.Parameter(torch.zeros(w_gate.shape[0]))
@@ -116,13 +116,15 @@ def train_layer(x: torch.Tensor, target: torch.Tensor, w_gate: torch.Tensor, ran
     return a.detach(), b.detach(), bias.detach()
 
 
-def calibrate_neuron_predictor(model: nn.Module, xs: list[torch.Tensor], density: float, steps: int = 100,
+def calibrate_neuron_predictor(model: nn.Module, xs: list[torch.Tensor], density: float, steps: int = 60,
                                seed: int = 0, budget: float = BUDGET) -> NeuronPredictorConfig:
     check_density(density)
     hidden, inter = mlp_dims(model)
     rank = predictor_rank(hidden, inter, budget)
     cfg = NeuronPredictorConfig(density)
-    for i, x in enumerate(xs):
+    from tqdm.auto import tqdm
+
+    for i, x in enumerate(tqdm(xs, desc=f"neuron predictor d={density:.2f}", unit="layer", disable=None)):
         mlp = mlp_of(model, i)
         with torch.no_grad():
             a_, u_ = dense_h(mlp, x)

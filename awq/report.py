@@ -1,0 +1,301 @@
+"""``python -m awq.report``: regenerate every results figure in README.md and ARTIFACT.md from results JSON.
+
+A generated block sits between markers, each on its own line::
+
+    <!-- report:NAME -->
+    ... (rewritten by this command) ...
+    <!-- /report:NAME -->
+
+Blocks are made from the checked-in summaries in ``results_ref/`` (``reproduce.json``: the full
+``make reproduce`` run; ``predictor.json``, ``sparse_mlp.json``, ``frontier.json``, ``quick.json``: see
+each file's ``what``).  ``--check`` rewrites nothing and exits 1 naming every block that differs
+from what the summaries produce (a number edited by hand, or a results file updated without
+rerunning the report).  A fresh full run is imported with ``--import_reproduce results/reproduce``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Callable, Optional
+
+from awq import paths
+from awq.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("awq.report")
+
+TARGETS = ("README.md", "ARTIFACT.md")
+REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "quick")
+MARK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
+SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+class ReportError(ValueError):
+    """Missing results file, unknown block name or unbalanced markers (one line)."""
+
+
+def load_refs(ref_dir: Optional[Path] = None) -> dict:
+    """The checked-in summaries, by name (a missing optional file is absent)."""
+    ref_dir = Path(ref_dir) if ref_dir else paths.results_ref_dir()
+    refs = {}
+    for name in REF_FILES:
+        f = ref_dir / f"{name}.json"
+        if f.is_file():
+            try:
+                refs[name] = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ReportError(f"{f}: not valid JSON ({e})") from None
+    if "reproduce" not in refs:
+        raise ReportError(f"no {ref_dir / 'reproduce.json'}: the README's results come from it")
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# README "Results" blocks (from results_ref/reproduce.json)
+# ---------------------------------------------------------------------------------------------
+def para(text: str, width: int = 118) -> str:
+    """One paragraph, re-wrapped at the README's line width."""
+    return textwrap.fill(" ".join(text.split()), width=width, break_long_words=False, break_on_hyphens=False) + "\n"
+
+
+def _prec(rep: dict, method: str, proj: str, k: int, s: Optional[float] = None, rule: str = "active_only") -> dict:
+    for r in rep["precision"]:
+        if (r["method"], r["proj"], r["k"], r["rule"]) == (method, proj, k, rule) and (
+                s is None or abs((r["sparsity"] or 0) - s) < 1e-9):
+            return r
+    raise ReportError(f"reproduce.json has no precision row {method}/{rule}/{proj}/K={k}/s={s}")
+
+
+def _swap(rep: dict, k: int, s: float) -> dict:
+    return rep["runs"][f"swap_awc_k{k}_s{round(100 * s)}"]
+
+
+def _ks(rep: dict) -> list[int]:
+    return sorted({int(n.split("_k")[1].split("_")[0]) for n in rep["runs"] if n.startswith("swap_awc_")})
+
+
+def results_setup(refs: dict) -> str:
+    rep = refs["reproduce"]
+    c, tok = rep["config"], rep["runs"]["dense"]["tokens"]
+    rows = c["extract_nsamples"] * c["seqlen"] * c["num_layers"]
+    return para(f"The numbers here come from that command on **{rep['model']}** (fp32, CPU), shipped 50% thresholds, on "
+            f"the **offline Wikipedia substitute** (not WikiText-2: the hub is unreachable here): {c['ppl_nsamples']} "
+            f"windows × {c['seqlen']} tokens ({tok:,} scored tokens) per perplexity run; patterns extracted from the "
+            f"same {c['extract_nsamples']} test windows ({rows:,} rows per projection = {c['extract_nsamples']} × "
+            f"{c['seqlen']} tokens × {c['num_layers']} layers); each clustering run on a deterministic sample of "
+            f"{c['max_rows']:,} rows (one window × {c['num_layers']} layers, the artifact's chunk size), AWC with "
+            f"{c['max_iter']} iterations (the artifact used 10), baselines with {c['baseline_max_iter']}; precision "
+            f"evaluated on another deterministic sample of {c['eval_rows']:,} rows.")
+
+
+def swap_ppl(refs: dict) -> str:
+    rep = refs["reproduce"]
+    ks, ss = _ks(rep), rep["config"]["sparsities"]
+    head = para(f"**Centroid-swap (oracle) perplexity** (dense {rep['runs']['dense']['ppl']:.2f}; threshold-only at 50%: "
+            f"{rep['runs']['threshold_50']['ppl']:.2f}). Paper, Mistral-7B: threshold-only\n6.45; K=256 → 2048 at 40% "
+            f"centroid sparsity 933.78 → 58.84; 12.49 at K=8192 and 20%.") + "\n"
+    lines = ["| centroid sparsity | " + " | ".join(f"K={k}" if i == 0 else str(k) for i, k in enumerate(ks)) + " |",
+             "|---" * (len(ks) + 1) + "|"]
+    for s in ss:
+        lines.append(f"| {100 * s:.0f}% | " + " | ".join(f"{_swap(rep, k, s)['ppl']:.0f}" for k in ks) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def sweep(refs: dict) -> str:
+    runs = refs["reproduce"]["runs"]
+    pts = sorted((int(n.split("_")[1]), r["ppl"]) for n, r in runs.items() if re.fullmatch(r"threshold_\d+", n))
+    text = ("Threshold-only sweep (the training-free baseline, same windows): "
+            + " · ".join(f"{p}%: {v:.1f}" for p, v in pts) + ".")
+    pred = [(n, r) for n, r in runs.items() if n.startswith("predicted_k")]
+    for n, r in pred:
+        text += (f" With predicted clusters (low-rank predictor,\nK={n.split('_k')[1]}, 40% sparse centroids, mask = "
+                 f"C[label] over the unthresholded output): {r['ppl']:.0f}.")
+    return para(text)
+
+
+def _cell(r: dict) -> str:
+    return f"{100 * r['precision']:.1f}% (d={r['density']:.2f}, F1={r['f1']:.2f})"
+
+
+def precision(refs: dict) -> str:
+    rep = refs["reproduce"]
+    bk, ks = rep["config"]["baseline_k"], _ks(rep)
+    lines = ["| method (assignment rule) | gate | up | down |", "|---|---|---|---|"]
+    spec = [(f"AWC {100 * s:.0f}% sparse (active-only)", "awc", bk, s, "active_only") for s in rep["config"]["sparsities"]]
+    spec += [(f"AWC 40% sparse, K={k}", "awc", k, 0.4, "active_only") for k in (ks[0], ks[-1]) if k != bk]
+    for label, m, own in (("BMF", "bmf", "hamming"), ("BRB-KMeans", "brbkmeans", "hamming"),
+                          ("Penalized BRB-KMeans", "penalized_brbkmeans", "penalized")):
+        spec += [(f"{label} (own {'Hamming ' if own == 'hamming' else ''}rule)", m, bk, None, own),
+                 (f"{label} (active-only rule)", m, bk, None, "active_only")]
+    for label, m, k, s, rule in spec:
+        lines.append(f"| {label} | " + " | ".join(_cell(_prec(rep, m, p, k, s, rule)) for p in SHORT) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def analysis(refs: dict) -> str:
+    rep = refs["reproduce"]
+    runs, c, bk = rep["runs"], rep["config"], rep["config"]["baseline_k"]
+    awc, bmf = _prec(rep, "awc", "gate_proj", bk, 0.4), _prec(rep, "bmf", "gate_proj", bk, None, "hamming")
+    holds = all(_prec(rep, "awc", p, bk, 0.4)["precision"] > _prec(rep, b, p, bk, None, "hamming")["precision"]
+                for p in SHORT for b in ("bmf", "brbkmeans"))
+    dense, thr = runs["dense"]["ppl"], runs["threshold_50"]["ppl"]
+    eff = [v for n, r in runs.items() if n.startswith("swap_") for p, v in (r["effective_sparsity"] or {}).items()
+           if p in ("gate_proj", "up_proj")]
+    ks, s0 = _ks(rep), min(c["sparsities"])
+    by_k = {k: _swap(rep, k, s0)["ppl"] for k in ks}
+    kbest = min(by_k, key=by_k.get)
+    worse = ks[-1] != kbest and by_k[ks[-1]] > by_k[kbest]
+    own = [100 * _prec(rep, b, p, bk, None, "hamming")["precision"] for b in ("bmf", "brbkmeans") for p in SHORT]
+    return para(
+        f"**What this says.** The paper's precision ordering {'holds' if holds else 'does not hold everywhere'} at "
+        f"this scale: AWC covers more of the true active set than\nthe Hamming baselines at K={bk} (gate "
+        f"{100 * awc['precision']:.1f}% vs {100 * bmf['precision']:.1f}%), but at a higher centroid density "
+        f"({awc['density']:.2f} vs {bmf['density']:.2f}), and by F1 the\nbaselines are "
+        f"{'on par or slightly ahead' if bmf['f1'] >= awc['f1'] else 'behind'} (gate {bmf['f1']:.2f} vs "
+        f"{awc['f1']:.2f}): the precision gain is largely bought with density. But a 135M-parameter\nmodel is far "
+        f"more fragile than Mistral-7B: thresholding alone at 50% already raises perplexity {thr / dense:.1f}× "
+        f"({dense:.1f} → {thr:.1f}; the\npaper's Mistral loses 23%), and any centroid mask on top (effective gate/up "
+        f"sparsity {100 * min(eff):.0f}–{100 * max(eff):.0f}%) costs one to three\norders of magnitude, far above "
+        f"the threshold-only curve at the same effective sparsity (third plot). More centroids\nhelp only mildly "
+        f"({100 * s0:.0f}% sparse: {by_k[ks[0]]:.0f} at K={ks[0]} → {by_k[kbest]:.0f} at K={kbest}"
+        + (f"; K={ks[-1]} is worse again, with only {c['max_rows'] // ks[-1]} sampled rows per\ncentroid" if worse
+           else "") + "). The predictor recovers most of the oracle's recall (see the predictor section) but, "
+        "masking the\nunthresholded output, it keeps small activations and drops a quarter of the large ones, which "
+        "this model does not\nsurvive. Under the paper's active-only rule BMF/BRB-KMeans score a meaningless ~100%, "
+        "because one dense centroid\ncovers every row; with their own nearest-centroid rule they score "
+        f"{min(own):.0f}–{max(own):.0f}%, the comparison the plot shows.")
+
+
+def walltime(refs: dict) -> str:
+    rep = refs["reproduce"]
+    t, runs, prec = rep["timings_s"], rep["runs"], rep["precision"]
+    n_thr = sum(1 for n in runs if n == "dense" or re.fullmatch(r"threshold_\d+", n))
+    n_swap = sum(1 for n in runs if n.startswith("swap_"))
+    methods = {(r["method"], r["proj"], r["k"], r["sparsity"]) for r in prec}
+    n_awc = sum(1 for m in methods if m[0] == "awc")
+    total = sum(t.values())
+    return para(f"Wall time of this run (2-core CPU, shared with other jobs most of the time): step 1 (dense, "
+            f"threshold-only and the\n20–70% sweep: {n_thr} runs) {t['1_ppl_dense_threshold']:,.0f} s; step 2 "
+            f"extraction {t['2_extract']:,.0f} s; step 3 clustering ({n_awc} AWC + {len(methods) - n_awc} baseline "
+            f"runs) {t['3_cluster']:,.0f} s; step 4\nprecision ({len(prec)} evaluations) {t['4_precision']:,.0f} s; "
+            f"step 5 centroid-swap perplexity ({n_swap} runs) {t['5_swap_ppl']:,.0f} s; the predicted-cluster run "
+            f"about\n{t['6_predicted_ppl']:,.0f} s: about {total / 60:.0f} minutes in all, dominated by the "
+            f"perplexity runs.")
+
+
+def all_blocks() -> dict[str, Callable[[dict], str]]:
+    from awq.artifact import ARTIFACT_BLOCKS
+
+    return {"results_setup": results_setup, "swap_ppl": swap_ppl, "sweep": sweep, "precision": precision,
+            "analysis": analysis, "walltime": walltime, **ARTIFACT_BLOCKS}
+
+
+# ---------------------------------------------------------------------------------------------
+# rewriting
+# ---------------------------------------------------------------------------------------------
+def render(text: str, refs: dict, where: str = "text") -> tuple[str, list[str]]:
+    """-> (text with every marked block regenerated, names of the blocks that changed)."""
+    blocks = all_blocks()
+    opened = re.findall(r"<!-- report:([\w-]+) -->", text)
+    closed = re.findall(r"<!-- /report:([\w-]+) -->", text)
+    if sorted(opened) != sorted(closed):
+        raise ReportError(f"{where}: unbalanced report markers (open {opened}, close {closed})")
+    changed: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in blocks:
+            raise ReportError(f"{where}: unknown report block '{name}' (known: {', '.join(sorted(blocks))})")
+        body = blocks[name](refs)
+        if body != m.group("body"):
+            changed.append(name)
+        return f"<!-- report:{name} -->\n{body}<!-- /report:{name} -->"
+
+    return MARK.sub(sub, text), changed
+
+
+def run(root: Optional[Path] = None, check: bool = False, ref_dir: Optional[Path] = None) -> dict[str, list[str]]:
+    """Regenerate (or with ``check`` only compare) the marked blocks of README.md and ARTIFACT.md under ``root``."""
+    root = Path(root) if root else paths.project_root()
+    refs = load_refs(ref_dir or paths.results_ref_dir(root))
+    out: dict[str, list[str]] = {}
+    for name in TARGETS:
+        f = root / name
+        if not f.is_file():
+            continue
+        new, changed = render(f.read_text(), refs, where=name)
+        out[name] = changed
+        if changed and not check:
+            atomic_write_text(f, new)
+    return out
+
+
+def _step_seconds(run_dir: Path) -> dict:
+    """Seconds per step summed over every invocation in ``timings.json`` (a resumed run skips finished steps)."""
+    f = run_dir / "timings.json"
+    if not f.is_file():
+        return {}
+    total: dict = {}
+    for inv in json.loads(f.read_text()).values():
+        for step, sec in inv.items():
+            total[step] = round(total.get(step, 0.0) + sec, 1)
+    return total
+
+
+def import_reproduce(summary_dir: Path, ref_dir: Optional[Path] = None) -> Path:
+    """Slim a fresh ``awq.reproduce`` output (its ``summary.json``) into ``results_ref/reproduce.json``."""
+    f = Path(summary_dir) / "summary.json"
+    if not f.is_file():
+        raise ReportError(f"no {f}: run `make reproduce` first")
+    s = json.loads(f.read_text())
+    ref = (Path(ref_dir) if ref_dir else paths.results_ref_dir()) / "reproduce.json"
+    old = json.loads(ref.read_text()) if ref.is_file() else {}
+    any_run = next(iter(s["runs"].values()))
+    cfg = {k: s["config"].get(k) for k in ("seqlen", "ppl_nsamples", "extract_nsamples", "ks", "sparsities",
+                                           "baseline_k", "max_rows", "eval_rows", "max_iter", "baseline_max_iter")}
+    cfg["num_layers"] = old.get("config", {}).get("num_layers", 30)
+    new = {"what": f"python -m awq.reproduce, imported from {f}", "model": old.get("model", "SmolLM2-135M-Instruct"),
+           "dataset": any_run["dataset"], "substitute": any_run["substitute"], "config": cfg,
+           "runs": {n: {"ppl": r["ppl"], "tokens": r["tokens"], "effective_sparsity": r["effective_sparsity"]}
+                    for n, r in s["runs"].items()},
+           "precision": [{k: r[k] for k in ("method", "rule", "proj", "k", "sparsity", "precision", "density", "f1",
+                                            "jaccard", "rows")} for r in s["precision"]],
+           "timings_s": _step_seconds(Path(summary_dir)) or s.get("timings_s") or old.get("timings_s", {})}
+    atomic_write_json(ref, new)
+    return ref
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m awq.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 naming every stale block")
+    p.add_argument("--root", type=Path, default=None, help="project root holding README.md / ARTIFACT.md "
+                   "(default: this checkout or $AWQ_PROJECT_ROOT)")
+    p.add_argument("--results", type=Path, default=None, help="summaries directory (default <root>/results_ref)")
+    p.add_argument("--import_reproduce", type=Path, default=None, metavar="DIR",
+                   help="first copy DIR/summary.json (a fresh `make reproduce`) into results_ref/reproduce.json")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if a.import_reproduce:
+            log.info("imported %s", import_reproduce(a.import_reproduce, a.results))
+        res = run(a.root, check=a.check, ref_dir=a.results)
+    except (ReportError, KeyError, OSError) as e:
+        print(f"error: {e if not isinstance(e, KeyError) else f'results file lacks {e}'}", file=sys.stderr)
+        return 2
+    stale = [f"{f}: {n}" for f, names in res.items() for n in names]
+    if a.check:
+        if stale:
+            print("stale report blocks (rerun `python -m awq.report`): " + "; ".join(stale), file=sys.stderr)
+            return 1
+        print(f"report blocks up to date: {', '.join(res) or 'no targets'}")
+        return 0
+    print(f"rewrote {len(stale)} block(s)" + (": " + "; ".join(stale) if stale else "") + f" in {', '.join(res)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

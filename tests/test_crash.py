@@ -1,0 +1,105 @@
+"""Crash safety (issue 12): a clustering run and a small reproduce run killed with SIGKILL at a random
+point resume to exactly the result of an uninterrupted run.
+
+The kill time is drawn uniformly within the measured duration of the uninterrupted run (the seed
+is printed, so a failure can be replayed with ``AWQ_CRASH_SEED``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from awq.centroids import load_centroids
+from tests.test_clustering import make_store
+
+SEED = int(os.environ.get("AWQ_CRASH_SEED", str(time.time_ns() % 100000)))
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+             TOKENIZERS_PARALLELISM="false")
+    return e
+
+
+def timed_run(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return time.perf_counter() - t
+
+
+def killed_run(cmd: list[str], after: float) -> bool:
+    """Start ``cmd`` and SIGKILL its process group ``after`` seconds later; True if it was still running."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
+    try:
+        p.wait(timeout=after)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return True
+
+
+def test_killed_clustering_run_resumes_to_the_same_result(tmp_path):
+    rng = random.Random(SEED)
+    store = tmp_path / "store"
+    make_store(store, L=4, windows=6, seqlen=64, widths={"gate_proj": 96, "up_proj": 96, "down_proj": 32})
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "clustering.activation_aware_clustering", "--masks", str(store), "--proj",
+                "up_proj", "--k", "16", "--output", str(out), "--max_iter", "8", "--resume", "--no_progress"]
+
+    full = timed_run(cmd(tmp_path / "full.pt"))
+    after = rng.uniform(0.4, 0.95) * full
+    killed = killed_run(cmd(tmp_path / "crash.pt"), after)
+    print(f"seed {SEED}: killed after {after:.2f}s of {full:.2f}s (still running: {killed}); "
+          f"checkpoint left: {(tmp_path / 'crash.ckpt.pt').exists()}")
+    timed_run(cmd(tmp_path / "crash.pt"))
+    a, _ = load_centroids(tmp_path / "full.pt")
+    b, _ = load_centroids(tmp_path / "crash.pt")
+    assert torch.equal(a, b)
+    ra = json.loads((tmp_path / "full.results.json").read_text())
+    rb = json.loads((tmp_path / "crash.results.json").read_text())
+    assert ra["objective_history"] == rb["objective_history"] and ra["cluster_sizes"] == rb["cluster_sizes"]
+
+
+def _comparable(summary: dict) -> dict:
+    """A summary without what legitimately differs between two directories and two invocations."""
+    runs = {k: {f: v for f, v in r.items() if f != "file"} for k, r in summary["runs"].items()}
+    prec = [{f: v for f, v in r.items() if f != "file"} for r in summary["precision"]]
+    return {"runs": runs, "precision": sorted(prec, key=lambda r: json.dumps(r, sort_keys=True))}
+
+
+@pytest.mark.slow
+def test_killed_reproduce_run_resumes_to_the_same_result(tiny_model_dir, tiny_corpus, tiny_thresholds, tmp_path):
+    rng = random.Random(SEED + 1)
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "awq.reproduce", "--quick", "--out", str(out), "--model_path",
+                str(tiny_model_dir), "--data_path", str(tiny_corpus), "--thresholds", str(tiny_thresholds),
+                "--seqlen", "32", "--ppl_nsamples", "1",  # --baseline_k over the rows: AWC only, to stay fast "--extract_nsamples", "3", "--ks", "4", "--sparsities", "0.4",
+                "--baseline_k", "100000", "--max_rows", "150", "--eval_rows", "150", "--max_iter", "2",
+                "--baseline_max_iter", "2", "--plots_dir", str(out / "plots")]
+
+    full = timed_run(cmd(tmp_path / "full"))
+    after = rng.uniform(0.3, 0.95) * full
+    killed = killed_run(cmd(tmp_path / "crash"), after)
+    done = len(list((tmp_path / "crash").rglob("*.json")))
+    print(f"seed {SEED + 1}: killed after {after:.2f}s of {full:.2f}s (still running: {killed}); {done} json files")
+    timed_run(cmd(tmp_path / "crash"))
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())
+    b = json.loads((tmp_path / "crash" / "summary.json").read_text())
+    assert _comparable(a) == _comparable(b)
+    for f in sorted((tmp_path / "full" / "centroids").glob("*.pt")):
+        if not f.name.endswith(".ckpt.pt"):
+            assert torch.equal(load_centroids(f)[0], load_centroids(tmp_path / "crash" / "centroids" / f.name)[0])
