@@ -32,7 +32,7 @@ bench: install
 reproduce: install
 	$(PY) -m awq.reproduce --plots_dir plots
 
-# make artifact: ARTIFACT.md's quick path end to end (~15 min on 2 cores; finished steps are skipped on rerun),
+# make artifact: ARTIFACT.md's quick path end to end (20 min measured on 2 shared cores; finished steps are skipped on rerun),
 # then the checklist: measured beside checked-in and paper figures, each row PASS/FAIL by its criterion
 artifact: install
 	$(PY) -m awq.artifact

@@ -166,35 +166,35 @@ def check_frontier(ev: dict, ref: Optional[dict]) -> tuple[str, bool]:
 
 CLAIMS = [
     Claim("1", "Thresholded PPL (50% FFN thresholds)", "python -m awq.reproduce --quick --sparsities 0.2,0.4 "
-          "(step 1: dense and threshold-only PPL)", "1_ppl_dense_threshold", "6.45 (Mistral-7B, WikiText-2)",
+          "--out results/artifact/reproduce_quick", "1_ppl_dense_threshold", "6.45 (Mistral-7B, WikiText-2)",
           "each projection's measured sparsity 50 ± 3 points; PPL above dense and within ±2% of the checked-in "
           "figure (same windows)", check_threshold),
-    Claim("2", "Activation extraction (pattern store)", "(same command, step 2: --dump_masks)", "2_extract",
+    Claim("2", "Activation extraction (pattern store)", "(row 1's command, its step 2: --dump_masks)", "2_extract",
           "10,682,368 patterns (163 × 2048 × 32)", "store complete (windows × seqlen × layers rows); PPL while "
           "recording equals threshold-only PPL (relative difference < 1e-6)", check_extract),
-    Claim("3", "Clustering precision ordering", "(same command, steps 3–4: AWC, BMF, BRB-KMeans, precision)",
+    Claim("3", "Clustering precision ordering", "(row 1's command, its steps 3–4: AWC, BMF, BRB-KMeans, precision)",
           "3_cluster", "AWC 79.34 / 65 / 64% > BMF 70.62 / 60.79 / 48.74% > BRB 69.57 / 59.90 / 46.74%",
           "AWC (40% sparse, active-only) above BMF and BRB-KMeans (own Hamming rule) for gate, up and down",
           check_precision),
-    Claim("4", "PPL vs K and centroid sparsity", "(same command, step 5: centroid-swap PPL)", "5_swap_ppl",
+    Claim("4", "PPL vs K and centroid sparsity", "(row 1's command, its step 5: centroid-swap PPL)", "5_swap_ppl",
           "40%: 933.78 (K=256) → 58.84 (K=2048); 12.49 at K=8192, 20%", "at every K, 20%-sparse centroids give "
           "lower PPL than 40%; for each sparsity the best of the larger half of the K values beats the smallest K",
           check_k_sparsity),
-    Claim("5", "Artifact flow with no configuration", "python -m awq.entry --dump_masks --nsamples 2; "
-          "cd clustering && python activation_aware_clustering.py; python -m awq.entry --centroids "
+    Claim("5", "Artifact flow with no configuration", "python -m awq.entry --dump_masks results/masks --nsamples 2; "
+          "(cd clustering && python activation_aware_clustering.py); python -m awq.entry --centroids "
           "results/centroids/awc --nsamples 2", "flow", "centroids saved where step 1 finds them",
           "three centroid files (gate/up/down, ≥ 40% sparse) that awq.entry loads; PPL finite and not below the "
           "threshold-only PPL of the same windows", check_flow,
-          full="python -m awq.entry --dump_masks; cd clustering && python activation_aware_clustering.py; "
-               "cd .. && python -m awq.entry --centroids results/centroids/awc"),
+          full="python -m awq.entry --dump_masks results/masks; (cd clustering && python "
+               "activation_aware_clustering.py); python -m awq.entry --centroids results/centroids/awc"),
     Claim("6", "Sparse MLP speedup (batch-1 decode)", "python bench/bench_sparse_mlp.py --shapes smollm2-135m "
           "--densities 50 --no_step --threads 1", "sparse_mlp", "none measured (TEAL, a peer: 1.43× at 50% on A100)",
           "MLP block ≥ 1.2× faster than dense at 50% density (roofline bound 2.0×)", check_speedup,
           full="python bench/bench_sparse_mlp.py --threads 1"),
-    Claim("7", "Cluster predictor (beyond the paper)", "README 'cluster predictor' commands (train 6 windows, "
+    Claim("7", "Cluster predictor (beyond the paper)", "(the README's 'cluster predictor' commands: train 6 windows, "
           "evaluate 2)", "predictor", "none (the paper stops at oracle selection)", "predicted centroid recalls "
           "more true active neurons than the majority cluster (gate, up), at ≤ 5% of the MLP's MACs",
-          check_predictor, full="README 'cluster predictor' commands", quick=False),
+          check_predictor, full="(the README's 'cluster predictor' commands)", quick=False),
     Claim("8", "Frontier: PPL vs weight bytes read", "make frontier", "frontier", "none (Dhar 6.45 → 12.49 at "
           "K=8192, 20%; TEAL +7–14% at 50%)", "every point of the paper's thresholding is dominated by a TEAL point "
           "(≤ weight read fraction at ≤ PPL)", check_frontier, full="make frontier", quick=False),
@@ -239,7 +239,9 @@ def _t(sec: Optional[float]) -> str:
 
 
 def _md(text: str) -> str:
-    return text.replace("|", "\\|")
+    """A command as a table cell: code, unless it is a reference to another row."""
+    text = text.replace("|", "\\|")
+    return text if text.startswith("(") else f"`{text}`"
 
 
 def quick_block(refs: dict) -> str:
@@ -250,7 +252,7 @@ def quick_block(refs: dict) -> str:
     for c in CLAIMS:
         if c.quick:
             fig, _ = c.check(ev, None)
-            lines.append(f"| {c.id} | {c.title} | `{_md(c.command)}` | {_t(step_seconds(c, ev))} | {fig} | {c.paper} | "
+            lines.append(f"| {c.id} | {c.title} | {_md(c.command)} | {_t(step_seconds(c, ev))} | {fig} | {c.paper} | "
                          f"{c.criterion} |")
     total = sum(v for v in (ev.get("timings_s") or {}).values() if isinstance(v, (int, float)))
     return "\n".join(lines) + f"\n\nQuick path total in the checked-in run: {_t(total)} of wall time.\n"
@@ -265,7 +267,7 @@ def full_block(refs: dict) -> str:
         fig, ok = c.check(ev, None)
         if fig == "not run":
             continue
-        lines.append(f"| {c.id} | {c.title} | `{_md(c.full)}` | {_t(step_seconds(c, ev))} | {fig} | {c.paper} | "
+        lines.append(f"| {c.id} | {c.title} | {_md(c.full)} | {_t(step_seconds(c, ev))} | {fig} | {c.paper} | "
                      f"{c.criterion} | {'PASS' if ok else 'FAIL'} |")
     return "\n".join(lines) + "\n"
 

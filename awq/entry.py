@@ -52,7 +52,7 @@ class EntryConfig:
                                 "device_map)")
     output_path: Optional[str] = opt(None, help="write the results JSON here")
     dump_masks: Optional[str] = opt(None, metavar="DIR", help="record bit-packed activation masks into a pattern "
-                                    "store DIR while scoring (resumable)")
+                                    "store DIR while scoring (resumable; a bare --dump_masks: results/masks under the project root)")
     dump_inputs: bool = opt(False, help="with --dump_masks, also record the MLP inputs (fp16)")
     centroids: Optional[str] = opt(None, help="centroid sets: gate=FILE,up=FILE,down=FILE (any subset) or a "
                                    "directory holding files named by projection")
@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
+    from awq.paths import default_store, fill_bare_option
+
+    # a bare --dump_masks records into the documented default store (results/masks under the project root)
+    argv = fill_bare_option(sys.argv[1:] if argv is None else argv, "--dump_masks", default_store())
     try:
         cfg, args = parse_config(EntryConfig, argv, build_parser())  # option ranges checked before any model loads
     except ConfigError as e:
