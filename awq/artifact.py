@@ -276,8 +276,6 @@ ARTIFACT_BLOCKS = {"artifact_quick": quick_block, "artifact_full": full_block}
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    import logging
-
     from awq.artifact_run import gather, run_steps, with_checked_in
     from awq.report import ReportError, load_refs
 
@@ -288,7 +286,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--save_reference", action="store_true",
                    help="also store this run's evidence as results_ref/quick.json (then run python -m awq.report)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from awq.cli import setup_logging
+
+    setup_logging("INFO")
     root = Path(a.root).resolve() if a.root else paths.project_root()
     t0 = time.perf_counter()
     try:

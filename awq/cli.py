@@ -198,9 +198,11 @@ def to_argv(cfg: Any) -> list[str]:
     return argv
 
 
-def setup_logging(level: str | int = "INFO") -> None:
+def setup_logging(level: str | int = "INFO", fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    """Log to the current stderr; replaces earlier handlers (``force``), so a CLI called twice in one
+    process (tests, ``awq.reproduce``) never writes to a stream that an earlier caller closed."""
     lvl = getattr(logging, level) if isinstance(level, str) else level
-    logging.basicConfig(level=lvl, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=lvl, format=fmt, force=True)
 
 
 def run_cli(cls: type[T], main: Callable[[T], Any], argv: Optional[Sequence[str]] = None, *,

@@ -265,7 +265,9 @@ if __name__ == "__main__":
     ap.add_argument("--no_hub", action="store_true", help="do not try the Hugging Face hub")
     ap.add_argument("--log_level", default="INFO", help="logging level (default: INFO)")
     a = ap.parse_args()
-    logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from awq.cli import setup_logging
+
+    setup_logging(a.log_level.upper(), fmt="%(levelname)s %(name)s: %(message)s")
     try:
         main(a.split, a.data_path, not a.no_hub)
     except DataError as e:

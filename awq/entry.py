@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from awq.cli import ConfigError, opt, parse_config
+from awq.cli import ConfigError, opt, parse_config, setup_logging
 from awq.cli import build_parser as build_config_parser
 
 log = logging.getLogger("awq.entry")
@@ -318,7 +318,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     try:
         res = main(cfg)
     except ValueError as e:

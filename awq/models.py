@@ -355,7 +355,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
                    help="also build the fp32 safetensors copy now (else it is built on the first load)")
     sub.add_parser("list", help="known aliases, their cached GGUF and its state")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from awq.cli import setup_logging
+
+    setup_logging("INFO")
     try:
         if a.cmd == "list":
             for spec in PACKED_MODELS:

@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from awq.cli import setup_logging
+
+    setup_logging(args.log_level)
     try:
         if args.cmd == "train":
             from awq.predictor_train import run_train_cli

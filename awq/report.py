@@ -29,7 +29,7 @@ from awq.io import atomic_write_json, atomic_write_text
 log = logging.getLogger("awq.report")
 
 TARGETS = ("README.md", "ARTIFACT.md")
-REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "quick")
+REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "quick", "run_default")
 MARK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -187,11 +187,55 @@ def walltime(refs: dict) -> str:
             f"perplexity runs.")
 
 
+def make_run(refs: dict) -> str:
+    """The README's opening figure: what ``make run`` prints."""
+    r = refs["run_default"]
+    sp = " ".join(f"{SHORT[p]}={100 * v:.2f}%" for p, v in r["sparsity"].items())
+    return (f"`ppl={r['ppl']:.2f} tokens={r['tokens']} windows={r['nsamples']} ... sparsity: {sp} "
+            f"mlp_weight_read={r['weight_read_fraction']:.3f}`\n")
+
+
+FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
+                  "larosa", "neuron_predictor", "cluster_oracle", "cluster_predicted")
+
+
+def frontier(refs: dict) -> str:
+    """Frontier table (one row per method: its sweep) and the winners at <= 0.5 and <= 0.3 of the weights read."""
+    pts = refs["frontier"]["points"]
+    order = {m: i for i, m in enumerate(FRONTIER_ORDER)}
+    by: dict[str, list[dict]] = {}
+    for q in sorted(pts, key=lambda q: (order.get(q["method"], 99), q["param"])):
+        by.setdefault(q["method"], []).append(q)
+    lines = ["| method | density swept | MLP weight read / token | PPL |", "|---|---|---|---|"]
+    for m, qs in by.items():
+        tag = "" if all(q["realizable"] for q in qs) else " (oracle)"
+        dens = " / ".join(f"{q['param']:g}" for q in qs)
+        reads = " / ".join(f"{q['weight_read_fraction']:.3f}" for q in qs)
+        ppls = " / ".join(f"{q['ppl']:,.1f}" for q in qs)
+        lines.append(f"| `{m}`{tag} | {dens} | {reads} | {ppls} |")
+    dense = next((q["ppl"] for q in pts if q["method"] == "dense"), None)
+    out = "\n".join(lines) + "\n\n"
+    for budget in (0.5, 0.3):
+        ok = [q for q in pts if q["realizable"] and q["method"] != "dense" and q["weight_read_fraction"] <= budget + 0.01]
+        if not ok:
+            out += f"At most {budget:.0%} of the MLP weights read: no point of the sweep reaches it.\n"
+            continue
+        best = min(ok, key=lambda q: q["ppl"])
+        rest = sorted(ok, key=lambda q: q["ppl"])
+        runner = next((q for q in rest if q["method"] != best["method"]), None)
+        out += (f"At most {budget:.0%} of the MLP weights read (+0.01): best `{best['method']}` "
+                f"(density {best['param']:g}, reads {best['weight_read_fraction']:.3f}) at PPL {best['ppl']:,.1f}"
+                + (f" ({best['ppl'] / dense:.2f}x dense)" if dense else "")
+                + (f"; next `{runner['method']}` at PPL {runner['ppl']:,.1f}" if runner else "") + ".\n")
+    return out
+
+
 def all_blocks() -> dict[str, Callable[[dict], str]]:
     from awq.artifact import ARTIFACT_BLOCKS
 
     return {"results_setup": results_setup, "swap_ppl": swap_ppl, "sweep": sweep, "precision": precision,
-            "analysis": analysis, "walltime": walltime, **ARTIFACT_BLOCKS}
+            "analysis": analysis, "walltime": walltime, "make_run": make_run, "frontier": frontier,
+            **ARTIFACT_BLOCKS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +322,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--import_reproduce", type=Path, default=None, metavar="DIR",
                    help="first copy DIR/summary.json (a fresh `make reproduce`) into results_ref/reproduce.json")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from awq.cli import setup_logging
+
+    setup_logging("INFO", fmt="%(levelname)s %(name)s: %(message)s")
     try:
         if a.import_reproduce:
             log.info("imported %s", import_reproduce(a.import_reproduce, a.results))

@@ -357,7 +357,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
     p = build_parser(ReproduceConfig, prog="python -m awq.reproduce", description=__doc__.split("\n\n")[0],
                      suppress_defaults=True)  # only the options given: --quick presets the others
     given = given_options(ReproduceConfig, p.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from awq.cli import setup_logging
+
+    setup_logging("INFO")
     try:
         cfg = ReproduceConfig.quick_preset(**given) if given.get("quick") else ReproduceConfig(**given)
         main(check_config(cfg))

@@ -21,10 +21,13 @@ The dense path, and the ``base`` MLP that :func:`awq.sparsify.base_mlp` returns 
 re-configuring), use strided views of the same tensor: nothing is stored twice.
 
 Kernels: a fused C++ kernel (``csrc/sparse_mlp.cpp``: gather, two dot products, threshold, SiLU,
-down axpy, parallel over neurons), built once by :mod:`awq.kernel_build`; if it cannot be built,
-or the activation is not SiLU, or the tensors are not on the CPU, a pure torch path
-(``index_select`` + ``matmul``) is used, with one logged warning.  ``AWQ_SPARSE_KERNEL=torch``
-forces the pure torch path.
+down axpy; AVX-512 or AVX2+FMA, parallel over neurons from ``MIN_BYTES_PER_THREAD`` weight bytes
+per thread), built once by :mod:`awq.kernel_build`; if it cannot be built, or the activation is
+not SiLU, or the tensors are not on the CPU, a pure torch path (``index_select`` + ``matmul``) is
+used, with one logged warning.  ``AWQ_SPARSE_KERNEL=torch`` forces the pure torch path.  With
+``kernel="auto"``, more than ``GEMM_TOKENS`` tokens sharing a set (prefill) use the torch GEMM.
+A fixed set (:meth:`GatheredSparseMLP.set_active`) is prepared once; a decode step with it is one
+kernel call (no per-call validation, selector, index or dtype work).
 
 Batched tokens: tokens are grouped by their active set (cluster label or identical mask rows);
 each group reads its neurons' weights once for all its tokens.  When the groups together would
@@ -44,6 +47,7 @@ from torch import nn
 
 from awq.active_sets import (Active, PreparedIndices, Selector, as_bool_mask, cluster_selector,  # noqa: F401
                              group_tokens, indices_from_active)
+from awq.interleaved import InterleavedMLP  # noqa: F401  (re-exported)
 from awq.kernel_build import load_cpp_extension
 from awq.sparsify import PROJS, SwappedMLP, decoder_layers, register_method
 
@@ -55,9 +59,15 @@ KERNELS: tuple[str, ...] = ("auto", "cpp", "torch")
 # the C++ kernel
 # --------------------------------------------------------------------------------------------
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
-# the C++ kernel uses several threads only when each gets at least this many weight bytes (a parallel
-# region costs microseconds on an idle machine but a scheduler tick when a core is busy elsewhere)
-MIN_BYTES_PER_THREAD = 8 << 20
+# the C++ kernel uses several threads only when each gets at least this many weight bytes.  A parallel
+# region costs microseconds; 1 MiB is ~100 us of streaming, so one SmolLM2 layer at 50% (5.3 MB) is
+# split over 2 threads, like torch splits the dense GEMV it competes with.  (It was 8 MiB: every
+# SmolLM2/Qwen-0.5B layer then ran on one thread against a 2-thread dense GEMV.)
+# AWQ_SPARSE_MIN_BYTES overrides it (e.g. a very large value keeps the kernel single-threaded).
+MIN_BYTES_PER_THREAD = int(os.environ.get("AWQ_SPARSE_MIN_BYTES", 1 << 20))
+# kernel="auto": more tokens than this sharing one set (prefill) go to a gathered GEMM (index_select +
+# matmul), which reuses each weight row for all tokens; the C++ kernel is a per-token GEMV loop
+GEMM_TOKENS = 16
 
 _kernel_state: dict[str, object] = {}
 _EMPTY = torch.empty(0)
@@ -70,8 +80,11 @@ def cpp_kernel():
             log.info("AWQ_SPARSE_KERNEL=torch: using the pure torch sparse MLP path")
             _kernel_state["mod"] = None
         else:
-            _kernel_state["mod"] = load_cpp_extension("awq_sparse_swiglu", "sparse_mlp.cpp", _CFLAGS, ["-fopenmp"],
-                                                      what="sparse MLP")
+            mod = load_cpp_extension("awq_sparse_swiglu", "sparse_mlp.cpp", _CFLAGS, ["-fopenmp"], what="sparse MLP")
+            if mod is not None:
+                log.info("sparse MLP C++ kernel: %s vector path, threads from %d weight bytes per thread",
+                         mod.simd() if hasattr(mod, "simd") else "?", MIN_BYTES_PER_THREAD)
+            _kernel_state["mod"] = mod
     return _kernel_state["mod"]
 
 
@@ -84,38 +97,6 @@ def cpp_kernel_available() -> bool:
 # --------------------------------------------------------------------------------------------
 def _threshold(y: torch.Tensor, t: float) -> torch.Tensor:
     return y if t <= 0.0 else y.masked_fill(y.abs() < t, 0)
-
-
-def _linear_view(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-    """An nn.Linear whose weight (and bias) *are* the given tensors (views, no copy)."""
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    lin.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias, requires_grad=False)
-    return lin
-
-
-class InterleavedMLP(nn.Module):
-    """The SwiGLU MLP behind a :class:`GatheredSparseMLP`, as strided views of its ``[F, 3, H]`` weight."""
-
-    def __init__(self, mod: "GatheredSparseMLP") -> None:
-        super().__init__()
-        w = mod.weight
-        object.__setattr__(self, "interleaved", w)  # unregistered; reused when re-configured (no copy)
-        bg = None if mod.bias_gu is None else mod.bias_gu[:, 0].to(w.dtype)
-        bu = None if mod.bias_gu is None else mod.bias_gu[:, 1].to(w.dtype)
-        self.gate_proj, self.up_proj = _linear_view(w[:, 0], bg), _linear_view(w[:, 1], bu)
-        self.down_proj = _linear_view(w[:, 2].t(), mod.bias_down)
-        self.act_fn = mod.act_fn
-
-    def shares_storage(self) -> bool:
-        """Whether the projections are still views of ``interleaved`` (not moved or replaced since)."""
-        w = self.interleaved
-        return (self.gate_proj.weight.device == w.device and self.gate_proj.weight.data_ptr() == w.data_ptr()
-                and self.down_proj.weight.data_ptr() == w[:, 2].data_ptr())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class GatheredSparseMLP(SwappedMLP):
@@ -159,6 +140,7 @@ class GatheredSparseMLP(SwappedMLP):
         self.dense_ratio = dense_ratio
         self.selector: Optional[Selector] = None
         self._fixed: Active = None
+        self._fast: Optional[tuple] = None  # (weight key, kernel args) of the fixed set's single-call path
         self._view: Optional[tuple] = None
         with torch.no_grad():  # the fused kernel implements SiLU; recognise it by value, not by class
             probe = torch.linspace(-8, 8, 33)
@@ -229,6 +211,24 @@ class GatheredSparseMLP(SwappedMLP):
         if isinstance(active, torch.Tensor) and active.dim() == 1:
             active = PreparedIndices(indices_from_active(active.to(self.weight.device), self.intermediate_size))
         self._fixed = active
+        self._fast = None
+
+    def _fast_args(self) -> Optional[tuple]:
+        """Kernel arguments of the fixed prepared set (made once per set and weight), or None when the
+        call needs more than the kernel (torch path, output bias/threshold)."""
+        w = self.weight
+        key = (w.data_ptr(), w.device, w.dtype)
+        if self._fast is None or self._fast[0] != key:
+            ok = (isinstance(self._fixed, PreparedIndices) and self._use_cpp() and self.bias_down is None
+                  and self.thresholds["down_proj"] <= 0.0)
+            args = None
+            if ok:
+                idx = self._fixed.idx.contiguous()
+                bias = self.bias_gu.contiguous() if self.bias_gu is not None else _EMPTY
+                args = (cpp_kernel().fused_sparse_swiglu, w, idx, bias, self._thr("gate_proj"), self._thr("up_proj"),
+                        idx.numel() / self.intermediate_size)
+            self._fast = (key, args)
+        return self._fast[1]
 
     def _use_cpp(self) -> bool:
         if self.kernel == "torch" or not self._is_silu or self.weight.device.type != "cpu":
@@ -248,7 +248,7 @@ class GatheredSparseMLP(SwappedMLP):
     # -- compute -----------------------------------------------------------------------------
     def _sparse(self, x2: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Tokens x2 [t, H] sharing the active indices idx [k] -> [t, H] (before down bias/threshold)."""
-        if self._use_cpp():
+        if self._use_cpp() and (x2.shape[0] <= GEMM_TOKENS or self.kernel == "cpp"):
             bias = self.bias_gu if self.bias_gu is not None else _EMPTY
             out = cpp_kernel().fused_sparse_swiglu(
                 x2.float().contiguous(), self.weight, idx.contiguous(), bias,
@@ -311,6 +311,17 @@ class GatheredSparseMLP(SwappedMLP):
         return self._masked_dense(x2, masks[inv]), frac
 
     def forward(self, x: torch.Tensor, active: Active = None, out_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (active is None and out_mask is None and self.selector is None and self._fixed is not None
+                and x.dtype == torch.float32 and x.is_contiguous() and x.dim() >= 2):
+            fast = self._fast_args()
+            if fast is not None and x.shape[-1] == fast[1].shape[2] and (
+                    x.numel() <= GEMM_TOKENS * x.shape[-1] or self.kernel == "cpp"):
+                # decode with a fixed set: one kernel call (indices, bias and thresholds prepared once)
+                fn, w, idx, bias, tg, tu, frac = fast
+                out = fn(x.view(-1, x.shape[-1]), w, idx, bias, tg, tu, MIN_BYTES_PER_THREAD)
+                if self.read_meter is not None:
+                    self.read_meter.add(self.layer_idx, out.shape[0], frac, frac, frac)
+                return out.view(x.shape)
         H = self.hidden_size
         if x.shape[-1] != H:
             raise ValueError(f"input has hidden size {x.shape[-1]} but the MLP expects {H}")

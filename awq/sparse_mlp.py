@@ -133,12 +133,15 @@ class SparseMLP(SwappedMLP):
         u = self._post("up_proj", self.up_proj(x), x)
         h = self.act_fn(g) * u
         if self.read_meter is not None:
-            # gate and up are computed in full; down reads only the columns of nonzero h
             with torch.no_grad():
-                h2 = h.reshape(-1, h.shape[-1])
-                dens = (h2 != 0).sum(1, dtype=torch.float64) / h2.shape[-1]
-            self.read_meter.add(self.layer_idx, h2.shape[0], 1.0, 1.0, dens)
+                self._account(g, u, h)
         return self._post("down_proj", self.down_proj(h), x)
+
+    def _account(self, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> None:
+        """Weights read per token: gate and up are computed in full; down reads the columns of nonzero h."""
+        h2 = h.reshape(-1, h.shape[-1])
+        dens = (h2 != 0).sum(1, dtype=torch.float64) / h2.shape[-1]
+        self.read_meter.add(self.layer_idx, h2.shape[0], 1.0, 1.0, dens)
 
     def extra_repr(self) -> str:
         t = ", ".join(f"{p}={self.thresholds[p]:.4g}" for p in PROJS)

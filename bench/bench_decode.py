@@ -243,6 +243,9 @@ def main(argv=None) -> int:
         if name.startswith("lean gathered"):
             roof = roofline_speedup(nbytes[best], nbytes[name])
             rep.ratio(f"{name} vs {best}", times[best], times[name], roof)
+            if best != "lean dense":  # the sparse MLP's own effect: same decoder, dense vs gathered MLPs
+                rep.ratio(f"{name} vs lean dense", times["lean dense"], times[name],
+                          roofline_speedup(nbytes["lean dense"], nbytes[name]))
             if "llama.cpp F32" in times:
                 faster = times[name].median < times["llama.cpp F32"].median
                 rep.emit(f"{name} {'faster' if faster else 'NOT faster'} than llama.cpp F32 dense "

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -157,24 +156,12 @@ def check_ratio(measured: float, roofline: Optional[float], tol: float = 0.0) ->
 # system description
 # --------------------------------------------------------------------------------------------
 def system_info() -> dict[str, Any]:
-    """CPU model, the SIMD flags that matter here, core and thread counts, load, torch build."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = val.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(val.split())
-    except OSError:
-        pass
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # older torch
-        cap = "unknown"
-    return {"cpu": model, "flags": [f for f in CPU_FLAGS if f in flags], "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "torch_cpu_capability": cap,
+    """CPU model, the SIMD flags that matter here, core and thread counts, load, torch build (from awq.hw)."""
+    from awq.hw import cpu_info
+
+    c = cpu_info()
+    return {"cpu": c["model"], "flags": c["flags"], "cpus": c["cores"], "torch_threads": c["threads"],
+            "torch": c["torch"], "torch_cpu_capability": c["torch_capability"],
             "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
+from awq.cli import setup_logging as awq_setup_logging
 from awq.centroids import CentroidError, save_centroids
 from awq.cli import ConfigError, build_parser, check_config, opt, parse_config
 from awq.io import atomic_write_json, check_not_input, check_output_path, output_lock
@@ -60,7 +61,7 @@ def setup_logging(verbose: bool = False) -> None:
     """INFO on rank 0, WARNING on the other ranks (DEBUG everywhere with ``verbose``)."""
     rank = int(os.environ.get("RANK", dist_info()[0]))  # before init_process_group too
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    awq_setup_logging(level)
 
 
 def check_device(device: str) -> None:

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -28,8 +29,24 @@ template <> struct Ld<c10::BFloat16> {
   static inline float rnd(float v) { return static_cast<float>(c10::BFloat16(v)); }
 };
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define AWQ_AVX2 1  // AVX2-only CPUs (e.g. AMD EPYC before Zen 4): 8-wide paths below
+static inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 ld8(const c10::BFloat16* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+#if defined(__AVX512F__)
 static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 ld16(const c10::BFloat16* p) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -54,6 +71,17 @@ static inline void dot2(const S* __restrict wg, const S* __restrict wu, const fl
   }
   sg = _mm512_reduce_add_ps(_mm512_add_ps(g0, g1));
   su = _mm512_reduce_add_ps(_mm512_add_ps(u0, u1));
+#elif defined(AWQ_AVX2)
+  __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps(), u0 = _mm256_setzero_ps(), u1 = _mm256_setzero_ps();
+  for (; h + 16 <= H; h += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + h), x1 = _mm256_loadu_ps(x + h + 8);
+    g0 = _mm256_fmadd_ps(ld8(wg + h), x0, g0);
+    g1 = _mm256_fmadd_ps(ld8(wg + h + 8), x1, g1);
+    u0 = _mm256_fmadd_ps(ld8(wu + h), x0, u0);
+    u1 = _mm256_fmadd_ps(ld8(wu + h + 8), x1, u1);
+  }
+  sg = hsum8(_mm256_add_ps(g0, g1));
+  su = hsum8(_mm256_add_ps(u0, u1));
 #endif
   for (; h < H; ++h) { sg += Ld<S>::f(wg, h) * x[h]; su += Ld<S>::f(wu, h) * x[h]; }
   g = sg; u = su;
@@ -86,6 +114,12 @@ static inline void axpy(float* __restrict y, float a, const S* __restrict w, int
   for (; h + 32 <= H; h += 32) {
     _mm512_storeu_ps(y + h, _mm512_fmadd_ps(va, ld16(w + h), _mm512_loadu_ps(y + h)));
     _mm512_storeu_ps(y + h + 16, _mm512_fmadd_ps(va, ld16(w + h + 16), _mm512_loadu_ps(y + h + 16)));
+  }
+#elif defined(AWQ_AVX2)
+  const __m256 va = _mm256_set1_ps(a);
+  for (; h + 16 <= H; h += 16) {
+    _mm256_storeu_ps(y + h, _mm256_fmadd_ps(va, ld8(w + h), _mm256_loadu_ps(y + h)));
+    _mm256_storeu_ps(y + h + 8, _mm256_fmadd_ps(va, ld8(w + h + 8), _mm256_loadu_ps(y + h + 8)));
   }
 #endif
   for (; h < H; ++h) y[h] += a * Ld<S>::f(w, h);
@@ -188,6 +222,20 @@ torch::Tensor fused_sparse_swiglu(torch::Tensor x, torch::Tensor w, torch::Tenso
   return run<c10::BFloat16>(x, w, idx, bias_gu, t_gate, t_up, min_bytes_per_thread);
 }
 
+// which vector path this build uses (logged when the kernel is loaded)
+std::string simd() {
+#if defined(__AVX512BF16__)
+  return "avx512+bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(AWQ_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_sparse_swiglu", torch::wrap_pybind_function(fused_sparse_swiglu), "fused_sparse_swiglu");
+  m.def("simd", &simd, "vector instruction path of this build");
 }

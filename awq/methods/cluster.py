@@ -37,19 +37,13 @@ class ClusterConfig(SparsityConfig):
 
 
 class ClusterMLP(SparseMLP):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observers:
-            self._notify("input", x)
-        g = self._post("gate_proj", self.gate_proj(x), x)
-        u = self._post("up_proj", self.up_proj(x), x)
-        h = self.act_fn(g) * u
-        if self.read_meter is not None:
-            with torch.no_grad():
-                dh = token_density(h != 0)
-                fg = token_density(g != 0) if "gate_proj" in self._codebooks else 1.0
-                fu = token_density(u != 0) if "up_proj" in self._codebooks else 1.0
-            self.read_meter.add(self.layer_idx, dh.numel(), fg, fu, dh)
-        return self._post("down_proj", self.down_proj(h), x)
+    """SparseMLP whose gate/up reads are counted as the kept (centroid-masked) rows."""
+
+    def _account(self, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> None:
+        dh = token_density(h != 0)
+        fg = token_density(g != 0) if "gate_proj" in self._codebooks else 1.0
+        fu = token_density(u != 0) if "up_proj" in self._codebooks else 1.0
+        self.read_meter.add(self.layer_idx, dh.numel(), fg, fu, dh)
 
 
 @register_method(ClusterConfig)
