@@ -29,7 +29,7 @@ from awq.io import atomic_write_json, atomic_write_text
 log = logging.getLogger("awq.report")
 
 TARGETS = ("README.md", "ARTIFACT.md")
-REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "quick", "run_default")
+REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "frontier_qwen", "quick", "run_default")
 MARK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -199,9 +199,9 @@ FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "
                   "larosa", "neuron_predictor", "cluster_oracle", "cluster_predicted")
 
 
-def frontier(refs: dict) -> str:
+def frontier(refs: dict, key: str = "frontier") -> str:
     """Frontier table (one row per method: its sweep) and the winners at <= 0.5 and <= 0.3 of the weights read."""
-    pts = refs["frontier"]["points"]
+    pts = refs[key]["points"]
     order = {m: i for i, m in enumerate(FRONTIER_ORDER)}
     by: dict[str, list[dict]] = {}
     for q in sorted(pts, key=lambda q: (order.get(q["method"], 99), q["param"])):
@@ -235,6 +235,7 @@ def all_blocks() -> dict[str, Callable[[dict], str]]:
 
     return {"results_setup": results_setup, "swap_ppl": swap_ppl, "sweep": sweep, "precision": precision,
             "analysis": analysis, "walltime": walltime, "make_run": make_run, "frontier": frontier,
+            "frontier_qwen": lambda refs: frontier(refs, "frontier_qwen"),
             **ARTIFACT_BLOCKS}
 
 
@@ -313,6 +314,24 @@ def import_reproduce(summary_dir: Path, ref_dir: Optional[Path] = None) -> Path:
     return ref
 
 
+def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None) -> Path:
+    """Copy an ``awq.frontier`` run (its ``frontier.csv`` + ``fingerprint.json``) into ``results_ref/<name>.json``."""
+    import csv
+
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise ReportError(f"no {csv_path}: run `python -m awq.frontier` first")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fp = csv_path.with_name("fingerprint.json")
+    pts = [{"method": r["method"], "param": float(r["param"]), "weight_read_fraction": float(r["weight_read_fraction"]),
+            "ppl": float(r["ppl"]), "tokens": int(r["tokens"]), "realizable": r["realizable"] == "true"} for r in rows]
+    ref = (Path(ref_dir) if ref_dir else paths.results_ref_dir()) / f"{name}.json"
+    atomic_write_json(ref, {"what": f"python -m awq.frontier, imported from {csv_path}",
+                            "fingerprint": json.loads(fp.read_text()) if fp.is_file() else {}, "points": pts})
+    return ref
+
+
 def cli(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m awq.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 naming every stale block")
@@ -321,6 +340,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--results", type=Path, default=None, help="summaries directory (default <root>/results_ref)")
     p.add_argument("--import_reproduce", type=Path, default=None, metavar="DIR",
                    help="first copy DIR/summary.json (a fresh `make reproduce`) into results_ref/reproduce.json")
+    p.add_argument("--import_frontier", nargs=2, default=None, metavar=("CSV", "NAME"),
+                   help="first copy a frontier.csv into results_ref/NAME.json (NAME: frontier, frontier_qwen)")
     a = p.parse_args(argv)
     from awq.cli import setup_logging
 
@@ -328,6 +349,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
     try:
         if a.import_reproduce:
             log.info("imported %s", import_reproduce(a.import_reproduce, a.results))
+        if a.import_frontier:
+            log.info("imported %s", import_frontier(Path(a.import_frontier[0]), a.import_frontier[1], a.results))
         res = run(a.root, check=a.check, ref_dir=a.results)
     except (ReportError, KeyError, OSError) as e:
         print(f"error: {e if not isinstance(e, KeyError) else f'results file lacks {e}'}", file=sys.stderr)

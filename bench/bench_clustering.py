@@ -12,7 +12,6 @@ above it is flagged as a measurement error).  The reference's distance loop is t
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from awq.centroids import active_only_distance  # noqa: E402
-from bench.common import Report, Timing, interleaved  # noqa: E402
+from bench.common import Report, Timing, interleaved, parse_args, run_cli  # noqa: E402
 from clustering.activation_aware_clustering import (  # noqa: E402
     awc_update,
     global_balanced_assign,
@@ -98,10 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Report:
     """Run the benchmark, print the figures, return the :class:`bench.common.Report`."""
     p = build_parser()
-    a = p.parse_args(argv)
-    if a.quick:  # new defaults; options given explicitly still win
-        p.set_defaults(n=2048, width=128, k=16, ref_centroids=4, repeats=2, warmup=1)
-        a = p.parse_args(argv)
+    a = parse_args(p, argv, n=2048, width=128, k=16, ref_centroids=4, repeats=2, warmup=1)  # --quick: new defaults; explicit options win
     if min(a.n, a.width, a.k, a.ref_centroids, a.repeats) < 1 or (a.threads is not None and a.threads < 1):
         raise ValueError("--n, --width, --k, --ref_centroids, --repeats and --threads must be >= 1")
     if a.k > a.n:
@@ -190,13 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        main(argv)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

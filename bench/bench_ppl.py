@@ -26,7 +26,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Report, interleaved  # noqa: E402
+from bench.common import Report, interleaved, parse_args, run_cli  # noqa: E402
 
 log = logging.getLogger("bench_ppl")
 
@@ -58,10 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     from awq.sparse_mlp import PROJS, SparsityConfig, decoder_layers, sparsify_
 
     p = build_parser()
-    a = p.parse_args(argv)
-    if a.quick:  # new defaults; options given explicitly still win
-        p.set_defaults(nsamples=1, seqlen=64, k=64, repeats=2, warmup=1)
-        a = p.parse_args(argv)
+    a = parse_args(p, argv, nsamples=1, seqlen=64, k=64, repeats=2, warmup=1)  # --quick: new defaults; explicit options win
     if min(a.nsamples, a.seqlen, a.k, a.repeats) < 1 or a.warmup < 0 or (a.threads is not None and a.threads < 1):
         raise ValueError("--nsamples, --seqlen, --k, --repeats and --threads must be >= 1, --warmup >= 0")
     if a.output is not None:
@@ -121,16 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
     from awq.data import DataError
     from awq.thresholds import ThresholdsError
 
-    try:
-        main(argv)
-    except (ValueError, OSError, DataError, ThresholdsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv, errors=(ValueError, OSError, DataError, ThresholdsError))
 
 
 if __name__ == "__main__":

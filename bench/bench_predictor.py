@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 
 from awq.predictor import ClusterPredictor, auto_rank, predictor_cost  # noqa: E402
 from awq.sparse_mlp import PROJS  # noqa: E402
-from bench.common import Report, best_dense, interleaved, swiglu_bytes  # noqa: E402
+from bench.common import Report, best_dense, interleaved, parse_args, run_cli, swiglu_bytes  # noqa: E402
 
 log = logging.getLogger("bench_predictor")
 
@@ -72,10 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
     p = build_parser()
-    a = p.parse_args(argv)
-    if a.quick:  # new defaults; options given explicitly still win
-        p.set_defaults(name="tiny", hidden=64, intermediate=256, ks="64", layers=2, repeats=3, warmup=1)
-        a = p.parse_args(argv)
+    a = parse_args(p, argv, name="tiny", hidden=64, intermediate=256, ks="64", layers=2, repeats=3, warmup=1)  # --quick: new defaults; explicit options win
     try:
         ks = [int(v) for v in a.ks.split(",")]
     except ValueError:
@@ -142,13 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        main(argv)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ if __package__ in (None, ""):
 
 from awq.sparse_compute import GatheredSparseMLP, cpp_kernel_available  # noqa: E402
 from bench.common import (FusedDenseMLP, Report, Timing, best_dense, interleaved, roofline_speedup,  # noqa: E402
-                          stream_bandwidth_gbs, swiglu_bytes)
+                          parse_args, run_cli, stream_bandwidth_gbs, swiglu_bytes)
 
 log = logging.getLogger("bench_sparse_mlp")
 
@@ -237,10 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
     p = build_parser()
-    a = p.parse_args(argv)
-    if a.quick:  # new defaults; options given explicitly still win
-        p.set_defaults(shapes="tiny", densities="50", ctx=16, repeats=3, warmup=1, bandwidth_mb=64)
-        a = p.parse_args(argv)
+    a = parse_args(p, argv, shapes="tiny", densities="50", ctx=16, repeats=3, warmup=1, bandwidth_mb=64)  # --quick: new defaults; explicit options win
     if a.repeats is not None:
         a.mlp_repeats = a.step_repeats = a.repeats
     shapes = [x for x in a.shapes.split(",") if x]
@@ -277,13 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        main(argv)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv, level=logging.INFO)
 
 
 if __name__ == "__main__":

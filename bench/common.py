@@ -281,3 +281,29 @@ class FusedDenseMLP(nn.Module):
 def best_dense(timings: Mapping[str, Timing], candidates: Sequence[str]) -> str:
     """Name of the dense candidate with the lowest median time."""
     return min(candidates, key=lambda k: timings[k].median)
+
+
+# --------------------------------------------------------------------------------------------
+# command-line plumbing shared by the bench scripts
+# --------------------------------------------------------------------------------------------
+def parse_args(parser, argv: Optional[Sequence[str]], **quick_defaults: Any):
+    """Parse ``argv``; with ``--quick``, ``quick_defaults`` replace the defaults (options given explicitly still win)."""
+    a = parser.parse_args(argv)
+    if getattr(a, "quick", False) and quick_defaults:
+        parser.set_defaults(**quick_defaults)
+        a = parser.parse_args(argv)
+    return a
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None,
+            level: int = logging.WARNING, errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
+    """Run a bench ``main(argv)``; bad input -> one ``error: ...`` line on stderr and exit code 2."""
+    import sys
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    try:
+        main(argv)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
