@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from awq.thresholds import check_thresholds
 from awq.active_sets import (Active, PreparedIndices, Selector, as_bool_mask, cluster_selector,  # noqa: F401
                              group_tokens, indices_from_active)
 from awq.interleaved import InterleavedMLP  # noqa: F401  (re-exported)
@@ -375,16 +376,10 @@ class GatheredConfig:
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        if self.thresholds is not None:
-            missing = [p for p in PROJS if p not in self.thresholds]
-            if missing:
-                raise ValueError(f"thresholds lack {missing}")
+        check_thresholds(self.thresholds)
 
     def validate(self, model: nn.Module) -> None:
-        n = len(decoder_layers(model))
-        for p in PROJS if self.thresholds is not None else ():
-            if len(self.thresholds[p]) != n:
-                raise ValueError(f"thresholds for '{p}' must have {n} entries (one per layer)")
+        check_thresholds(self.thresholds, len(decoder_layers(model)))
 
 
 @register_method(GatheredConfig)

@@ -28,7 +28,7 @@ from torch import nn
 from awq.sparsify import (MLP_ATTRS, PROJS, SwappedMLP, UnsupportedModelError, check_supported,  # noqa: F401
                           decoder_layers, register_method, sparsify_, swapped_mlps)
 from awq.recording import add_observer, remove_observer  # noqa: F401  (historic home)
-from awq.thresholds import ThresholdsError, load_thresholds, save_thresholds  # noqa: F401  (historic home)
+from awq.thresholds import ThresholdsError, check_thresholds, load_thresholds, save_thresholds  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,10 @@ class SparsityConfig:
         for proj in self.codebooks:
             if proj not in PROJS:
                 raise ValueError(f"unknown projection '{proj}' (want one of {PROJS})")
-        if self.thresholds is not None:
-            missing = [p for p in PROJS if p not in self.thresholds]
-            if missing:
-                raise ValueError(f"thresholds lack {missing}")
+        check_thresholds(self.thresholds)
 
     def validate(self, model: nn.Module) -> None:
-        if self.thresholds is not None:
-            n, have = len(decoder_layers(model)), len(self.thresholds["gate_proj"])
-            if have != n:
-                raise ThresholdsError(f"thresholds have {have} layers but the model has {n} decoder layers")
+        check_thresholds(self.thresholds, len(decoder_layers(model)))
 
 
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,

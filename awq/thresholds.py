@@ -81,3 +81,18 @@ def save_thresholds(thresholds: Mapping[str, Sequence[float]], path: str | Path,
     if extra:
         obj["_meta"] = extra
     atomic_write_json(path, obj, what="thresholds file")
+
+
+def check_thresholds(thresholds: Optional[Mapping[str, Sequence[float]]], num_layers: Optional[int] = None) -> None:
+    """A method config's per-layer thresholds: every projection present and, given ``num_layers``, one value per
+    decoder layer (:class:`ThresholdsError`, one line, otherwise). ``None`` (no thresholds) passes."""
+    if thresholds is None:
+        return
+    missing = [p for p in PROJS if p not in thresholds]
+    if missing:
+        raise ThresholdsError(f"thresholds lack {missing}")
+    if num_layers is not None:
+        for p in PROJS:
+            if len(thresholds[p]) != num_layers:
+                raise ThresholdsError(f"thresholds ({p}) have {len(thresholds[p])} layers but the model has "
+                                      f"{num_layers} decoder layers: they must have {num_layers} entries (one per layer)")
