@@ -203,6 +203,13 @@ def setup_logging(level: str | int = "INFO", fmt: str = "%(asctime)s %(levelname
     process (tests, ``awq.reproduce``) never writes to a stream that an earlier caller closed."""
     lvl = getattr(logging, level) if isinstance(level, str) else level
     logging.basicConfig(level=lvl, format=fmt, force=True)
+    if "transformers" in sys.modules:
+        # transformers keeps its own stderr handler, bound to the stderr of its first log call: send its records
+        # through the root handler set up just now instead (same format, never a stale stream)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
 
 
 def run_cli(cls: type[T], main: Callable[[T], Any], argv: Optional[Sequence[str]] = None, *,

@@ -11,6 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# transformers binds its log handler to sys.stderr at its first log call; create it now, on pytest's session-long
+# stream, so that it is never bound to a test's capsys stream (closed after that test: "--- Logging error ---")
+import transformers.utils.logging as _hf_logging  # noqa: E402
+
+_hf_logging.get_logger("transformers")
+
 TINY_TEXT = (
     " = Tiny Corpus = \n",
     " The quick brown fox jumps over the lazy dog . A second sentence follows , with numbers 1 2 3 . \n",
