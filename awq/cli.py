@@ -198,14 +198,28 @@ def to_argv(cfg: Any) -> list[str]:
     return argv
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record is emitted, so a CLI run in-process
+    (tests, ``awq.reproduce``) never leaves a handler bound to a stream that is closed later."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: str | int = "INFO", fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
-    """Log to the current stderr; replaces earlier handlers (``force``), so a CLI called twice in one
-    process (tests, ``awq.reproduce``) never writes to a stream that an earlier caller closed."""
+    """Log to the current stderr; replaces earlier root handlers (``force``). transformers' own handler is turned off
+    and its records go through the root handler (same format, never a stale stream)."""
     lvl = getattr(logging, level) if isinstance(level, str) else level
-    logging.basicConfig(level=lvl, format=fmt, force=True)
+    logging.basicConfig(level=lvl, format=fmt, handlers=[_StderrHandler()], force=True)
     if "transformers" in sys.modules:
-        # transformers keeps its own stderr handler, bound to the stderr of its first log call: send its records
-        # through the root handler set up just now instead (same format, never a stale stream)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_default_handler()

@@ -300,7 +300,9 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
     """Run a bench ``main(argv)``; bad input -> one ``error: ...`` line on stderr and exit code 2."""
     import sys
 
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    from awq.cli import setup_logging
+
+    setup_logging(level, fmt="%(asctime)s %(levelname)s %(message)s")
     try:
         main(argv)
     except errors as e:
