@@ -125,7 +125,6 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-_HAS_INT_MM = hasattr(torch, "_int_mm")
 
 
 def overlap(A: torch.Tensor, C: torch.Tensor, kernel: Optional[str] = None) -> torch.Tensor:
