@@ -17,7 +17,9 @@ per-token step of about 18 tensor ops per layer:
 * MLP: dense SwiGLU with one GEMV over ``[gate; up]`` and one over ``down``, **or the layer's
   swapped module** (anything ``awq.sparsify.sparsify_`` installed, e.g.
   :class:`awq.sparse_compute.GatheredSparseMLP` or a method of ``awq/methods/``), called on the
-  ``[1, H]`` normed input at decode and on ``[1, T, H]`` at prefill.  The choice is read from
+  ``[1, H]`` normed input at decode and on ``[1, T, H]`` at prefill.  A module with a
+  ``prepare_decode()`` (the frontier's TEAL/WINA/LaRoSA/CATS/neuron-predictor modules) has it called
+  here, so its decode steps run the batch-1 kernels of :mod:`awq.dynamic_sparse`.  The choice is read from
   ``layer.mlp`` when the decoder is built; call :meth:`LeanDecoder.refresh_mlps` after re-sparsifying.
 
 The prompt is prefilled in one batched pass (``scaled_dot_product_attention``, causal, GQA).
@@ -116,6 +118,14 @@ def _act(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return act
 
 
+def _prepared(mlp: nn.Module) -> nn.Module:
+    """A swapped MLP with its batch-1 kernel made, if it has one (``awq.dynamic_sparse``)."""
+    fn = getattr(mlp, "prepare_decode", None)
+    if callable(fn):
+        fn()
+    return mlp
+
+
 class LeanDecoder:
     """Batch-1 greedy decoder over the weights of ``model`` (see the module docstring)."""
 
@@ -182,7 +192,7 @@ class LeanDecoder:
                     ly.wd, ly.bd = base.down_proj.weight.detach(), _bias(base.down_proj)
                     ly.act, ly.dense_src = _act(base), base
                 plain = not is_swapped(mlp) and all(hasattr(mlp, a) for a in _DENSE_ATTRS)
-                ly.mlp = None if plain else mlp
+                ly.mlp = None if plain else _prepared(mlp)
 
     def set_mlps(self, mlps: Optional[Sequence[Optional[nn.Module]]]) -> None:
         """Run these per-layer MLP modules (``None`` or a ``None`` entry: the fused dense MLP) without
@@ -193,7 +203,7 @@ class LeanDecoder:
             m = None if mlps is None else mlps[i]
             if m is None and ly.wgu is None:
                 raise DecodeError(f"layer {i} has no dense MLP weights (its module keeps no original projections)")
-            ly.mlp = m
+            ly.mlp = None if m is None else _prepared(m)
 
     def _ensure(self, n: int) -> None:
         """Make the KV cache and the rotary table hold ``n`` positions (kept contents)."""

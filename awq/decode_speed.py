@@ -52,6 +52,37 @@ def roofline(model: nn.Module, mlp_read_fraction: float) -> float:
     return b["total"] / (b["total"] - b["mlp"] * (1.0 - mlp_read_fraction))
 
 
+def extra_bytes(mlps: Optional[Sequence[Optional[nn.Module]]]) -> int:
+    """Weight bytes per token the MLP modules read besides the MLPs' (predictors, rotations)."""
+    return sum(int(getattr(m, "extra_bytes", 0)) for m in (mlps or []) if m is not None)
+
+
+@torch.inference_mode()
+def decode_read_fraction(dec: LeanDecoder, ids: torch.Tensor, new_tokens: int,
+                         mlps: Optional[Sequence[Optional[nn.Module]]]) -> Optional[float]:
+    """Metered MLP weight-read fraction of the *decode* steps (prefill excluded) of ``mlps`` on
+    ``dec`` (None when no module is metered), from the masks the modules actually apply."""
+    from awq.cost import ReadMeter, mlp_weight_sizes
+    from awq.sparsify import SwappedMLP
+
+    mods = [m for m in (mlps or []) if isinstance(m, SwappedMLP)]
+    if not mods:
+        return None
+    base = base_mlp(mods[0])
+    meter = ReadMeter(len(dec.layers), mlp_weight_sizes(base))
+    dec.set_mlps(mlps)
+    logits = dec.prefill(ids)
+    for m in mods:
+        m.read_meter = meter
+    try:
+        for _ in range(new_tokens - 1):
+            logits = dec.step(int(torch.argmax(logits)))
+    finally:
+        for m in mods:
+            m.read_meter = None
+    return meter.weight_read_fraction()
+
+
 def prompt_ids(tok, n: int) -> torch.Tensor:
     """A fixed ``n``-token English prompt (the text repeated as needed)."""
     text = PROMPT_TEXT
@@ -84,15 +115,22 @@ def measure_point(model: nn.Module, tok, point: Optional[dict] = None, prompt_to
                   new_tokens: int = 32, repeats: int = 3) -> dict:
     """Decode speed of ``model`` as sparsified now against its own dense MLPs (same decoder, interleaved).
 
-    Returns ``decode_tok_s``, ``dense_decode_tok_s``, ``decode_speedup`` and ``roofline`` (from
-    ``point["weight_read_fraction"]``, the metered MLP read fraction, when given)."""
+    Returns ``decode_tok_s``, ``dense_decode_tok_s``, ``decode_speedup``, ``decode_weight_read_fraction``
+    (metered on the decode steps, predictor/rotation bytes added) and ``roofline`` from it."""
     dec = LeanDecoder(model, capacity=prompt_tokens + new_tokens)
     sparse = [layer.mlp if is_swapped(layer.mlp) else None for layer in decoder_layers(model)]
     ids = prompt_ids(tok, prompt_tokens)
     r = timed_runs(dec, ids, new_tokens, {"dense": None, "sparse": sparse}, repeats)
-    frac = (point or {}).get("weight_read_fraction")
+    # the roofline uses what the decode steps read (metered on this prompt, plus predictor/rotation
+    # bytes); without a meter (no swapped module), the point's evaluation read fraction
+    frac = decode_read_fraction(dec, ids, new_tokens, sparse)
+    if frac is not None:
+        frac += extra_bytes(sparse) / read_bytes(model)["mlp"]
+    else:
+        frac = (point or {}).get("weight_read_fraction")
     out = {"decode_tok_s": r["sparse"]["median"], "dense_decode_tok_s": r["dense"]["median"],
            "decode_speedup": r["sparse"]["median"] / r["dense"]["median"],
+           "decode_weight_read_fraction": frac,
            "roofline": roofline(model, float(frac)) if frac is not None else None,
            "decode_threads": torch.get_num_threads(), "decode_prompt_tokens": prompt_tokens,
            "decode_new_tokens": new_tokens}

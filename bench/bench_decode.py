@@ -14,6 +14,13 @@ interleaved A B C A B C ...; decode time per token = time of the one-token steps
 * ``lean dense``: :class:`awq.decode.LeanDecoder` with the fused dense MLP (fp32).
 * ``lean gathered d=X``: the same decoder with :class:`awq.sparse_compute.GatheredSparseMLP` on a fixed
   random set of ``X * intermediate`` neurons per layer (reads exactly that share of the MLP weights).
+* ``lean <method> d=X`` (``--methods teal=0.5,cats=0.25``): a frontier method of :mod:`awq.methods`
+  calibrated at density ``X`` on ``--calib_nsamples`` train windows, run by the decoder with its batch-1
+  kernel (:mod:`awq.dynamic_sparse`: column-gathered gate/up and row-gathered down for TEAL/WINA/LaRoSA,
+  row-gathered for CATS and the neuron predictor).  Its bytes per token use the MLP read fraction
+  metered on the decode steps of the timed prompt (plus predictor/rotation bytes), printed beside it.
+* ``lean dense-kernel``: the TEAL kernel with zero thresholds (reads every weight): a third dense
+  baseline, so a sparse row is never divided by a slower dense GEMV than the kernel it uses.
 * ``transformers generate`` (``--hf``): ``model.generate``, per-token time from runs of N and 1 tokens.
 
 The roofline of a sparse row is dense bytes / sparse bytes per token (weights; embedding one row),
@@ -136,6 +143,43 @@ def hf_runner(model):
     return run
 
 
+def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, rep) -> None:
+    """Calibrate each (method, density), keep its per-layer modules, meter its decode read fraction."""
+    from types import SimpleNamespace
+
+    from awq.decode_speed import decode_read_fraction, extra_bytes
+    from awq.generate import methods
+    from awq.methods import TealConfig
+    from awq.sparsify import decoder_layers, sparsify_, unsparsify_
+
+    table = methods()
+    ctx = SimpleNamespace(cfg=SimpleNamespace(data_path=None, calib_seqlen=512, calib_nsamples=a.calib_nsamples,
+                                              seed=0, kernel="auto"), tok=tok, info=info)
+    x = torch.tensor(ids)
+    nl = len(decoder_layers(model))
+    sparsify_(model, TealConfig([0.0] * nl, [0.0] * nl))
+    full = [layer.mlp for layer in decoder_layers(model)]
+    unsparsify_(model)
+    if decode_read_fraction(dec, x, 4, full) is not None and all(m._decode is not None for m in full):
+        runners["lean dense-kernel"] = lean_runner(dec, full)
+        nbytes["lean dense-kernel"] = by["total"]
+    for name, d in meths:
+        if name not in table or name in ("dense", "gathered"):
+            raise SystemExit(f"error: --methods: unknown method '{name}' (choose from "
+                             f"{', '.join(k for k in table if k not in ('dense', 'gathered'))})")
+        mods = table[name](model, d, ctx)
+        unsparsify_(model)
+        frac = decode_read_fraction(dec, x, a.new_tokens, mods)
+        extra = extra_bytes(mods)
+        key = f"lean {name} d={d:g}"
+        runners[key] = lean_runner(dec, mods)
+        nbytes[key] = int(by["total"] - by["mlp"] * (1 - frac) + extra)
+        fast = sum(getattr(m, "_decode", None) is not None for m in mods)
+        rep.emit(f"{key}: MLP weight read per decoded token {frac:.3f} (metered on the timed prompt) + "
+                 f"{extra / by['mlp']:.3f} predictor/rotation; batch-1 kernel in {fast}/{len(mods)} layers")
+        rep.figure(f"{key} weight_read_fraction", frac + extra / by["mlp"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/bench_decode.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model_path", default=None, help="model (default: embedded SmolLM2-135M-Instruct)")
@@ -144,6 +188,10 @@ def main(argv=None) -> int:
     p.add_argument("--new_tokens", type=int, default=128, help="new tokens per run (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (default 3)")
     p.add_argument("--densities", default="0.5", help="gathered MLP densities, comma-separated (default 0.5)")
+    p.add_argument("--methods", default="teal=0.5,cats=0.25",
+                   help="frontier methods as name=density, comma-separated ('' for none; default "
+                        "teal=0.5,cats=0.25: both read about half of the MLP weights)")
+    p.add_argument("--calib_nsamples", type=int, default=1, help="train windows (512 tokens) for --methods (default 1)")
     p.add_argument("--gguf", default=None,
                    help="GGUF of the same weights (default: the default model's shipped file)")
     p.add_argument("--hf", action="store_true", help="also time transformers' generate (slow)")
@@ -153,6 +201,12 @@ def main(argv=None) -> int:
         dens = [float(d) for d in a.densities.split(",") if d.strip()]
     except ValueError:
         p.error(f"--densities: expected comma-separated numbers, got {a.densities!r}")
+    try:
+        meths = [(n.split("=")[0].strip(), float(n.split("=")[1])) for n in a.methods.split(",") if n.strip()]
+    except (IndexError, ValueError):
+        p.error(f"--methods: expected name=density,..., got {a.methods!r}")
+    if any(not 0 < d <= 1 for _, d in meths):
+        p.error("--methods: densities must be in (0, 1]")
     if any(not 0 < d < 1 for d in dens) or min(a.threads, a.repeats, a.prompt_tokens) < 1 or a.new_tokens < 2:
         p.error("need 0 < densities < 1, threads >= 1, repeats >= 1, new_tokens >= 2, prompt_tokens >= 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -208,6 +262,8 @@ def main(argv=None) -> int:
             mods.append(m)
         runners[f"lean gathered d={d:g}"] = lean_runner(dec, mods)
         nbytes[f"lean gathered d={d:g}"] = by["total"] - by["mlp"] + by["mlp"] * round(d * n) / n
+    if meths:
+        add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, rep)
     if have_llama and src is not None:
         ref = f"llama.cpp {src.stem.split('.')[-1]} (shipped)"
         runners[ref] = llama_runner(src, a.threads, len(ids) + a.new_tokens + 8)
@@ -237,10 +293,10 @@ def main(argv=None) -> int:
         rep.figure("lean_dense_over_llama_f32_time", x)
         rep.emit(f"lean dense time per token = {x:.2f}x llama.cpp F32 "
                  f"(issue 14 target <= 1.5x: {'met' if x <= 1.5 else 'NOT met'})")
-    dense = [k for k in ("lean dense", "llama.cpp F32") if k in times]
+    dense = [k for k in ("lean dense", "llama.cpp F32", "lean dense-kernel") if k in times]
     best = min(dense, key=lambda k: times[k].median)
     for name in times:
-        if name.startswith("lean gathered"):
+        if name.startswith("lean ") and name not in dense:
             roof = roofline_speedup(nbytes[best], nbytes[name])
             rep.ratio(f"{name} vs {best}", times[best], times[name], roof)
             if best != "lean dense":  # the sparse MLP's own effect: same decoder, dense vs gathered MLPs

@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -211,6 +212,233 @@ static torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const t
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dynamic per-token sparsity at batch 1 (awq/dynamic_sparse.py): the active set is found inside the
+// call, so a decode step is one call per layer.  Weights in the layouts that make each needed part
+// one contiguous row: wgu_t [H, 2F] (row i = [W_gate[:, i], W_up[:, i]]: the columns an input entry
+// x_i multiplies), wd_t [F, H] (row n = W_down[:, n]), wg / wu [F, H] (row n = neuron n).
+// ---------------------------------------------------------------------------------------------
+template <typename S>
+static inline float dot1(const S* __restrict w, const float* __restrict x, int64_t H) {
+  int64_t h = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (; h + 32 <= H; h += 32) {
+    a0 = _mm512_fmadd_ps(ld16(w + h), _mm512_loadu_ps(x + h), a0);
+    a1 = _mm512_fmadd_ps(ld16(w + h + 16), _mm512_loadu_ps(x + h + 16), a1);
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(AWQ_AVX2)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; h + 16 <= H; h += 16) {
+    a0 = _mm256_fmadd_ps(ld8(w + h), _mm256_loadu_ps(x + h), a0);
+    a1 = _mm256_fmadd_ps(ld8(w + h + 8), _mm256_loadu_ps(x + h + 8), a1);
+  }
+  s = hsum8(_mm256_add_ps(a0, a1));
+#endif
+  for (; h < H; ++h) s += Ld<S>::f(w, h) * x[h];
+  return s;
+}
+
+// y[c0:c1] += sum_j coef[j] * wt[idx[j], c0:c1], four rows per pass over the (cache-resident) chunk
+template <typename S>
+static void gaxpy_chunk(float* __restrict y, const S* __restrict wt, int64_t C, const int64_t* idx,
+                        const float* coef, int64_t k, int64_t c0, int64_t c1) {
+  int64_t j = 0;
+  for (; j + 4 <= k; j += 4) {
+    const S* r0 = wt + idx[j] * C; const S* r1 = wt + idx[j + 1] * C;
+    const S* r2 = wt + idx[j + 2] * C; const S* r3 = wt + idx[j + 3] * C;
+    const float f0 = coef[j], f1 = coef[j + 1], f2 = coef[j + 2], f3 = coef[j + 3];
+    int64_t c = c0;
+#if defined(__AVX512F__)
+    const __m512 v0 = _mm512_set1_ps(f0), v1 = _mm512_set1_ps(f1), v2 = _mm512_set1_ps(f2), v3 = _mm512_set1_ps(f3);
+    for (; c + 16 <= c1; c += 16) {
+      __m512 acc = _mm512_loadu_ps(y + c);
+      acc = _mm512_fmadd_ps(v0, ld16(r0 + c), acc);
+      acc = _mm512_fmadd_ps(v1, ld16(r1 + c), acc);
+      acc = _mm512_fmadd_ps(v2, ld16(r2 + c), acc);
+      acc = _mm512_fmadd_ps(v3, ld16(r3 + c), acc);
+      _mm512_storeu_ps(y + c, acc);
+    }
+#elif defined(AWQ_AVX2)
+    const __m256 v0 = _mm256_set1_ps(f0), v1 = _mm256_set1_ps(f1), v2 = _mm256_set1_ps(f2), v3 = _mm256_set1_ps(f3);
+    for (; c + 8 <= c1; c += 8) {
+      __m256 acc = _mm256_loadu_ps(y + c);
+      acc = _mm256_fmadd_ps(v0, ld8(r0 + c), acc);
+      acc = _mm256_fmadd_ps(v1, ld8(r1 + c), acc);
+      acc = _mm256_fmadd_ps(v2, ld8(r2 + c), acc);
+      acc = _mm256_fmadd_ps(v3, ld8(r3 + c), acc);
+      _mm256_storeu_ps(y + c, acc);
+    }
+#endif
+    for (; c < c1; ++c)
+      y[c] += f0 * Ld<S>::f(r0, c) + f1 * Ld<S>::f(r1, c) + f2 * Ld<S>::f(r2, c) + f3 * Ld<S>::f(r3, c);
+  }
+  for (; j < k; ++j) axpy<S>(y + c0, coef[j], wt + idx[j] * C + c0, c1 - c0);
+}
+
+// y[C] = sum_j coef[j] * wt[idx[j], :]: split over output chunks (no reduction), threads only for
+// jobs of at least min_bytes weight bytes each
+template <typename S>
+static void gaxpy(float* y, const S* wt, int64_t C, const int64_t* idx, const float* coef, int64_t k,
+                  int64_t min_bytes) {
+  std::memset(y, 0, C * sizeof(float));
+  if (k == 0) return;
+  const int64_t bytes = k * C * static_cast<int64_t>(sizeof(S));
+  int64_t nchunk = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, bytes / std::max<int64_t>(1, min_bytes)));
+  const int64_t per = ((C + nchunk - 1) / nchunk + 15) / 16 * 16;
+  nchunk = (C + per - 1) / per;
+  if (nchunk <= 1) { gaxpy_chunk<S>(y, wt, C, idx, coef, k, 0, C); return; }
+  at::parallel_for(0, nchunk, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) gaxpy_chunk<S>(y, wt, C, idx, coef, k, i * per, std::min(C, (i + 1) * per));
+  });
+}
+
+static inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// TEAL / WINA / LaRoSA at batch 1: keep x_i with |x_i| * xs_i >= t_x, [g; u] from the kept rows of
+// wgu_t, h = silu(g) * u, keep h_n with |h_n| * hs_n >= t_h, y from the kept rows of wd_t.
+// counts <- (kept x entries, kept h entries).
+template <typename S>
+static torch::Tensor input_run(const torch::Tensor& x, const torch::Tensor& wgu_t, const torch::Tensor& wd_t,
+                               const torch::Tensor& bias_gu, const torch::Tensor& x_scale, double t_x,
+                               const torch::Tensor& h_scale, double t_h, int64_t min_bytes, torch::Tensor& counts) {
+  const int64_t H = x.numel(), F = wd_t.size(0);
+  const float* xp = x.data_ptr<float>();
+  const float* xs = x_scale.numel() ? x_scale.data_ptr<float>() : nullptr;
+  const float* hs = h_scale.numel() ? h_scale.data_ptr<float>() : nullptr;
+  const float* bp = bias_gu.numel() ? bias_gu.data_ptr<float>() : nullptr;
+  const float tx = static_cast<float>(t_x), th = static_cast<float>(t_h);
+  std::vector<int64_t> ix; std::vector<float> cx;
+  ix.reserve(H); cx.reserve(H);
+  for (int64_t i = 0; i < H; ++i) {
+    const float s = xs ? Ld<S>::rnd(std::fabs(xp[i]) * xs[i]) : std::fabs(xp[i]);
+    if (s >= tx) { ix.push_back(i); cx.push_back(xp[i]); }
+  }
+  std::vector<float> gu(2 * F);
+  gaxpy<S>(gu.data(), wgu_t.data_ptr<S>(), 2 * F, ix.data(), cx.data(), (int64_t)ix.size(), min_bytes);
+  std::vector<int64_t> ih; std::vector<float> ch;
+  ih.reserve(F); ch.reserve(F);
+  for (int64_t n = 0; n < F; ++n) {
+    float g = gu[n], u = gu[F + n];
+    if (bp) { g += bp[n]; u += bp[F + n]; }
+    g = Ld<S>::rnd(g); u = Ld<S>::rnd(u);
+    const float h = Ld<S>::rnd(Ld<S>::rnd(silu(g)) * u);
+    const float s = hs ? Ld<S>::rnd(std::fabs(h) * hs[n]) : std::fabs(h);
+    if (s >= th) { ih.push_back(n); ch.push_back(h); }
+  }
+  auto out = torch::empty({H}, x.options().dtype(torch::kFloat));
+  gaxpy<S>(out.data_ptr<float>(), wd_t.data_ptr<S>(), H, ih.data(), ch.data(), (int64_t)ih.size(), min_bytes);
+  auto cp = counts.data_ptr<int64_t>();
+  cp[0] = (int64_t)ix.size(); cp[1] = (int64_t)ih.size();
+  return out;
+}
+
+// CATS / predicted neurons at batch 1.  idx empty: a_n = silu(<wg[n], x>) for every neuron (the
+// whole gate is read), keep |a_n| >= t_a; else the neurons idx (gate and up rows of those only).
+// h_n = a_n * <wu[n], x>, y from the kept rows of wd_t.  counts <- (kept neurons,).
+template <typename S>
+static torch::Tensor neuron_run(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tensor& wu,
+                                const torch::Tensor& wd_t, const torch::Tensor& idx, double t_a,
+                                const torch::Tensor& bias_g, const torch::Tensor& bias_u, int64_t min_bytes,
+                                torch::Tensor& counts) {
+  const int64_t H = x.numel(), F = wd_t.size(0);
+  const float* xp = x.data_ptr<float>();
+  const S* gp = wg.data_ptr<S>();
+  const S* up = wu.data_ptr<S>();
+  const float* bg = bias_g.numel() ? bias_g.data_ptr<float>() : nullptr;
+  const float* bu = bias_u.numel() ? bias_u.data_ptr<float>() : nullptr;
+  const int64_t row_grain = std::max<int64_t>(1, min_bytes / (H * static_cast<int64_t>(sizeof(S))));
+  std::vector<int64_t> sel;
+  std::vector<float> a;  // activation of each selected neuron
+  const bool cats = idx.numel() == 0;
+  if (cats) {
+    std::vector<float> act(F);
+    at::parallel_for(0, F, row_grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        float g = dot1<S>(gp + n * H, xp, H);
+        if (bg) g += bg[n];
+        act[n] = Ld<S>::rnd(silu(Ld<S>::rnd(g)));
+      }
+    });
+    const float ta = static_cast<float>(t_a);
+    for (int64_t n = 0; n < F; ++n)
+      if (std::fabs(act[n]) >= ta) { sel.push_back(n); a.push_back(act[n]); }
+  } else {
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    sel.assign(ip, ip + idx.numel());
+    a.resize(sel.size());
+  }
+  const int64_t k = (int64_t)sel.size();
+  std::vector<float> coef(k);
+  at::parallel_for(0, k, cats ? row_grain : std::max<int64_t>(1, row_grain / 2), [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const int64_t n = sel[j];
+      float g = 0.f, u;
+      if (cats) {
+        u = dot1<S>(up + n * H, xp, H);
+      } else {
+        dot2<S>(gp + n * H, up + n * H, xp, H, g, u);
+        if (bg) g += bg[n];
+        a[j] = Ld<S>::rnd(silu(Ld<S>::rnd(g)));
+      }
+      if (bu) u += bu[n];
+      coef[j] = Ld<S>::rnd(a[j] * Ld<S>::rnd(u));
+    }
+  });
+  auto out = torch::empty({H}, x.options().dtype(torch::kFloat));
+  gaxpy<S>(out.data_ptr<float>(), wd_t.data_ptr<S>(), H, sel.data(), coef.data(), k, min_bytes);
+  counts.data_ptr<int64_t>()[0] = k;
+  return out;
+}
+
+static void check_vec(const torch::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.numel() == 0 || (t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() == n),
+              what, ": empty or a contiguous float32 tensor of ", n, " entries");
+}
+
+torch::Tensor input_sparse_swiglu(torch::Tensor x, torch::Tensor wgu_t, torch::Tensor wd_t, torch::Tensor bias_gu,
+                                  torch::Tensor x_scale, double t_x, torch::Tensor h_scale, double t_h,
+                                  int64_t min_bytes_per_thread, torch::Tensor counts) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [H]");
+  const int64_t H = x.numel();
+  TORCH_CHECK(wgu_t.dim() == 2 && wgu_t.size(0) == H && wgu_t.is_contiguous(), "wgu_t: contiguous [H, 2F]");
+  const int64_t F = wgu_t.size(1) / 2;
+  TORCH_CHECK(wd_t.dim() == 2 && wd_t.size(0) == F && wd_t.size(1) == H && wd_t.is_contiguous() &&
+              wd_t.scalar_type() == wgu_t.scalar_type(), "wd_t: contiguous [F, H], same dtype as wgu_t");
+  check_vec(bias_gu, 2 * F, "bias_gu"); check_vec(x_scale, H, "x_scale"); check_vec(h_scale, F, "h_scale");
+  TORCH_CHECK(counts.scalar_type() == torch::kLong && counts.numel() >= 2, "counts: int64 [2]");
+  if (wgu_t.scalar_type() == torch::kFloat)
+    return input_run<float>(x, wgu_t, wd_t, bias_gu, x_scale, t_x, h_scale, t_h, min_bytes_per_thread, counts);
+  TORCH_CHECK(wgu_t.scalar_type() == torch::kBFloat16, "weights: float32 or bfloat16");
+  return input_run<c10::BFloat16>(x, wgu_t, wd_t, bias_gu, x_scale, t_x, h_scale, t_h, min_bytes_per_thread, counts);
+}
+
+torch::Tensor neuron_sparse_swiglu(torch::Tensor x, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd_t,
+                                   torch::Tensor idx, double t_a, torch::Tensor bias_g, torch::Tensor bias_u,
+                                   int64_t min_bytes_per_thread, torch::Tensor counts) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [H]");
+  const int64_t H = x.numel();
+  TORCH_CHECK(wd_t.dim() == 2 && wd_t.size(1) == H && wd_t.is_contiguous(), "wd_t: contiguous [F, H]");
+  const int64_t F = wd_t.size(0);
+  for (const auto* w : {&wg, &wu})
+    TORCH_CHECK(w->dim() == 2 && w->size(0) == F && w->size(1) == H && w->is_contiguous() &&
+                w->scalar_type() == wd_t.scalar_type(), "wg, wu: contiguous [F, H], same dtype as wd_t");
+  TORCH_CHECK(idx.numel() == 0 || (idx.scalar_type() == torch::kLong && idx.dim() == 1 && idx.is_contiguous()),
+              "idx: empty or int64 [k]");
+  if (idx.numel()) {
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    for (int64_t j = 0; j < idx.numel(); ++j) TORCH_CHECK(ip[j] >= 0 && ip[j] < F, "idx out of range");
+  }
+  check_vec(bias_g, F, "bias_g"); check_vec(bias_u, F, "bias_u");
+  TORCH_CHECK(counts.scalar_type() == torch::kLong && counts.numel() >= 1, "counts: int64 [1]");
+  if (wd_t.scalar_type() == torch::kFloat)
+    return neuron_run<float>(x, wg, wu, wd_t, idx, t_a, bias_g, bias_u, min_bytes_per_thread, counts);
+  TORCH_CHECK(wd_t.scalar_type() == torch::kBFloat16, "weights: float32 or bfloat16");
+  return neuron_run<c10::BFloat16>(x, wg, wu, wd_t, idx, t_a, bias_g, bias_u, min_bytes_per_thread, counts);
+}
+
 torch::Tensor fused_sparse_swiglu(torch::Tensor x, torch::Tensor w, torch::Tensor idx,
                                   torch::Tensor bias_gu, double t_gate, double t_up,
                                   int64_t min_bytes_per_thread) {
@@ -237,5 +465,7 @@ std::string simd() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_sparse_swiglu", torch::wrap_pybind_function(fused_sparse_swiglu), "fused_sparse_swiglu");
+  m.def("input_sparse_swiglu", torch::wrap_pybind_function(input_sparse_swiglu), "input_sparse_swiglu");
+  m.def("neuron_sparse_swiglu", torch::wrap_pybind_function(neuron_sparse_swiglu), "neuron_sparse_swiglu");
   m.def("simd", &simd, "vector instruction path of this build");
 }

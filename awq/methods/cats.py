@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from awq.dynamic_sparse import is_decode_step, neuron_decode_for
 from awq.methods.common import dense_h, keep_threshold, mlp_of, token_density
 from awq.methods.teal import _check_layers
 from awq.sparsify import SwappedMLP, register_method
@@ -35,8 +36,22 @@ class CatsMLP(SwappedMLP):
         super().__init__(base, layer_idx)
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = base.gate_proj, base.up_proj, base.down_proj, base.act_fn
         self.t = float(t)
+        self._decode = None
+
+    def prepare_decode(self) -> bool:
+        """Make the batch-1 row-gathered kernel (:mod:`awq.dynamic_sparse`; a transposed copy of
+        ``W_down``) used for single-token calls from now on.  False if it cannot run here."""
+        if self._decode is None:
+            self._decode = neuron_decode_for(self, self.t)
+        return self._decode is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_decode_step(self, x):
+            y = self._decode(x)
+            if self.read_meter is not None:
+                d = self._decode.density()
+                self.read_meter.add(self.layer_idx, 1, 1.0, d, d)
+            return y.to(x.dtype).view(x.shape)
         if self.observers:
             self._notify("input", x)
         a = self.act_fn(self.gate_proj(x))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from awq.dynamic_sparse import is_decode_step, neuron_decode_for
 from awq.methods.common import check_density, dense_h, keep_threshold, mlp_dims, mlp_of, token_density
 from awq.methods.teal import _check_layers
 from awq.sparsify import SwappedMLP, register_method
@@ -66,6 +67,19 @@ class NeuronPredictorMLP(SwappedMLP):
         dev, dt = base.gate_proj.weight.device, base.gate_proj.weight.dtype
         self.a, self.b, self.bias = a.to(dev, dt), b.to(dev, dt), bias.to(dev, dt)
         self.k = max(1, int(round(density * base.gate_proj.out_features)))
+        self._decode = None
+
+    @property
+    def extra_bytes(self) -> int:
+        """Weight bytes of the predictor, read per token besides the MLP's."""
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.bias))
+
+    def prepare_decode(self) -> bool:
+        """Make the batch-1 row-gathered kernel (:mod:`awq.dynamic_sparse`; a transposed copy of
+        ``W_down``) used for single-token calls from now on.  False if it cannot run here."""
+        if self._decode is None:
+            self._decode = neuron_decode_for(self)
+        return self._decode is not None
 
     def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
         score = F.linear(F.linear(x, self.a), self.b, self.bias)
@@ -73,6 +87,14 @@ class NeuronPredictorMLP(SwappedMLP):
         return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_decode_step(self, x):
+            x1 = x.reshape(1, -1)
+            idx = F.linear(F.linear(x1, self.a), self.b, self.bias).topk(self.k, dim=-1).indices
+            y = self._decode(x1, idx)
+            if self.read_meter is not None:
+                d = self.k / self._decode.F
+                self.read_meter.add(self.layer_idx, 1, d, d, d)
+            return y.to(x.dtype).view(x.shape)
         if self.observers:
             self._notify("input", x)
         keep = self.keep_mask(x)

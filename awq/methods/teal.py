@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from awq.dynamic_sparse import input_decode_for, is_decode_step
 from awq.methods.common import MethodError, dense_h, keep_threshold, mlp_dims, token_density
 from awq.sparsify import SwappedMLP, decoder_layers, register_method
 
@@ -100,8 +101,34 @@ class InputSparseMLP(SwappedMLP):
             # y = x W^T = (x Q)(W Q)^T for orthogonal Q: fold Q into the weights once
             self.w_gate = (base.gate_proj.weight.detach().double() @ q).to(dt)
             self.w_up = (base.up_proj.weight.detach().double() @ q).to(dt)
+        self._decode = None
+
+    @property
+    def extra_bytes(self) -> int:
+        """Weight bytes read per token besides the MLP's (LaRoSA's rotation)."""
+        return 0 if self.rotation is None else self.rotation.numel() * self.rotation.element_size()
+
+    def prepare_decode(self) -> bool:
+        """Make the batch-1 column-gathered kernel (:mod:`awq.dynamic_sparse`; a transposed copy of the
+        MLP's weights) used for single-token calls from now on.  False if it cannot run here."""
+        if self._decode is None:
+            rot = self.rotation is not None
+            self._decode = input_decode_for(self, self.w_gate if rot else self.gate_proj.weight,
+                                            self.w_up if rot else self.up_proj.weight, self.t_x, self.t_h,
+                                            self.x_scale, self.h_scale)
+        return self._decode is not None
+
+    def _decode_step(self, x: torch.Tensor) -> torch.Tensor:
+        xr = x if self.rotation is None else x @ self.rotation
+        y = self._decode(xr)
+        if self.read_meter is not None:
+            dx, dh = self._decode.densities()
+            self.read_meter.add(self.layer_idx, 1, dx, dx, dh)
+        return y.to(x.dtype).view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_decode_step(self, x):
+            return self._decode_step(x)
         if self.observers:
             self._notify("input", x)
         xr = x if self.rotation is None else x @ self.rotation

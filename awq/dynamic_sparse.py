@@ -1,0 +1,176 @@
+"""Batch-1 decode kernels for per-token (dynamic) sparsity: TEAL / WINA / LaRoSA and CATS / predicted neurons.
+
+The frontier's methods (``awq/methods/``) compute their masks per token, so a fixed gathered set
+(:mod:`awq.sparse_compute`) does not apply.  At batch 1 (one decoded token) these kernels find the
+active set inside one C++ call per layer (``csrc/sparse_mlp.cpp``) and read only the weights it needs:
+
+* **input sparsity** (:class:`InputSparseDecode`, TEAL/WINA/LaRoSA): keep ``x_i`` with
+  ``|x_i| * s_i >= t_x``; ``[g; u]`` is the sum of the kept rows of ``W_gu^T [H, 2F]`` (row ``i`` =
+  column ``i`` of gate and of up, i.e. **column-gathered** gate/up); ``h = silu(g) * u``; keep ``h_n``
+  with ``|h_n| * s_n >= t_h``; ``y`` is the sum of the kept rows of ``W_down^T [F, H]``.  Reads
+  ``2/3 * density(x) + 1/3 * density(h)`` of the MLP's weight bytes.
+* **neuron sparsity** (:class:`NeuronSparseDecode`): CATS reads the whole gate, keeps neurons with
+  ``|silu(g_n)| >= t`` and reads their up rows and down columns (``1/3 + 2/3 * density``); a
+  predictor's index list reads gate row, up row and down column of those neurons only (**row-gathered**).
+
+Both sums are split over output chunks (no reduction between threads), threads only from
+``MIN_BYTES_PER_THREAD`` weight bytes per thread, four rows per pass over the cache-resident chunk.
+The kernels equal the modules' masked dense computation to float tolerance (tests/test_dynamic_sparse.py).
+
+Memory: the transposed layouts are copies made once by ``prepare_decode()`` on a method module (input
+sparsity: one extra copy of the MLP's weights; neuron sparsity: of ``W_down`` only); prefill and
+perplexity runs (many tokens) keep using the original weights.  With no compiler, a non-SiLU
+activation, weights off the CPU or in float16, or ``AWQ_SPARSE_KERNEL=torch``, ``prepare_decode()``
+returns False and the module keeps its masked dense path (logged once).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from awq.sparse_compute import MIN_BYTES_PER_THREAD, cpp_kernel
+
+log = logging.getLogger(__name__)
+
+_EMPTY = torch.empty(0)
+_warned: set[str] = set()
+
+
+def _f32(t: Optional[torch.Tensor]) -> torch.Tensor:
+    return _EMPTY if t is None else t.detach().float().contiguous().view(-1)
+
+
+def _bias(lin: nn.Module) -> Optional[torch.Tensor]:
+    b = getattr(lin, "bias", None)
+    return None if b is None else b.detach()
+
+
+def unsupported(mlp: nn.Module) -> Optional[str]:
+    """Why the decode kernels cannot run this base MLP (None: they can)."""
+    w = mlp.gate_proj.weight
+    if w.device.type != "cpu":
+        return f"weights on {w.device.type}"
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return f"{w.dtype} weights (float32 or bfloat16 only)"
+    with torch.no_grad():
+        probe = torch.linspace(-8, 8, 33)
+        if not torch.allclose(mlp.act_fn(probe), F.silu(probe), rtol=1e-6, atol=1e-7):
+            return "activation is not SiLU"
+    if cpp_kernel() is None:
+        return "the C++ sparse MLP kernel is unavailable"
+    return None
+
+
+def _log_once(why: str) -> None:
+    if why not in _warned:
+        _warned.add(why)
+        log.warning("dynamic sparse decode kernel not used (%s): masked dense path", why)
+
+
+def _as_row(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1).float().contiguous()
+
+
+class InputSparseDecode:
+    """TEAL/WINA/LaRoSA batch-1 kernel over transposed copies of (possibly rotated) gate/up/down weights."""
+
+    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, t_x: float, t_h: float,
+                 bias_g: Optional[torch.Tensor] = None, bias_u: Optional[torch.Tensor] = None,
+                 bias_d: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None,
+                 h_scale: Optional[torch.Tensor] = None) -> None:
+        with torch.no_grad():
+            self.wgu_t = torch.cat([w_gate.detach(), w_up.detach()]).t().contiguous()  # [H, 2F]
+            self.wd_t = w_down.detach().t().contiguous()  # [F, H]
+        self.F, self.H = w_gate.shape
+        if bias_g is not None or bias_u is not None:
+            z = torch.zeros(self.F)
+            self.bias_gu = torch.cat([_f32(bias_g) if bias_g is not None else z,
+                                      _f32(bias_u) if bias_u is not None else z]).contiguous()
+        else:
+            self.bias_gu = _EMPTY
+        self.bias_d = None if bias_d is None else bias_d.detach().float()
+        self.t_x, self.t_h = float(t_x), float(t_h)
+        self.x_scale, self.h_scale = _f32(x_scale), _f32(h_scale)
+        self.counts = torch.zeros(2, dtype=torch.long)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """One token ``x`` (``H`` entries) -> ``[H]`` float32; ``self.counts`` = kept (x, h) entries."""
+        y = cpp_kernel().input_sparse_swiglu(_as_row(x), self.wgu_t, self.wd_t, self.bias_gu, self.x_scale,
+                                             self.t_x, self.h_scale, self.t_h, MIN_BYTES_PER_THREAD, self.counts)
+        return y if self.bias_d is None else y + self.bias_d
+
+    def densities(self) -> tuple[float, float]:
+        """(density(x), density(h)) of the last call."""
+        kx, kh = self.counts.tolist()
+        return kx / self.H, kh / self.F
+
+
+class NeuronSparseDecode:
+    """CATS (``t_a``) or predicted-neuron (an index list per call) batch-1 kernel; copies ``W_down^T`` only."""
+
+    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, t_a: float = 0.0,
+                 bias_g: Optional[torch.Tensor] = None, bias_u: Optional[torch.Tensor] = None,
+                 bias_d: Optional[torch.Tensor] = None) -> None:
+        with torch.no_grad():
+            self.wg, self.wu = w_gate.detach().contiguous(), w_up.detach().contiguous()
+            self.wd_t = w_down.detach().t().contiguous()
+        self.F, self.H = self.wg.shape
+        self.t_a = float(t_a)
+        self.bias_g, self.bias_u = _f32(bias_g), _f32(bias_u)
+        self.bias_d = None if bias_d is None else bias_d.detach().float()
+        self.counts = torch.zeros(1, dtype=torch.long)
+
+    def __call__(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One token -> ``[H]`` float32.  ``idx`` None: CATS threshold ``t_a`` on ``|silu(gate)|``; else
+        those neurons (int64, in range; at least one)."""
+        idx = _EMPTY if idx is None else idx.reshape(-1).to(torch.long).contiguous()
+        y = cpp_kernel().neuron_sparse_swiglu(_as_row(x), self.wg, self.wu, self.wd_t, idx, self.t_a, self.bias_g,
+                                              self.bias_u, MIN_BYTES_PER_THREAD, self.counts)
+        return y if self.bias_d is None else y + self.bias_d
+
+    def density(self) -> float:
+        return int(self.counts[0]) / self.F
+
+
+def input_decode_for(mod: nn.Module, w_gate: torch.Tensor, w_up: torch.Tensor, t_x: float, t_h: float,
+                     x_scale: Optional[torch.Tensor], h_scale: Optional[torch.Tensor]) -> Optional[InputSparseDecode]:
+    """The kernel for an input-sparse method module (its base MLP's biases), or None (reason logged once)."""
+    why = unsupported(mod.base)
+    if why is not None:
+        _log_once(why)
+        return None
+    b = mod.base
+    return InputSparseDecode(w_gate, w_up, b.down_proj.weight, t_x, t_h, _bias(b.gate_proj), _bias(b.up_proj),
+                             _bias(b.down_proj), x_scale, h_scale)
+
+
+def neuron_decode_for(mod: nn.Module, t_a: float = 0.0) -> Optional[NeuronSparseDecode]:
+    """The kernel for a neuron-sparse method module, or None (reason logged once)."""
+    why = unsupported(mod.base)
+    if why is not None:
+        _log_once(why)
+        return None
+    b = mod.base
+    return NeuronSparseDecode(b.gate_proj.weight, b.up_proj.weight, b.down_proj.weight, t_a, _bias(b.gate_proj),
+                              _bias(b.up_proj), _bias(b.down_proj))
+
+
+def is_decode_step(mod: nn.Module, x: torch.Tensor) -> bool:
+    """A single token for a module whose kernel is prepared and that nobody is observing."""
+    return getattr(mod, "_decode", None) is not None and not mod.observers and x.numel() == x.shape[-1]
+
+
+def prepare_decode_(model: nn.Module) -> int:
+    """Call ``prepare_decode()`` on every swapped MLP that has one; returns how many are ready."""
+    from awq.sparsify import swapped_mlps
+
+    n = 0
+    for m in swapped_mlps(model):
+        fn = getattr(m, "prepare_decode", None)
+        if callable(fn) and fn():
+            n += 1
+    return n
