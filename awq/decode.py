@@ -22,6 +22,11 @@ per-token step of about 18 tensor ops per layer:
   here, so its decode steps run the batch-1 kernels of :mod:`awq.dynamic_sparse`.  The choice is read from
   ``layer.mlp`` when the decoder is built; call :meth:`LeanDecoder.refresh_mlps` after re-sparsifying.
 
+One-row products at decode (q/k/v, o, the dense MLP, the LM head) use torch's ``F.linear`` or the
+C++ ``dense_gemv`` of ``csrc/sparse_mlp.cpp`` (four rows per pass over x, AVX-512 or AVX2), per weight
+shape whichever :func:`awq.hw.choose` measured faster on this machine and thread count (cached in
+the project cache, logged); ``LeanDecoder(gemv="torch"|"cpp")`` or ``AWQ_DECODE_GEMV`` overrides.
+
 The prompt is prefilled in one batched pass (``scaled_dot_product_attention``, causal, GQA).
 Greedy tokens equal ``model.generate(do_sample=False)`` (tests/test_decode.py: tiny random Llama,
 Qwen2, Mistral and the real default model); logits agree to float tolerance, not bit for bit
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -50,6 +56,8 @@ from awq.sparsify import base_mlp, decoder_layers, is_swapped
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+GEMVS: tuple[str, ...] = ("auto", "torch", "cpp")
+_MIN_BYTES = 1 << 20  # C++ GEMV: threads from this many weight bytes each (as awq.sparse_compute)
 _DENSE_ATTRS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
@@ -129,7 +137,10 @@ def _prepared(mlp: nn.Module) -> nn.Module:
 class LeanDecoder:
     """Batch-1 greedy decoder over the weights of ``model`` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, capacity: int = 512) -> None:
+    def __init__(self, model: nn.Module, capacity: int = 512, gemv: Optional[str] = None) -> None:
+        self.gemv = (gemv or os.environ.get("AWQ_DECODE_GEMV") or "auto").lower()
+        if self.gemv not in GEMVS:
+            raise DecodeError(f"gemv must be one of {', '.join(GEMVS)}, got '{self.gemv}'")
         cfg = model.config
         mtype = getattr(cfg, "model_type", "?")
         if mtype not in SUPPORTED_TYPES:
@@ -170,6 +181,7 @@ class LeanDecoder:
                     wqkv=wqkv, bqkv=bqkv, wo=at.o_proj.weight.detach(), bo=_bias(at.o_proj),
                     window=int(window) if window else None))
         self.refresh_mlps()
+        self._pick_gemvs()
         self._zero = torch.zeros(1, self.H, dtype=self.dtype, device=self.device)
         self.capacity = 0
         self._ensure(capacity)
@@ -241,12 +253,53 @@ class LeanDecoder:
         s = 1.0 / math.sqrt(float(torch.dot(v, v)) / self.H + self.eps)
         return torch.addcmul(self._zero, h, w, value=s)  # 0 + s * h * w: a Scalar argument, no scalar tensor
 
+    def _pick_gemvs(self) -> None:
+        """For each weight shape of a decode step, the one-row product to use: torch's ``F.linear`` or
+        the C++ ``dense_gemv`` (``csrc/sparse_mlp.cpp``); ``gemv="auto"`` asks :func:`awq.hw.choose`
+        (a short timing, cached per machine and thread count, logged)."""
+        self._cpp_gemv: dict = {}
+        mats = [self.lm_head] + [w for ly in self.layers for w in (ly.wqkv, ly.wo, ly.wgu, ly.wd) if w is not None]
+        kern = None
+        if self.gemv != "torch" and self.dtype == torch.float32 and self.device.type == "cpu":
+            from awq.sparse_compute import cpp_kernel
+
+            kern = cpp_kernel()
+            if kern is None and self.gemv == "cpp":
+                raise DecodeError("gemv='cpp' asked but the C++ kernel is unavailable")
+        self._kern = kern
+        for w in mats:
+            key = tuple(w.shape)
+            if key in self._cpp_gemv:
+                continue
+            if kern is None or not w.is_contiguous():
+                self._cpp_gemv[key] = False
+            elif self.gemv == "cpp":
+                self._cpp_gemv[key] = True
+            else:
+                from awq import hw
+
+                x = torch.randn(1, w.shape[1])
+                x1 = x.view(-1)
+                reps = range(max(1, (8 << 20) // (w.numel() * w.element_size())))  # >= ~8 MB per timed call
+
+                def probes(w=w, x=x, x1=x1, reps=reps):
+                    return {"torch": lambda: [F.linear(x, w) for _ in reps],
+                            "cpp": lambda: [kern.dense_gemv(x1, w, _MIN_BYTES) for _ in reps]}
+                self._cpp_gemv[key] = hw.choose(f"decode_gemv_{key[0]}x{key[1]}", ("torch", "cpp"), probes) == "cpp"
+
+    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        """``F.linear(x, w, b)``; one row by the chosen GEMV (see :meth:`_pick_gemvs`)."""
+        if x.shape[0] == 1 and x.dim() == 2 and self._cpp_gemv.get(tuple(w.shape)):
+            y = self._kern.dense_gemv(x.reshape(-1), w, _MIN_BYTES).view(1, -1)
+            return y if b is None else y + b
+        return F.linear(x, w, b)
+
     def _mlp(self, ly: _Layer, n: torch.Tensor) -> torch.Tensor:
         if ly.mlp is not None:
             return ly.mlp(n)
-        gu = F.linear(n, ly.wgu, ly.bgu)
+        gu = self._lin(n, ly.wgu, ly.bgu)
         f = gu.shape[-1] // 2
-        return F.linear(ly.act(gu[..., :f]) * gu[..., f:], ly.wd, ly.bd)
+        return self._lin(ly.act(gu[..., :f]) * gu[..., f:], ly.wd, ly.bd)
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -295,17 +348,17 @@ class LeanDecoder:
         L = p + 1
         for ly in self.layers:
             n = self._rms1(h, ly.ln1)
-            qkv = F.linear(n, ly.wqkv, ly.bqkv)[0]
+            qkv = self._lin(n, ly.wqkv, ly.bqkv)[0]
             qk = self._rope(qkv[:qk_end].view(nh + nkv, hd), fr)
             ly.k[:, p] = qk[nh:]
             ly.v[:, p] = qkv[qk_end:].view(nkv, hd)
             lo = 0 if ly.window is None else max(0, L - ly.window)
             s = torch.bmm(qk[:nh].view(nkv, g, hd), ly.k[:, lo:L].transpose(1, 2))
             a = torch.bmm(torch.softmax(s, dim=-1), ly.v[:, lo:L])
-            h.add_(F.linear(a.view(1, nh * hd), ly.wo, ly.bo))
+            h.add_(self._lin(a.view(1, nh * hd), ly.wo, ly.bo))
             h.add_(self._mlp(ly, self._rms1(h, ly.ln2)))
         self.pos = L
-        return F.linear(self._rms1(h, self.norm), self.lm_head)[0]
+        return self._lin(self._rms1(h, self.norm), self.lm_head, None)[0]
 
     def generate(self, ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
                  eos_token_id: Optional[int | Sequence[int]] = None) -> list[int]:

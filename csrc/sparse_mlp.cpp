@@ -393,6 +393,67 @@ static torch::Tensor neuron_run(const torch::Tensor& x, const torch::Tensor& wg,
   return out;
 }
 
+// y[r] = <w[r], x> for every row: the dense GEMV of one decoded token, four rows per pass over x,
+// split over rows from min_bytes weight bytes per thread
+template <typename S>
+static void gemv_rows(float* __restrict y, const S* __restrict w, const float* __restrict x, int64_t R, int64_t C,
+                      int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const S* w0 = w + r * C; const S* w1 = w0 + C; const S* w2 = w1 + C; const S* w3 = w2 + C;
+    int64_t c = 0;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; c + 16 <= C; c += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + c);
+      a0 = _mm512_fmadd_ps(ld16(w0 + c), xv, a0);
+      a1 = _mm512_fmadd_ps(ld16(w1 + c), xv, a1);
+      a2 = _mm512_fmadd_ps(ld16(w2 + c), xv, a2);
+      a3 = _mm512_fmadd_ps(ld16(w3 + c), xv, a3);
+    }
+    s0 = _mm512_reduce_add_ps(a0); s1 = _mm512_reduce_add_ps(a1);
+    s2 = _mm512_reduce_add_ps(a2); s3 = _mm512_reduce_add_ps(a3);
+#elif defined(AWQ_AVX2)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; c + 8 <= C; c += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + c);
+      a0 = _mm256_fmadd_ps(ld8(w0 + c), xv, a0);
+      a1 = _mm256_fmadd_ps(ld8(w1 + c), xv, a1);
+      a2 = _mm256_fmadd_ps(ld8(w2 + c), xv, a2);
+      a3 = _mm256_fmadd_ps(ld8(w3 + c), xv, a3);
+    }
+    s0 = hsum8(a0); s1 = hsum8(a1); s2 = hsum8(a2); s3 = hsum8(a3);
+#endif
+    for (; c < C; ++c) {
+      s0 += Ld<S>::f(w0, c) * x[c]; s1 += Ld<S>::f(w1, c) * x[c];
+      s2 += Ld<S>::f(w2, c) * x[c]; s3 += Ld<S>::f(w3, c) * x[c];
+    }
+    y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+  }
+  for (; r < r1; ++r) y[r] = dot1<S>(w + r * C, x, C);
+}
+
+torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w, int64_t min_bytes_per_thread) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [C]");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.numel() && w.is_contiguous(), "w: contiguous [R, C]");
+  const int64_t R = w.size(0), C = w.size(1);
+  auto out = torch::empty({R}, x.options());
+  float* y = out.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t esz = w.scalar_type() == torch::kFloat ? 4 : 2;
+  const int64_t grain = std::max<int64_t>(4, (min_bytes_per_thread / std::max<int64_t>(1, C * esz) + 3) / 4 * 4);
+  if (w.scalar_type() == torch::kFloat) {
+    const float* wp = w.data_ptr<float>();
+    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) { gemv_rows<float>(y, wp, xp, R, C, b, e); });
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w: float32 or bfloat16");
+    const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) { gemv_rows<c10::BFloat16>(y, wp, xp, R, C, b, e); });
+  }
+  return out;
+}
+
 static void check_vec(const torch::Tensor& t, int64_t n, const char* what) {
   TORCH_CHECK(t.numel() == 0 || (t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() == n),
               what, ": empty or a contiguous float32 tensor of ", n, " entries");
@@ -467,5 +528,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_sparse_swiglu", torch::wrap_pybind_function(fused_sparse_swiglu), "fused_sparse_swiglu");
   m.def("input_sparse_swiglu", torch::wrap_pybind_function(input_sparse_swiglu), "input_sparse_swiglu");
   m.def("neuron_sparse_swiglu", torch::wrap_pybind_function(neuron_sparse_swiglu), "neuron_sparse_swiglu");
+  m.def("dense_gemv", torch::wrap_pybind_function(dense_gemv), "dense_gemv");
   m.def("simd", &simd, "vector instruction path of this build");
 }

@@ -210,3 +210,20 @@ def test_gathered_sparsifier_reads_density(tiny_model_dir):
     mods = _gathered(model, 0.25, SimpleNamespace(cfg=GenerateConfig(), tok=None, info=None))
     assert len(mods) == 2
     assert all(m._fixed.idx.numel() == 32 for m in mods)  # 25% of 128 neurons
+
+
+@pytest.mark.parametrize("gemv", ["torch", "cpp"])
+def test_gemv_choices_give_same_tokens(gemv):
+    """Both one-row GEMVs (torch, C++) give HF's greedy tokens; a bad choice is one line."""
+    from awq.sparse_compute import cpp_kernel_available
+
+    if gemv == "cpp" and not cpp_kernel_available():
+        pytest.skip("C++ kernel unavailable")
+    model = tiny_model("llama", seed=5)
+    ids = torch.arange(3, 12)
+    want = model.generate(ids[None], max_new_tokens=8, do_sample=False, attention_mask=torch.ones(1, 9))[0, 9:]
+    dec = LeanDecoder(model, gemv=gemv)
+    assert all(v == (gemv == "cpp") for v in dec._cpp_gemv.values())
+    assert dec.generate(ids, 8) == want.tolist()
+    with pytest.raises(DecodeError, match="gemv must be one of"):
+        LeanDecoder(model, gemv="fast")
