@@ -15,8 +15,11 @@ Methods (:data:`SPARSIFIERS`, name -> ``fn(model, density, ctx) -> per-layer MLP
   weights.  A speed probe: the text is not meaningful.
 * every method of :data:`awq.methods.METHODS` (paper, teal, cats, ...): calibrated at ``--density`` on
   ``--calib_nsamples`` train windows, installed with ``awq.sparsify.sparsify_``; the decoder calls
-  the method's own module, so the speed is what that module realises (a masked dense module
-  reads every weight and shows no gain).
+  the method's own module, so the speed is what that module realises: TEAL, WINA, LaRoSA, CATS and
+  the neuron predictor run their batch-1 kernels (:mod:`awq.dynamic_sparse`); the paper's
+  thresholded MLP is a masked dense module that reads every weight and shows no gain.  The MLP
+  weight-read fraction of the decode steps (metered from the masks applied, predictor/rotation
+  bytes added) is printed with its roofline.
 
 Adding a method is one line: ``SPARSIFIERS["name"] = lambda model, density, ctx: [module per layer]``
 (``ctx.cfg``: the options, ``ctx.tok``, ``ctx.info``: the tokenizer and ModelInfo; None = dense).
@@ -106,7 +109,7 @@ class GenerateConfig:
 
 def main(cfg: GenerateConfig) -> dict:
     from awq.decode import LeanDecoder
-    from awq.decode_speed import timed_runs
+    from awq.decode_speed import decode_read_fraction, extra_bytes, read_bytes, roofline, timed_runs
     from awq.models import load_model
 
     table = methods()
@@ -135,6 +138,11 @@ def main(cfg: GenerateConfig) -> dict:
     line = [f"{name} {r['median']:.2f} tok/s" for name, r in res.items()]
     if "dense" in res and len(res) > 1:
         line.append(f"speedup {res[cfg.method]['median'] / res['dense']['median']:.2f}x")
+    frac = decode_read_fraction(dec, ids, cfg.max_new_tokens, modes.get(cfg.method))
+    if frac is not None:
+        frac += extra_bytes(modes.get(cfg.method)) / read_bytes(model)["mlp"]
+        out["mlp_weight_read"], out["roofline"] = frac, roofline(model, frac)
+        line.append(f"MLP weight read {frac:.3f} (roofline {out['roofline']:.2f}x)")
     print(f"{info.name} threads={out['threads']} prompt={out['prompt_tokens']} new={cfg.max_new_tokens}: "
           + " | ".join(line))
     return out
