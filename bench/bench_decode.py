@@ -143,6 +143,24 @@ def hf_runner(model):
     return run
 
 
+def gguf_of(model_path):
+    """The GGUF a --model_path loads from (the default model, an alias of a packed model, a .gguf), or None."""
+    from awq.models import default_gguf_path, resolve_alias
+
+    if model_path is None:
+        return default_gguf_path()
+    if str(model_path).endswith(".gguf"):
+        return Path(model_path)
+    alias = None if Path(model_path).expanduser().exists() else resolve_alias(model_path)
+    if alias is None:
+        return None
+    if alias[0] == "default":
+        return default_gguf_path()
+    from awq.packed_gguf import ensure_packed_gguf
+
+    return Path(ensure_packed_gguf(alias[1]))
+
+
 def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, rep) -> None:
     """Calibrate each (method, density), keep its per-layer modules, meter its decode read fraction."""
     from types import SimpleNamespace
@@ -153,7 +171,7 @@ def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, r
     from awq.sparsify import decoder_layers, sparsify_, unsparsify_
 
     table = methods()
-    ctx = SimpleNamespace(cfg=SimpleNamespace(data_path=None, calib_seqlen=512, calib_nsamples=a.calib_nsamples,
+    ctx = SimpleNamespace(cfg=SimpleNamespace(data_path=a.data_path, calib_seqlen=512, calib_nsamples=a.calib_nsamples,
                                               seed=0, kernel="auto"), tok=tok, info=info)
     x = torch.tensor(ids)
     nl = len(decoder_layers(model))
@@ -191,6 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="teal=0.5,cats=0.25",
                    help="frontier methods as name=density, comma-separated ('' for none; default "
                         "teal=0.5,cats=0.25: both read about half of the MLP weights)")
+    p.add_argument("--data_path", default=None, help="corpus for --methods' calibration (default: as awq.entry)")
     p.add_argument("--calib_nsamples", type=int, default=1, help="train windows (512 tokens) for --methods (default 1)")
     p.add_argument("--gguf", default=None,
                    help="GGUF of the same weights (default: the default model's shipped file)")
@@ -215,7 +234,7 @@ def main(argv=None) -> int:
     from awq.decode import LeanDecoder
     from awq.decode_speed import prompt_ids, read_bytes
     from awq.hub import cache_dir
-    from awq.models import ModelError, default_gguf_path, load_model
+    from awq.models import ModelError, load_model
     from awq.sparse_compute import GatheredSparseMLP
     from awq.sparsify import decoder_layers
 
@@ -232,8 +251,7 @@ def main(argv=None) -> int:
              f" | prompt {len(ids)} tokens, {a.new_tokens} new, {a.repeats} interleaved repeats")
     dec = LeanDecoder(model, capacity=len(ids) + a.new_tokens)
     runners, nbytes = {}, {}
-    src = Path(a.gguf) if a.gguf else (default_gguf_path() if a.model_path is None else
-                                       Path(a.model_path) if str(a.model_path).endswith(".gguf") else None)
+    src = Path(a.gguf) if a.gguf else gguf_of(a.model_path)
     try:
         import llama_cpp  # noqa: F401
         have_llama = True
@@ -265,7 +283,7 @@ def main(argv=None) -> int:
     if meths:
         add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, rep)
     if have_llama and src is not None:
-        ref = f"llama.cpp {src.stem.split('.')[-1]} (shipped)"
+        ref = "llama.cpp shipped GGUF"
         runners[ref] = llama_runner(src, a.threads, len(ids) + a.new_tokens + 8)
     if a.hf:
         runners["transformers generate"] = hf_runner(model)

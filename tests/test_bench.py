@@ -176,8 +176,9 @@ def test_bench_clustering_quick(tmp_path):
     bench_clustering.main(["--quick", "--threads", "1", "--output", str(tmp_path / "c.json")])
     data = _check_json(tmp_path / "c.json", "bench_clustering")
     assert {"ours (global) vs reference", "ours (global) vs scikit-learn Lloyd",
-            "distance rate / bare int8 GEMM rate"} <= set(data["ratios"])
-    assert data["ratios"]["distance rate / bare int8 GEMM rate"]["roofline"] == 1.0
+            "distance rate / bare GEMM rate"} <= set(data["ratios"])
+    assert data["ratios"]["distance rate / bare GEMM rate"]["roofline"] == 1.0
+    assert data["figures"]["distance_kernel"] in ("int8", "fp32")
 
 
 def test_bench_predictor_quick(tmp_path):
@@ -198,3 +199,30 @@ def test_bench_ppl_quick(tmp_path, tiny_model_dir, tiny_corpus, tiny_thresholds)
     data = _check_json(tmp_path / "q.json", "bench_ppl")
     assert all(r["roofline"] == 1.0 for r in data["ratios"].values())
     assert data["figures"]["dense_tok_s"] > 0
+
+
+def test_bench_decode_method_rows_tiny(tiny_model_dir, tiny_corpus, tmp_path):
+    """bench_decode on a tiny model: method rows with metered read fractions, ratios beside rooflines."""
+    import json
+
+    from bench import bench_decode
+
+    out = tmp_path / "d.json"
+    rc = bench_decode.main(["--model_path", str(tiny_model_dir), "--data_path", str(tiny_corpus), "--threads", "1",
+                            "--repeats", "1", "--prompt_tokens", "8", "--new_tokens", "4", "--densities", "0.5",
+                            "--methods", "teal=0.5,cats=0.25", "--output", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    figs = data["figures"]
+    for key in ("lean teal d=0.5", "lean cats d=0.25"):
+        assert 0.0 < figs[f"{key} weight_read_fraction"] < 1.0
+        assert any(line.startswith(f"{key} vs ") for line in data["lines"])
+    assert any("roofline" in line or "ABOVE ROOFLINE" in line for line in data["lines"])
+
+
+def test_bench_decode_bad_method(capsys):
+    from bench import bench_decode
+
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--methods", "teal"])
+    assert "name=density" in capsys.readouterr().err
