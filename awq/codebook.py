@@ -11,8 +11,10 @@ by every layer (one codebook per projection, as clustered).  Per layer and token
 * ``predicted`` (extension, see :mod:`awq.predictor`): the label comes from a predictor applied to
   the MLP input, without looking at the true mask; mask = ``C[label]`` over the unthresholded output.
 
-Assignment is a single ``[T, F] x [F, K]`` fp32 matrix product per layer and projection (exact for
-0/1 values).  Running counts give the precision (fraction of true active neurons kept) and the
+Assignment is a single ``[T, F] x [F, K]`` matrix product per layer and projection, exact for 0/1
+values either way: on the CPU int8 (``torch._int_mm``) or fp32, whichever :func:`awq.hw.overlap_kernel`
+picks for this machine (capability or a cached one-time measurement; ``kernel=`` or
+``AWQ_KERNEL_OVERLAP`` override); elsewhere fp32.  Running counts give the precision (fraction of true active neurons kept) and the
 effective sparsity of every layer.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from awq.centroids import CentroidError, load_centroids, metrics_from_counts
+from awq.hw import check_fp32_exact, overlap_kernel
 from awq.sparsify import PROJS, base_mlp, decoder_layers
 from awq.thresholds import file_sha256
 
@@ -33,24 +36,23 @@ log = logging.getLogger(__name__)
 MODES = ("oracle", "replace", "predicted")
 _SHORT = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
-_HAS_INT_MM = hasattr(torch, "_int_mm")
-
 LabelFn = Callable[[torch.Tensor, int], torch.Tensor]  # (mlp input x [..., H], layer) -> labels [...]
 
 
 class CentroidCodebook(nn.Module):
     def __init__(self, centroids: torch.Tensor, proj: str, num_layers: int, mode: str = "oracle",
-                 label_fn: Optional[LabelFn] = None) -> None:
+                 label_fn: Optional[LabelFn] = None, kernel: Optional[str] = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown centroid mode '{mode}' (want one of {MODES})")
         if mode == "predicted" and label_fn is None:
             raise ValueError("centroid mode 'predicted' needs a predictor")
-        self.proj, self.mode, self.label_fn = proj, mode, label_fn
+        self.proj, self.mode, self.label_fn, self.kernel = proj, mode, label_fn, kernel
         # one copy of the centroids [K, F]: int8 0/1 serves the exact int8 GEMM on CPU and, viewed as bool, the mask
         self.register_buffer("c_int8", centroids.to(torch.int8).contiguous(), persistent=False)
         self.register_buffer("c_size", centroids.sum(1, dtype=torch.float64), persistent=False)
-        self._c_float: Optional[torch.Tensor] = None  # fp32 GEMM operand, made on first use off the CPU
+        self._c_float: Optional[torch.Tensor] = None  # fp32 GEMM operand, made on first use of the fp32 kernel
+        self._cpu_kernel: tuple[int, str] = (0, "")  # (torch threads, awq.hw's choice): asked once per setting
         self.k, self.width = centroids.shape
         # running counts per layer: active (|A|), covered (|A & C|), predicted (|C_label|), nonzero out, cells
         self.register_buffer("counts", torch.zeros(num_layers, 5, dtype=torch.float64), persistent=False)
@@ -61,12 +63,21 @@ class CentroidCodebook(nn.Module):
         if self.mode == "predicted":
             return self.label_fn(x, layer_idx).reshape(-1)
         a = y.reshape(-1, y.shape[-1]) != 0
-        if a.device.type == "cpu" and _HAS_INT_MM:
-            # int8 x int8 -> int32 GEMM: exact and several times the fp32 rate on CPU
+        if a.device.type == "cpu" and a.shape[0] > 0 and self.cpu_kernel() == "int8":
+            # int8 x int8 -> int32 GEMM: exact; the faster one where the CPU has int8 dot products
             return torch.argmax(torch._int_mm(a.to(torch.int8), self.c_int8.T), dim=1)  # first max on ties
         if self._c_float is None or self._c_float.device != self.c_int8.device:
-            self._c_float = self.c_int8.float()  # exact for 0/1 with fp32 accumulation
+            check_fp32_exact(self.width)  # 0/1 products summed in fp32: exact below 2**24
+            self._c_float = self.c_int8.float()
         return torch.argmax(a.float() @ self._c_float.T, dim=1)
+
+    def cpu_kernel(self) -> str:
+        """The CPU overlap kernel ("int8" / "fp32") from :func:`awq.hw.overlap_kernel`, cached per thread count
+        (it runs once per layer and token batch)."""
+        threads = torch.get_num_threads()
+        if self._cpu_kernel[0] != threads:
+            self._cpu_kernel = (threads, overlap_kernel(self.kernel, self.width))
+        return self._cpu_kernel[1]
 
     @property
     def c_bool(self) -> torch.Tensor:
@@ -154,8 +165,10 @@ def check_centroid_proj(path: Path, meta: dict, proj: str) -> None:
 
 
 def load_codebooks(spec: str, model: nn.Module, mode: str = "oracle",
-                   label_fns: Optional[dict[str, LabelFn]] = None) -> tuple[dict[str, CentroidCodebook], dict]:
-    """Load the centroid sets named by ``spec`` once, on the model's device; -> (codebooks, info for results)."""
+                   label_fns: Optional[dict[str, LabelFn]] = None,
+                   kernel: Optional[str] = None) -> tuple[dict[str, CentroidCodebook], dict]:
+    """Load the centroid sets named by ``spec`` once, on the model's device; -> (codebooks, info for results).
+    ``kernel``: the CPU overlap kernel ("int8", "fp32"; None/"auto": :func:`awq.hw.overlap_kernel` decides)."""
     files = parse_centroid_spec(spec)
     layers = decoder_layers(model)
     mlp = base_mlp(layers[0].mlp)  # also on an already sparsified model
@@ -167,7 +180,7 @@ def load_codebooks(spec: str, model: nn.Module, mode: str = "oracle",
         c, meta = load_centroids(path, widths[proj])
         check_centroid_proj(path, meta, proj)
         fn = (label_fns or {}).get(proj)
-        books[proj] = CentroidCodebook(c, proj, len(layers), mode=mode, label_fn=fn).to(device)
+        books[proj] = CentroidCodebook(c, proj, len(layers), mode=mode, label_fn=fn, kernel=kernel).to(device)
         info["files"][proj] = {"path": str(path), "sha256": file_sha256(path), "k": int(c.shape[0]),
                                "centroid_density": float(c.float().mean()), "meta": meta}
         log.info("centroids %s: K=%d width=%d density %.3f (%s)", proj, c.shape[0], c.shape[1],

@@ -12,10 +12,15 @@ int8 ``torch._int_mm`` or an fp32 GEMM) asks :func:`choose` which one to use.  T
    the cache (atomic write) and the choice is logged with the timings.
 
 Why measure instead of reading flags: on AVX-512-VNNI CPUs ``torch._int_mm`` runs several times
-faster than an fp32 GEMM of the same shape; on AVX2-only CPUs it runs ~20x slower (issue 14).
+faster than an fp32 GEMM of the same shape; on AVX2-only CPUs it runs ~20x slower (issue 14).  Where
+the flags settle it, they do: a CPU without any int8 dot-product instructions (no AVX-512 BW/VNNI,
+AVX-VNNI or AMX-INT8) gets the fp32 overlap GEMM without a measurement (see :func:`overlap_kernel`).
+``AWQ_HW_FLAGS="avx2 fma"`` makes this process see only those flags (to exercise the AVX2-only
+decision on any machine; the cache key includes the flags, so such a choice is stored apart).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,7 +30,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -62,10 +67,35 @@ def _static_info() -> dict:
             "torch": torch.__version__, "cores": os.cpu_count()}
 
 
+def cpu_flags() -> tuple[str, ...]:
+    """The flags of interest this process acts on: the CPU's, or ``$AWQ_HW_FLAGS`` (space separated) when set."""
+    env = os.environ.get("AWQ_HW_FLAGS")
+    if env is not None:
+        return tuple(f for f in env.split() if f)
+    return tuple(_static_info()["flags"])
+
+
+_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512bw")
+
+
+def has_int8_dot(flags: Sequence[str]) -> bool:
+    """Whether a CPU with ``flags`` has int8 dot-product instructions (AVX-512 BW/VNNI, AVX-VNNI, AMX-INT8) that
+    make ``torch._int_mm`` competitive.  Without them (e.g. AVX2 only) it runs far below an fp32 GEMM."""
+    return any(f in flags for f in _INT8_DOT_FLAGS)
+
+
+_key_memo: dict[tuple, str] = {}
+
+
 def machine_key() -> str:
     info = cpu_info()
-    raw = json.dumps({k: info[k] for k in ("model", "flags", "torch_capability", "torch", "threads")}, sort_keys=True)
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+    info["flags"] = list(cpu_flags())
+    memo = (tuple(info["flags"]), info["threads"])
+    if memo not in _key_memo:
+        raw = json.dumps({k: info[k] for k in ("model", "flags", "torch_capability", "torch", "threads")},
+                         sort_keys=True)
+        _key_memo[memo] = hashlib.sha256(raw.encode()).hexdigest()[:16]
+    return _key_memo[memo]
 
 
 def cache_file() -> Path:
@@ -124,7 +154,8 @@ def choose(name: str, names: Sequence[str], make: Callable[[], Mapping[str, Call
     from awq.io import atomic_write_json
 
     data = _read_cache(path)  # re-read: another process may have added entries meanwhile
-    data[key] = {"choice": best, "seconds": times, "cpu": info, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    data[key] = {"choice": best, "seconds": times, "cpu": info, "flags_used": list(cpu_flags()),
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         atomic_write_json(path, data, "kernel choice cache")
     except OSError as e:  # a read-only cache must not stop the computation
@@ -137,7 +168,13 @@ def choose(name: str, names: Sequence[str], make: Callable[[], Mapping[str, Call
 # the clustering distance: overlap <a, c> of 0/1 rows
 # ------------------------------------------------------------------------------------------------
 OVERLAP_KERNELS = ("int8", "fp32")
-FP32_EXACT_WIDTH = 2 ** 24  # fp32 sums of 0/1 products are exact below this
+FP32_EXACT_WIDTH = 2 ** 24  # fp32 holds every integer up to 2**24: sums of 0/1 products are exact below this width
+
+
+def check_fp32_exact(width: int) -> None:
+    """Refuse an fp32 overlap of rows ``width`` wide whose integer sums could exceed fp32's exact range."""
+    if width >= FP32_EXACT_WIDTH:
+        raise ValueError(f"fp32 overlap of width {width} is not exact (sums can reach 2**24); use the int8 kernel")
 
 
 def overlap_int8(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -147,24 +184,113 @@ def overlap_int8(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 
 def overlap_fp32(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    check_fp32_exact(A.shape[1])
     Af = A if A.dtype == torch.float32 else A.float()
     Cf = C if C.dtype == torch.float32 else C.float()
     return Af @ Cf.T
 
 
 def overlap_kernel(kernel: Optional[str] = None, width: int = 0) -> str:
-    """``"int8"`` or ``"fp32"`` for a CPU overlap GEMM of rows ``width`` wide (see :func:`choose`)."""
-    if not hasattr(torch, "_int_mm"):
-        if kernel == "int8":
+    """``"int8"`` or ``"fp32"`` for a CPU overlap GEMM of rows ``width`` wide.
+
+    Order: ``kernel`` / ``$AWQ_KERNEL_OVERLAP`` (checked: int8 needs ``torch._int_mm``, fp32 needs
+    ``width < 2**24``); then the exactness bound (width >= 2**24: int8); then capability (no int8
+    dot-product instructions, e.g. AVX2 only: fp32, logged once); else the cached measurement of
+    :func:`choose`."""
+    forced = kernel if kernel not in (None, "", "auto") else os.environ.get("AWQ_KERNEL_OVERLAP")
+    if forced not in (None, "", "auto"):
+        if forced == "int8" and not hasattr(torch, "_int_mm"):
             raise ValueError("kernel 'int8' needs torch._int_mm, which this torch lacks")
+        if forced == "fp32":
+            check_fp32_exact(width)
+        return choose("overlap", OVERLAP_KERNELS, _overlap_probes, forced)
+    if not hasattr(torch, "_int_mm"):
         return "fp32"
     if width >= FP32_EXACT_WIDTH:
         return "int8"  # the fp32 path would not be exact
-    return choose("overlap", OVERLAP_KERNELS, _overlap_probes, kernel)
+    flags = cpu_flags()
+    if not has_int8_dot(flags):
+        if "overlap:capability" not in _memo:
+            _memo["overlap:capability"] = "fp32"
+            log.info("overlap kernel: fp32 by capability (flags %s: no AVX-512 BW/VNNI, AVX-VNNI or AMX-INT8, so "
+                     "torch._int_mm has no fast int8 dot product here)", " ".join(flags) or "none")
+        return "fp32"
+    return choose("overlap", OVERLAP_KERNELS, _overlap_probes, None)
+
+
+def overlap_reason(kernel: Optional[str] = None, width: int = 1536) -> str:
+    """One line saying which overlap kernel :func:`overlap_kernel` picks here and why (for bench output)."""
+    forced = kernel if kernel not in (None, "", "auto") else os.environ.get("AWQ_KERNEL_OVERLAP")
+    choice = overlap_kernel(kernel, width)
+    flags = " ".join(cpu_flags()) or "none"
+    if forced not in (None, "", "auto"):
+        return f"{choice} (forced by {'--kernel' if kernel not in (None, '', 'auto') else 'AWQ_KERNEL_OVERLAP'})"
+    if not hasattr(torch, "_int_mm"):
+        return "fp32 (this torch has no torch._int_mm)"
+    if width >= FP32_EXACT_WIDTH:
+        return "int8 (width >= 2**24: fp32 sums would not be exact)"
+    if not has_int8_dot(cpu_flags()):
+        return f"fp32 by capability (flags: {flags}; no int8 dot-product instructions, int8 GEMM runs far below fp32)"
+    entry = _read_cache(cache_file()).get(f"{machine_key()}:overlap", {})
+    secs = entry.get("seconds") or {}
+    timed = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in secs.items())
+    return f"{choice} by one-time measurement (flags: {flags}; probe {timed or 'cached'}; cache {cache_file()})"
 
 
 def _overlap_probes() -> dict[str, Callable[[], object]]:
     g = torch.Generator().manual_seed(0)
-    A = (torch.rand(2048, 1536, generator=g) < 0.5).to(torch.int8)  # a typical clustering block
-    C = (torch.rand(256, 1536, generator=g) < 0.5).to(torch.int8)
+    # a typical clustering block as the callers hand it over: float32 {0,1} rows, so the int8 candidate
+    # pays its conversion as it does in use
+    A = (torch.rand(2048, 1536, generator=g) < 0.5).float()
+    C = (torch.rand(256, 1536, generator=g) < 0.5).float()
     return {"int8": lambda: overlap_int8(A, C), "fp32": lambda: overlap_fp32(A, C)}
+
+
+# ------------------------------------------------------------------------------------------------
+# thread count for small blocks: a few hundred small ops, where fork/join can cost more than the work
+# ------------------------------------------------------------------------------------------------
+THREAD_CHOICES = ("1", "all")
+SMALL_BLOCK = 1 << 21  # block elements (rows x width) below which the thread count is chosen, not assumed
+
+
+@contextlib.contextmanager
+def threads_for(elements: int, kernel: Optional[str] = None) -> Iterator[int]:
+    """Run the body with the thread count that suits a block of ``elements`` values: all of torch's threads
+    for large blocks; for blocks below :data:`SMALL_BLOCK`, ``"1"`` or ``"all"`` as :func:`choose` picks
+    (``kernel`` / ``$AWQ_KERNEL_THREADS`` override; else a cached one-time measurement of a small block's
+    op mix).  Yields the count used; torch's setting is restored afterwards."""
+    n = torch.get_num_threads()
+    use = n
+    if n > 1 and (elements < SMALL_BLOCK or kernel not in (None, "", "auto")):
+        use = 1 if choose("threads", THREAD_CHOICES, _thread_probes, kernel) == "1" else n
+    if use != n:
+        torch.set_num_threads(use)
+    try:
+        yield use
+    finally:
+        if use != n:
+            torch.set_num_threads(n)
+
+
+def _thread_probes() -> dict[str, Callable[[], object]]:
+    g = torch.Generator().manual_seed(0)
+    X = (torch.rand(2048, 128, generator=g) < 0.5).float()
+    C = (torch.rand(16, 128, generator=g) < 0.5).float()
+    lab = torch.randint(0, 16, (2048,), generator=g)
+    n = torch.get_num_threads()
+
+    def work(threads: int) -> Callable[[], object]:
+        def run() -> object:
+            torch.set_num_threads(threads)
+            try:
+                for _ in range(4):  # distance GEMM, row minimum, member sums, per-row sort: a small block's mix
+                    D = X @ C.T
+                    D.min(1)
+                    S = torch.zeros(16, 128).index_add_(0, lab, X)
+                    S.sort(1)
+                return D
+            finally:
+                torch.set_num_threads(n)
+        return run
+
+    return {"1": work(1), "all": work(n)}

@@ -1,13 +1,17 @@
 """Benchmark one AWC iteration on one {0,1} block: the artifact's per-centroid loop (written plainly
-below), this project's implementation, and scikit-learn's KMeans Lloyd iteration at the same size.
+below), this project's implementation, and scikit-learn's Lloyd iteration on the same data and K.
 
 All pieces are timed interleaved round-robin (bench/common.py: warm-up, then ``--repeats`` rounds
-each running every piece once), medians with their spread.  Prints seconds per iteration, the
-speedup over the reference and over scikit-learn, and the distance step's multiply-adds per second
-against a plain fp32 GEMM and a bare int8 GEMM of the same shape.  The distance step *is* that int8
-GEMM plus conversions, so its rate relative to the bare int8 GEMM has a roofline of 1.0x (a value
-above it is flagged as a measurement error).  The reference's distance loop is timed on
-``--ref_centroids`` centroids and extrapolated to ``k`` per round (said so in the output).
+each running every piece once), medians with their spread.  Like with like: "this project" is one
+whole AWC iteration (distance, balanced assignment, centroid update) timed as one call, and
+"scikit-learn Lloyd iteration" is one call of scikit-learn's own per-iteration kernel
+(``lloyd_iter_chunked_dense``: distances, labels, centre update) on the same float32 block, the
+same starting centroids and the same thread count; ``KMeans(max_iter=1).fit`` (the public call,
+which adds input checks and a second labelling pass) is timed beside it.  The distance kernel
+(int8 ``torch._int_mm`` or fp32 GEMM) is the one :func:`awq.hw.overlap_kernel` picks here (printed
+with the reason; ``--kernel`` overrides).  The distance step's rate is printed against a bare GEMM
+of the chosen kind (roofline 1.0x: the step is that GEMM plus a subtraction).  The reference's
+distance loop is timed on ``--ref_centroids`` centroids and extrapolated to ``k`` per round.
 """
 from __future__ import annotations
 
@@ -22,14 +26,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from awq.centroids import active_only_distance  # noqa: E402
+from awq.hw import SMALL_BLOCK, overlap_kernel, overlap_reason, threads_for  # noqa: E402
 from bench.common import Report, Timing, interleaved, parse_args, run_cli  # noqa: E402
-from clustering.activation_aware_clustering import (  # noqa: E402
-    awc_update,
-    global_balanced_assign,
-    greedy_balanced_assign,
-    member_sums,
-)
+from clustering.activation_aware_clustering import awc_update, member_sums  # noqa: E402
+from clustering.assignment import global_balanced_assign, greedy_balanced_assign  # noqa: E402
+from clustering.distance import block_distance  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +76,30 @@ def _sum(*ts: Timing, scale: Sequence[float] = ()) -> Timing:
     return Timing([sum(f * t.samples[i] for f, t in zip(sc, ts)) for i in range(len(ts[0].samples))])
 
 
+def sklearn_lloyd_iteration(X, C, threads: int):
+    """One call of scikit-learn's per-iteration Lloyd kernel (labels + centre update) from centres ``C``,
+    or None when this scikit-learn lacks it (private API)."""
+    import numpy as np
+
+    try:
+        from sklearn.cluster._k_means_lloyd import lloyd_iter_chunked_dense
+    except ImportError:
+        return None
+    from threadpoolctl import ThreadpoolController
+
+    n, k = X.shape[0], C.shape[0]
+    sw = np.ones(n, dtype=X.dtype)
+    ctl = ThreadpoolController()
+
+    def it() -> None:
+        # as KMeans.fit runs it: BLAS single-threaded inside scikit-learn's own OpenMP loop over chunks
+        with ctl.limit(limits=1, user_api="blas"):
+            lloyd_iter_chunked_dense(X, sw, C, np.zeros_like(C), np.zeros(k, X.dtype), np.full(n, -1, np.int32),
+                                     np.zeros(k, X.dtype), threads)
+
+    return it
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=65536, help="rows in the block (default 65536 = one artifact chunk)")
@@ -86,18 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds, medians reported (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--kernel", choices=("auto", "int8", "fp32"), default="auto",
+                   help="distance GEMM: auto (default: awq.hw's choice for this CPU, printed), int8 or fp32")
+    p.add_argument("--block_threads", choices=("auto", "1", "all"), default="auto",
+                   help="threads of our iteration on blocks under 2M values: auto (default: awq.hw's cached choice), "
+                        "1 or all")
     p.add_argument("--output", type=Path, default=None, help="also write the figures and config as JSON")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and scikit-learn (default: torch's)")
     p.add_argument("--no_sklearn", action="store_true", help="skip the scikit-learn comparison")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: n=2048, F=128, k=16, 2 rounds (checks the script, not the machine)")
+                   help="smoke run: n=2048, F=128, k=16, 5 rounds (checks the script, not the machine)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
     """Run the benchmark, print the figures, return the :class:`bench.common.Report`."""
     p = build_parser()
-    a = parse_args(p, argv, n=2048, width=128, k=16, ref_centroids=4, repeats=2, warmup=1)  # --quick: new defaults; explicit options win
+    a = parse_args(p, argv, n=2048, width=128, k=16, ref_centroids=4, repeats=5, warmup=1)  # --quick: new defaults; explicit options win
     if min(a.n, a.width, a.k, a.ref_centroids, a.repeats) < 1 or (a.threads is not None and a.threads < 1):
         raise ValueError("--n, --width, --k, --ref_centroids, --repeats and --threads must be >= 1")
     if a.k > a.n:
@@ -114,48 +144,79 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
 
         threadpool_limits(a.threads)
     n, width, k, sparsity = a.n, a.width, a.k, a.sparsity
+    kern = overlap_kernel(a.kernel, width)  # chosen (or measured once and cached) before any timing
     g = torch.Generator().manual_seed(a.seed)
     X = (torch.rand(n, width, generator=g) < a.density).float()
     C = (torch.rand(k, width, generator=g) < 1 - sparsity).float()
     m = n // k
     rc = min(a.ref_centroids, k)
-    cfg = {kk: (str(v) if isinstance(v, Path) else v) for kk, v in vars(a).items()} | {"cap_m": m}
+    cfg = {kk: (str(v) if isinstance(v, Path) else v) for kk, v in vars(a).items()} | {"cap_m": m, "kernel_used": kern}
     rep = Report("bench_clustering", cfg)
     rep.emit(f"# sizes: n={n} rows, width F={width}, k={k}, cap m={m}")
+    rep.emit(f"distance kernel: {overlap_reason(a.kernel, width)}")
+    nthreads = torch.get_num_threads()
+    with threads_for(X.numel(), a.block_threads) as used:
+        why = "all: block >= 2M values" if n * width >= SMALL_BLOCK and a.block_threads == "auto" else \
+            "awq.hw.threads_for: " + ("forced by --block_threads" if a.block_threads != "auto" else "cached one-time measurement")
+        rep.emit(f"threads of our iteration on this block ({n * width} values): {used} of {nthreads} ({why})")
+    rep.figure("block_threads", used)
+    rep.figure("distance_kernel", kern)
 
     Xi, Ci = X.to(torch.int8), C.to(torch.int8)
-    D = active_only_distance(X, C)
+    D = block_distance(X, C, kern)
     lab = global_balanced_assign(D, m)
     ref_lab = ref_assign(D, m)
 
-    def update() -> torch.Tensor:  # member sums + counts + top-percentile update, as in the iteration
-        S = member_sums(X, lab, k)
-        return awc_update(C, S, torch.bincount(lab[lab >= 0], minlength=k), 1, m, sparsity)
+    def update(labels: torch.Tensor) -> torch.Tensor:  # member sums + counts + top-percentile update
+        S = member_sums(X, labels, k)
+        return awc_update(C, S, torch.bincount(labels[labels >= 0], minlength=k), 1, m, sparsity)
 
-    fns = {"gemm_fp32": lambda: X @ C.T, "gemm_int8": lambda: torch._int_mm(Xi, Ci.T),
-           "distance": lambda: active_only_distance(X, C), "assign_global": lambda: global_balanced_assign(D, m),
-           "assign_greedy": lambda: greedy_balanced_assign(D, m), "update": update,
+    def iteration(assign) -> torch.Tensor:  # one whole AWC iteration on the block, as the estimator runs it
+        with threads_for(X.numel(), a.block_threads):
+            Dk = block_distance(X, C, kern)
+            return update(assign(Dk, m))
+
+    def same_threads(f):  # a part of our iteration, timed in the thread setting the iteration uses
+        def run():
+            with threads_for(X.numel(), a.block_threads):
+                return f()
+        return run
+
+    bare = same_threads((lambda: torch._int_mm(Xi, Ci.T)) if kern == "int8" else (lambda: X @ C.T))
+    fns = {"iteration_global": lambda: iteration(global_balanced_assign),
+           "iteration_greedy": lambda: iteration(greedy_balanced_assign),
+           "gemm_fp32": same_threads(lambda: X @ C.T),
+           "gemm_int8": same_threads(lambda: torch._int_mm(Xi, Ci.T)), "gemm_chosen": bare,
+           "distance": same_threads(lambda: block_distance(X, C, kern)),
+           "assign_global": same_threads(lambda: global_balanced_assign(D, m)),
+           "assign_greedy": same_threads(lambda: greedy_balanced_assign(D, m)), "update": same_threads(lambda: update(lab)),
            "ref_distance_partial": lambda: ref_distances(X, C, rc), "ref_assign": lambda: ref_assign(D, m),
            "ref_update": lambda: ref_update(X, C, ref_lab, 1, m, sparsity)}
+    sk_note = ""
     if not a.no_sklearn:
         from sklearn.cluster import KMeans
 
         Xn, Cn = X.numpy(), C.numpy()
+        for th in sorted({1, nthreads}):
+            it = sklearn_lloyd_iteration(Xn, Cn, th)
+            if it is not None:
+                fns[f"sklearn_lloyd_iter_{th}t"] = it
+        if it is None:
+            sk_note = " (this scikit-learn has no lloyd_iter_chunked_dense: compared with the whole fit call)"
 
-        def sk() -> None:  # one Lloyd iteration from the same centroids
+        def sk_fit() -> None:  # the public call for one Lloyd iteration from the same centroids
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 KMeans(n_clusters=k, init=Cn, n_init=1, max_iter=1, tol=0.0, algorithm="lloyd").fit(Xn)
 
-        fns["sklearn_lloyd"] = sk
+        fns["sklearn_fit_1iter"] = sk_fit
     t = interleaved(fns, a.repeats, a.warmup)
     t["ref_distance"] = t["ref_distance_partial"].scaled(k / rc)
-    t["ours_global"] = _sum(t["distance"], t["assign_global"], t["update"])
-    t["ours_greedy"] = _sum(t["distance"], t["assign_greedy"], t["update"])
     t["reference"] = _sum(t["ref_distance"], t["ref_assign"], t["ref_update"])
     macs = n * width * k
-    for name in ("gemm_fp32", "gemm_int8", "distance", "assign_global", "assign_greedy", "update", "ours_global",
-                 "ours_greedy", "ref_distance", "ref_assign", "ref_update", "reference", "sklearn_lloyd"):
+    for name in ("gemm_fp32", "gemm_int8", "gemm_chosen", "distance", "assign_global", "assign_greedy", "update",
+                 "iteration_global", "iteration_greedy", "ref_distance", "ref_assign", "ref_update", "reference",
+                 "sklearn_lloyd_iter_1t", f"sklearn_lloyd_iter_{nthreads}t", "sklearn_fit_1iter"):
         if name in t:
             rep.timing(name, t[name], echo=False)
     med = {kk: v.median for kk, v in t.items()}
@@ -168,19 +229,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
              f"extrapolated from {rc}/{k} centroids, greedy assignment {med['ref_assign']:.3f} s, update "
              f"{med['ref_update']:.3f} s)")
     for kind in ("global", "greedy"):
-        rep.emit(f"this project, --assign {kind}: {med[f'ours_{kind}']:.4f} s/iteration  (distance "
-                 f"{med['distance']:.4f}, assignment {med[f'assign_{kind}']:.4f}, update {med['update']:.4f})")
-        rep.ratio(f"ours ({kind}) vs reference", t["reference"], t[f"ours_{kind}"], None,
+        rep.emit(f"this project, --assign {kind}: {med[f'iteration_{kind}']:.4f} s/iteration, one call  (parts "
+                 f"timed alone: distance {med['distance']:.4f}, assignment {med[f'assign_{kind}']:.4f}, update "
+                 f"{med['update']:.4f})")
+        rep.ratio(f"ours ({kind}) vs reference", t["reference"], t[f"iteration_{kind}"], None,
                   note="algorithmic: no byte roofline")
-    rep.emit(f"distance step (incl. float->int8 conversion, row sums, subtraction): "
+    rep.emit(f"distance step ({kern} GEMM with the row sums folded in, one subtraction): "
              f"{macs / med['distance'] / 1e9:.1f} GMAC/s = {100 * med['gemm_fp32'] / med['distance']:.0f}% of the "
              f"plain fp32 GEMM rate")
-    rep.ratio("distance rate / bare int8 GEMM rate", t["gemm_int8"], t["distance"], 1.0, what="rate",
-              note="the distance step is that GEMM plus conversions")
-    if "sklearn_lloyd" in t:
-        rep.emit(f"scikit-learn KMeans (lloyd, 1 iteration, same n/F/k): {med['sklearn_lloyd']:.4f} s/iteration")
-        rep.ratio("ours (global) vs scikit-learn Lloyd", t["sklearn_lloyd"], t["ours_global"], None,
-                  note="different algorithm at the same size: no roofline")
+    rep.ratio("distance rate / bare GEMM rate", t["gemm_chosen"], t["distance"], 1.0, what="rate",
+              note=f"bare {kern} GEMM of the same shape: the distance step is that GEMM plus a subtraction")
+    if not a.no_sklearn:
+        its = [kk for kk in t if kk.startswith("sklearn_lloyd_iter_")]
+        sk = min(its, key=lambda kk: med[kk]) if its else "sklearn_fit_1iter"  # the faster thread setting
+        per = ", ".join(f"{kk.rsplit('_', 1)[1][:-1]} thread(s) {med[kk]:.4f} s" for kk in its)
+        rep.emit(f"scikit-learn Lloyd, same block/K/centroids: per-iteration kernel {per or 'n/a'}; "
+                 f"KMeans(max_iter=1).fit ({nthreads} threads) {med['sklearn_fit_1iter']:.4f} s{sk_note}")
+        rep.ratio("ours (global) vs scikit-learn Lloyd", t[sk], t["iteration_global"], None,
+                  note=f"against the faster sklearn setting ({sk}); different algorithm: no roofline")
+        rep.ratio("ours (global) vs scikit-learn KMeans(max_iter=1).fit", t["sklearn_fit_1iter"],
+                  t["iteration_global"], None, note="the public call: adds input checks and a 2nd labelling pass")
     rep.write(a.output)
     return rep
 

@@ -3,7 +3,8 @@
 Per block of rows ``X`` (default: one window x all layers = the artifact's chunk), with current
 centroids ``C``:
 
-1. distances ``D = |x| - X C^T`` (active-only: active neurons the centroid misses), one fp32 GEMM;
+1. distances ``D = |x| - X C^T`` (active-only: active neurons the centroid misses), one exact GEMM,
+   int8 or fp32 as :mod:`clustering.distance` / :func:`awq.hw.overlap_kernel` pick for this machine;
 2. balanced assignment with cap ``m = floor(n_block0 / k)`` rows per centroid:
    * ``greedy`` (artifact): for centroid ``i = 0..k-1`` in index order, the ``m`` still-unassigned
      rows with the smallest ``D[:, i]`` (stable: ties -> lower row) get label ``i``;
@@ -38,102 +39,20 @@ from typing import Optional
 import numpy as np
 import torch
 
-from awq.centroids import active_only_distance, assign_active_only
+from awq.centroids import assign_active_only
+from awq.hw import SMALL_BLOCK, threads_for
 from clustering import ClusteringError
+from clustering.assignment import global_balanced_assign, greedy_balanced_assign
 from clustering.base import BinaryClusterer, checkpoint_path
 from clustering.cli import FitOptions, check_config, check_device, make_source, opt, run, write_result
+from clustering.distance import block_distance
 from clustering.distributed import all_reduce_, dist_info, gather_slices, init_distributed, slice_bounds
 from clustering.sources import Source
 
 log = logging.getLogger("clustering.awc")
 
-
-# --------------------------------------------------------------------------------------------
-# assignment
-# --------------------------------------------------------------------------------------------
-def greedy_balanced_assign(D: torch.Tensor, cap: int, lookahead: int = 4, chunk: int = 256) -> torch.Tensor:
-    """Artifact's centroid-order greedy with a stable tie rule. ``D`` [n, k] -> labels (-1 = left over).
-
-    Centroid ``i`` (in index order) takes the ``cap`` still-unassigned rows with the smallest
-    ``D[:, i]`` (ties -> lower row).  Exact, computed as: one batched top-k gives every centroid
-    its ``lookahead * cap`` best free rows (keys ``d * n + row`` are unique, so order = stable
-    sort), ``chunk`` centroids at a time; a sequential pass over centroids (inherently
-    sequential -- small numpy ops on the candidate lists only) takes the first ``cap`` candidates
-    that are still free.  When a list runs dry, the lists of the next ``chunk`` centroids are
-    recomputed over the remaining free rows with twice the lookahead.
-    """
-    n, k = D.shape
-    dev = D.device
-    if cap <= 0:
-        return torch.full((n,), -1, dtype=torch.int64, device=dev)
-    labels = np.full(n, -1, dtype=np.int64)
-    taken = np.zeros(n, dtype=bool)
-    left, i = n, 0
-    cand: np.ndarray = np.empty((0, 0), dtype=np.int64)
-    base, complete, L0 = 0, False, lookahead * cap + 8
-    L = L0
-    while i < k and left > 0:
-        m = min(cap, left)
-        free = None
-        if i - base < cand.shape[0]:
-            c = cand[i - base]
-            free = c[~taken[c]]
-        if free is None or (free.shape[0] < m and not complete):
-            # (re)build the lists of the next `chunk` centroids over the free rows; a list that ran
-            # dry doubles the lookahead for the rebuilt window
-            L = L0 if free is None else 2 * L
-            free_rows = torch.from_numpy(np.nonzero(~taken)[0]).to(dev)
-            Lr = min(L, free_rows.numel())
-            complete = Lr == free_rows.numel()
-            c1 = min(i + chunk, k)
-            sub = D[:, i:c1] if free_rows.numel() == n else D[free_rows, i:c1]
-            keys = sub.T.contiguous().to(torch.int64).mul_(n).add_(free_rows)
-            idx = torch.topk(keys, Lr, dim=1, largest=False, sorted=True).indices
-            cand, base = free_rows[idx].cpu().numpy(), i
-            c = cand[0]
-            free = c[~taken[c]]
-        pick = free[:m]
-        labels[pick] = i
-        taken[pick] = True
-        left -= m
-        i += 1
-    return torch.from_numpy(labels).to(dev)
-
-
-def global_balanced_assign(D: torch.Tensor, cap: int) -> torch.Tensor:
-    """Order-independent balanced assignment by proposal rounds (see module doc). -1 = left over."""
-    n, k = D.shape
-    dev = D.device
-    labels = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    if cap <= 0:
-        return labels
-    remaining = torch.full((k,), cap, dtype=torch.int64, device=dev)
-    rows = torch.arange(n, device=dev)
-    width_key = int(D.max().item()) + 1 if D.numel() else 1
-    first = True
-    while rows.numel() and bool((remaining > 0).any()):
-        if first:  # every centroid has capacity: no copy
-            d, prop = D.min(1)  # min returns the first minimal index -> lowest centroid on ties
-            first = False
-        else:  # only the pending rows and the centroids with capacity left (ascending index)
-            avail = torch.nonzero(remaining > 0).flatten()
-            d, j = D.index_select(0, rows).index_select(1, avail).min(1)
-            prop = avail[j]
-        # rows are in increasing order, so a stable sort by (centroid, distance) orders each
-        # centroid's proposals by (distance, row)
-        key = prop * width_key + d.to(torch.int64)
-        order = torch.sort(key, stable=True).indices
-        ps = prop[order]
-        cnt = torch.bincount(ps, minlength=k)
-        start = torch.cumsum(cnt, 0) - cnt
-        rank_in = torch.arange(order.numel(), device=dev) - start[ps]
-        acc = rank_in < remaining[ps]
-        labels[rows[order[acc]]] = ps[acc]
-        remaining -= torch.bincount(ps[acc], minlength=k)
-        rejected = torch.zeros(rows.numel(), dtype=torch.bool, device=dev)
-        rejected[order[~acc]] = True
-        rows = rows[rejected]  # keeps increasing row order
-    return labels
+__all__ = ["ActivationAwareClustering", "AWCConfig", "awc_update", "global_balanced_assign", "greedy_balanced_assign",
+           "member_sums", "row_quantile", "main", "cli"]  # the assignments live in clustering.assignment
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,15 +70,23 @@ def member_sums(X: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
 
 def row_quantile(s: torch.Tensor, p: float) -> torch.Tensor:
     """Per-row quantile with linear interpolation, bit-identical to ``torch.quantile(s, p, dim=1)``
-    (which refuses inputs above 16M elements)."""
-    srt = s.sort(dim=1).values
+    (which refuses inputs above 16M elements).  Only the two order statistics at the interpolation
+    ranks are needed: on the CPU they come from ``numpy.partition`` (linear time, the same values as
+    a full sort), elsewhere from a sort."""
     q = torch.tensor(p, dtype=s.dtype, device=s.device)
-    ranks = q * (s.shape[1] - 1)
+    ranks = q * (s.shape[1] - 1)  # in s.dtype, as torch.quantile computes them
     below = ranks.long()
     above = ranks.ceil().long()
     w = ranks - below
-    vb = srt[:, below]
-    va = srt[:, above]
+    if s.device.type == "cpu" and s.numel() and s.dtype in (torch.float32, torch.float64):
+        b, a = int(below), int(above)
+        part = np.partition(s.detach().numpy(), [b, a] if a != b else [b], axis=1)
+        vb = torch.from_numpy(np.ascontiguousarray(part[:, b]))
+        va = torch.from_numpy(np.ascontiguousarray(part[:, a]))
+    else:
+        srt = s.sort(dim=1).values
+        vb = srt[:, below]
+        va = srt[:, above]
     return vb.lerp(va, w)
 
 
@@ -206,6 +133,8 @@ class ActivationAwareClustering(BinaryClusterer):
         resume: bool = False,
         progress: bool = False,
         store_labels: bool = True,
+        kernel: Optional[str] = None,
+        threads: Optional[str] = None,
     ) -> None:
         super().__init__(
             n_clusters, max_iter=max_iter, random_state=random_state, device=device, block_rows=block_rows,
@@ -217,6 +146,8 @@ class ActivationAwareClustering(BinaryClusterer):
         self.tolerance = tolerance
         self.init = init
         self.min_sparsity = min_sparsity
+        self.kernel = kernel  # CPU distance GEMM: None/"auto" (awq.hw decides), "int8", "fp32"; same result
+        self.threads = threads  # small CPU blocks: None/"auto" (awq.hw decides), "1" or "all"; same result
 
     def _leftovers(self) -> str:
         return self.leftovers or ("drop" if self.assign == "greedy" else "nearest")
@@ -259,24 +190,26 @@ class ActivationAwareClustering(BinaryClusterer):
         for b, (start, stop, lo, hi, Xs) in enumerate(
             src.iter_blocks(self.block_rows, self.device, desc=f"awc it {it}", progress=self.progress), start=1
         ):
-            Ds = active_only_distance(Xs, C)  # this rank's rows [hi-lo, k]
-            sizes = [e - s for s, e in slice_bounds(stop - start, rank, world)]
-            D = gather_slices(Ds, sizes)  # full block, identical on every rank
-            lab = assign(D, cap)
-            miss = lab < 0
-            if self._leftovers() == "nearest" and bool(miss.any()):
-                lab[miss] = D[miss].argmin(1)
-            ok = lab >= 0
-            objective += float(D.gather(1, lab.clamp_min(0)[:, None])[ok].sum().item())
-            unassigned += int((~ok).sum().item())
-            labels[start:stop] = lab.cpu()
-            # member sums over this rank's rows, all-reduced (exact integer counts in fp32)
-            ls = lab[lo - start : hi - start]
-            S = member_sums(Xs, ls, k)
-            all_reduce_(S)
-            counts = torch.bincount(lab[ok], minlength=k)
-            empty += int((counts == 0).sum().item())
-            C = awc_update(C, S, counts, it * b, cap, self.sparsity)
+            # small blocks may run faster on one thread (awq.hw.threads_for: measured once, cached)
+            with threads_for(Xs.numel() if Xs.device.type == "cpu" else SMALL_BLOCK, self.threads):
+                Ds = block_distance(Xs, C, self.kernel)  # this rank's rows [hi-lo, k]
+                sizes = [e - s for s, e in slice_bounds(stop - start, rank, world)]
+                D = gather_slices(Ds, sizes)  # full block, identical on every rank
+                lab = assign(D, cap)
+                miss = lab < 0
+                if self._leftovers() == "nearest" and bool(miss.any()):
+                    lab[miss] = D[miss].argmin(1)
+                ok = lab >= 0
+                objective += float(D.gather(1, lab.clamp_min(0)[:, None])[ok].double().sum().item())  # exact
+                unassigned += int((~ok).sum().item())
+                labels[start:stop] = lab.cpu()
+                # member sums over this rank's rows, all-reduced (exact integer counts in fp32)
+                ls = lab[lo - start : hi - start]
+                S = member_sums(Xs, ls, k)
+                all_reduce_(S)
+                counts = torch.bincount(lab[ok], minlength=k)
+                empty += int((counts == 0).sum().item())
+                C = awc_update(C, S, counts, it * b, cap, self.sparsity)
         return C, labels, {"objective": objective, "unassigned": unassigned, "empty_cluster_blocks": empty}
 
     def _predict_block(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -299,6 +232,12 @@ class AWCConfig(FitOptions):
                                    help="rows beyond k*cap: 'drop' (artifact, default for greedy) or 'nearest' "
                                         "(default for global)")
     min_sparsity: float = opt(0.4, min=0.0, max=1.0, help="initial rows need at least this fraction of zeros")
+    kernel: str = opt("auto", choices=("auto", "int8", "fp32"),
+                      help="CPU distance GEMM: 'auto' (default: by CPU capability or a cached one-time measurement, "
+                           "logged), 'int8' (torch._int_mm) or 'fp32'; all give identical results")
+    threads: str = opt("auto", choices=("auto", "1", "all"),
+                       help="threads for blocks under 2M values: 'auto' (default: a cached one-time measurement, "
+                            "logged), '1' or 'all' (torch's); large blocks use all; same results either way")
 
 
 def main(cfg: AWCConfig) -> dict:
@@ -314,7 +253,8 @@ def main(cfg: AWCConfig) -> dict:
         cfg.k, max_iter=cfg.max_iter, random_state=cfg.seed, device=cfg.device, sparsity=cfg.sparsity,
         assign=cfg.assign, leftovers=cfg.leftovers, init=cfg.init if cfg.init in ("random", "kmeanspp") else "random",
         min_sparsity=cfg.min_sparsity, block_rows=cfg.block_rows, checkpoint=checkpoint_path(cfg.output),
-        resume=cfg.resume, progress=cfg.progress,
+        resume=cfg.resume, progress=cfg.progress, kernel=cfg.kernel,
+        threads=cfg.threads,
     )
     est.fit(src, init=None if named else cfg.init)
     meta = write_result(est, cfg.output, cfg.proj, {"sparsity": cfg.sparsity, "assign": cfg.assign, "cap": est.cap_})
