@@ -41,14 +41,41 @@ def steps(root: Path) -> list[tuple[str, list[str], Path, Path]]:
     ]
 
 
-def run_steps(root: Path, force: bool = False) -> dict[str, float]:
-    """Run the quick path; -> seconds per step (kept from earlier runs for skipped steps)."""
-    out = root / OUT_REL
+FULL_REL = Path("results/artifact_full")
+
+
+def predictor_steps(root: Path) -> list[tuple[str, list[str], Path, Path]]:
+    """Row 7 of the full path (``python -m awq.artifact --predictor``; ARTIFACT.md section 3): pattern stores
+    with MLP inputs (6 train windows, 2 test windows), AWC centroids (K=2048, 40% sparse, the artifact's
+    seed 42 and 61,440-row sample) clustered on the *train* store, the predictor trained on that store and
+    evaluated on the test store.  Outputs under ``results/artifact_full/predictor/``."""
+    d = root / FULL_REL / "predictor"
+    tr, te, cents = d / "train_store", d / "test_store", d / "centroids"
+    st = [("train_store", ["-m", "awq.entry", "--split", "train", "--dump_masks", str(tr), "--dump_inputs",
+                           "--nsamples", "6", "--output_path", str(d / "train_store.json")], root,
+           d / "train_store.json"),
+          ("test_store", ["-m", "awq.entry", "--split", "test", "--dump_masks", str(te), "--dump_inputs",
+                          "--nsamples", "2", "--output_path", str(d / "test_store.json")], root, d / "test_store.json")]
+    for p in PROJ:
+        st.append((f"cluster_{p.split('_')[0]}", ["-m", "clustering.activation_aware_clustering", "--masks", str(tr),
+                   "--proj", p, "--k", "2048", "--sparsity", "0.4", "--max_rows", "61440", "--seed", "42",
+                   "--no_progress", "--output", str(cents / f"{p}.pt")], root, cents / f"{p}.pt"))
+    st += [("train", ["-m", "awq.predictor", "train", "--masks", str(tr), "--centroids", str(cents), "--output",
+                      str(d / "predictor.safetensors")], root, d / "predictor.safetensors"),
+           ("evaluate", ["-m", "awq.predictor", "evaluate", "--masks", str(te), "--predictor",
+                         str(d / "predictor.safetensors"), "--output", str(d / "eval.json")], root, d / "eval.json")]
+    return st
+
+
+def run_steps(root: Path, force: bool = False, predictor: bool = False) -> dict[str, float]:
+    """Run the quick path (with ``predictor``: the full path's row 7, a chain that stops at a failed step);
+    -> seconds per step, kept in ``timings.json`` beside the outputs (from earlier runs for skipped steps)."""
+    out = root / (FULL_REL / "predictor" if predictor else OUT_REL)
     out.mkdir(parents=True, exist_ok=True)
     tfile = out / "timings.json"
     timings = json.loads(tfile.read_text()) if tfile.is_file() else {}
     env = dict(os.environ, **{paths.ROOT_ENV: str(root)})
-    for name, argv, cwd, done in steps(root):
+    for name, argv, cwd, done in (predictor_steps(root) if predictor else steps(root)):
         if done.is_file() and not force:
             log.info("skip (done): %s", name)
             continue
@@ -60,6 +87,9 @@ def run_steps(root: Path, force: bool = False) -> dict[str, float]:
             tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-2:])
             log.error("step %s failed (exit %d): %s", name, r.returncode, tail)
             timings[name] = None
+            atomic_write_json(tfile, timings)
+            if predictor:  # a chain: later steps need this one's output
+                break
             continue
         timings[name] = round(time.perf_counter() - t, 1)
         atomic_write_json(tfile, timings)
@@ -97,12 +127,10 @@ def gather(root: Path, timings: Optional[dict] = None) -> dict:
                       "centroids": {p: {"k": f["k"], "density": f["centroid_density"]} for p, f in files.items()}}
     b = _read(out / "sparse_mlp.json")
     if b:
-        rows = []
-        for key, r in b.get("ratios", {}).items():
-            if " mlp density=" in key:
-                rows.append({"shapes": key.split(" ")[0], "density": float(key.split("=")[1].rstrip("%")) / 100,
-                             "mlp_speedup": r["speedup"], "roofline_mlp": r.get("roofline")})
-        ev["sparse_mlp"] = {"rows": rows}
+        from awq.report_import import sparse_mlp_rows
+
+        ev["sparse_mlp"] = {"rows": [{k: r.get(k) for k in ("shapes", "density", "mlp_speedup", "mlp_measured_ratio",
+                                                            "roofline_mlp", "mlp_valid")} for r in sparse_mlp_rows(b)]}
     return ev
 
 

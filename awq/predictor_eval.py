@@ -162,8 +162,25 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--topk", type=int, default=5, help="k for top-k accuracy and best-of-top-k recall (default 5)")
     e.add_argument("--max_rows", type=int, default=None, help="evaluate a seeded sample of N rows per layer "
                    "(default all)")
-    e.add_argument("--output", default=None, help="write the results JSON here")
+    e.add_argument("--output", default=None, help="write the results JSON here (with the machine info, notes and "
+                   "wall time)")
     return e
+
+
+def machine_notes(given: list[str]) -> tuple[dict, list[str]]:
+    """(machine info, notes): CPU, flags, cores, torch threads, load average; ``given`` notes, then one on the
+    load when the machine was busy (the evaluation's wall time is then not the machine's own)."""
+    import os
+
+    from awq.hw import cpu_info
+
+    c = cpu_info()
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    info = {"cpu": c["model"], "flags": c["flags"], "cpus": c["cores"], "torch_threads": c["threads"],
+            "torch": c["torch"], "loadavg": load}
+    busy = load is not None and load >= 0.5 * (c["cores"] or 1)
+    return info, [*given, *([f"load average {load} on {c['cores']} cpus: the machine was shared with other jobs, "
+                             "so the wall times are longer than on an idle machine"] if busy else [])]
 
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:
@@ -175,7 +192,11 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
         check_output_path(args.output, "evaluation results")
         spec = parse_centroid_spec(args.centroids) if getattr(args, "centroids", None) else {}
         check_not_input(args.output, [args.masks, args.predictor, *spec.values()], "evaluation results")
+    t0 = time.perf_counter()
+    system, notes = machine_notes([])  # the load as the evaluation starts
     res = evaluate(args.masks, args.predictor, args.centroids, args.topk, args.max_rows)
+    res["system"], res["notes"] = system, notes
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
     if args.output:
         atomic_write_json(args.output, res)
     for line in format_eval(res):

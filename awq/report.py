@@ -10,7 +10,9 @@ Blocks are made from the checked-in summaries in ``results_ref/`` (``reproduce.j
 ``make reproduce`` run; ``predictor.json``, ``sparse_mlp.json``, ``frontier.json``, ``quick.json``: see
 each file's ``what``).  ``--check`` rewrites nothing and exits 1 naming every block that differs
 from what the summaries produce (a number edited by hand, or a results file updated without
-rerunning the report).  A fresh full run is imported with ``--import_reproduce results/reproduce``.
+rerunning the report).  A fresh run is imported first with ``--import_reproduce results/reproduce``,
+``--import_frontier CSV NAME``, ``--import_sparse_mlp JSON`` or ``--import_predictor DIR``
+(:mod:`awq.report_import`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from awq import paths
-from awq.io import atomic_write_json, atomic_write_text
+from awq.io import atomic_write_text
+from awq.report_import import (RunOutputError, import_frontier, import_predictor, import_reproduce,  # noqa: F401
+                               import_sparse_mlp)
 
 log = logging.getLogger("awq.report")
 
@@ -232,11 +236,12 @@ def frontier(refs: dict, key: str = "frontier") -> str:
 
 def all_blocks() -> dict[str, Callable[[dict], str]]:
     from awq.artifact import ARTIFACT_BLOCKS
+    from awq.report_tables import predictor_table, sparse_mlp_table
 
     return {"results_setup": results_setup, "swap_ppl": swap_ppl, "sweep": sweep, "precision": precision,
             "analysis": analysis, "walltime": walltime, "make_run": make_run, "frontier": frontier,
             "frontier_qwen": lambda refs: frontier(refs, "frontier_qwen"),
-            **ARTIFACT_BLOCKS}
+            "predictor_table": predictor_table, "sparse_mlp_table": sparse_mlp_table, **ARTIFACT_BLOCKS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,59 +284,6 @@ def run(root: Optional[Path] = None, check: bool = False, ref_dir: Optional[Path
     return out
 
 
-def _step_seconds(run_dir: Path) -> dict:
-    """Seconds per step summed over every invocation in ``timings.json`` (a resumed run skips finished steps)."""
-    f = run_dir / "timings.json"
-    if not f.is_file():
-        return {}
-    total: dict = {}
-    for inv in json.loads(f.read_text()).values():
-        for step, sec in inv.items():
-            total[step] = round(total.get(step, 0.0) + sec, 1)
-    return total
-
-
-def import_reproduce(summary_dir: Path, ref_dir: Optional[Path] = None) -> Path:
-    """Slim a fresh ``awq.reproduce`` output (its ``summary.json``) into ``results_ref/reproduce.json``."""
-    f = Path(summary_dir) / "summary.json"
-    if not f.is_file():
-        raise ReportError(f"no {f}: run `make reproduce` first")
-    s = json.loads(f.read_text())
-    ref = (Path(ref_dir) if ref_dir else paths.results_ref_dir()) / "reproduce.json"
-    old = json.loads(ref.read_text()) if ref.is_file() else {}
-    any_run = next(iter(s["runs"].values()))
-    cfg = {k: s["config"].get(k) for k in ("seqlen", "ppl_nsamples", "extract_nsamples", "ks", "sparsities",
-                                           "baseline_k", "max_rows", "eval_rows", "max_iter", "baseline_max_iter")}
-    cfg["num_layers"] = old.get("config", {}).get("num_layers", 30)
-    new = {"what": f"python -m awq.reproduce, imported from {f}", "model": old.get("model", "SmolLM2-135M-Instruct"),
-           "dataset": any_run["dataset"], "substitute": any_run["substitute"], "config": cfg,
-           "runs": {n: {"ppl": r["ppl"], "tokens": r["tokens"], "effective_sparsity": r["effective_sparsity"]}
-                    for n, r in s["runs"].items()},
-           "precision": [{k: r[k] for k in ("method", "rule", "proj", "k", "sparsity", "precision", "density", "f1",
-                                            "jaccard", "rows")} for r in s["precision"]],
-           "timings_s": _step_seconds(Path(summary_dir)) or s.get("timings_s") or old.get("timings_s", {})}
-    atomic_write_json(ref, new)
-    return ref
-
-
-def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None) -> Path:
-    """Copy an ``awq.frontier`` run (its ``frontier.csv`` + ``fingerprint.json``) into ``results_ref/<name>.json``."""
-    import csv
-
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise ReportError(f"no {csv_path}: run `python -m awq.frontier` first")
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    fp = csv_path.with_name("fingerprint.json")
-    pts = [{"method": r["method"], "param": float(r["param"]), "weight_read_fraction": float(r["weight_read_fraction"]),
-            "ppl": float(r["ppl"]), "tokens": int(r["tokens"]), "realizable": r["realizable"] == "true"} for r in rows]
-    ref = (Path(ref_dir) if ref_dir else paths.results_ref_dir()) / f"{name}.json"
-    atomic_write_json(ref, {"what": f"python -m awq.frontier, imported from {csv_path}",
-                            "fingerprint": json.loads(fp.read_text()) if fp.is_file() else {}, "points": pts})
-    return ref
-
-
 def cli(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m awq.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 naming every stale block")
@@ -342,17 +294,31 @@ def cli(argv: Optional[list[str]] = None) -> int:
                    help="first copy DIR/summary.json (a fresh `make reproduce`) into results_ref/reproduce.json")
     p.add_argument("--import_frontier", nargs=2, default=None, metavar=("CSV", "NAME"),
                    help="first copy a frontier.csv into results_ref/NAME.json (NAME: frontier, frontier_qwen)")
+    p.add_argument("--import_sparse_mlp", type=Path, default=None, metavar="JSON",
+                   help="first copy a `bench/bench_sparse_mlp.py --output JSON` run into results_ref/sparse_mlp.json")
+    p.add_argument("--import_predictor", type=Path, default=None, metavar="DIR",
+                   help="first copy a `python -m awq.artifact --predictor` run (DIR/eval.json + DIR/timings.json, "
+                   "default results/artifact_full/predictor) into results_ref/predictor.json")
     a = p.parse_args(argv)
     from awq.cli import setup_logging
 
     setup_logging("INFO", fmt="%(levelname)s %(name)s: %(message)s")
+    if a.results is None and a.root is not None:
+        a.results = paths.results_ref_dir(a.root)
     try:
         if a.import_reproduce:
             log.info("imported %s", import_reproduce(a.import_reproduce, a.results))
         if a.import_frontier:
+            if a.import_frontier[1] not in REF_FILES or not a.import_frontier[1].startswith("frontier"):
+                raise ReportError("--import_frontier NAME must be frontier or frontier_qwen, got "
+                                  f"{a.import_frontier[1]!r}")
             log.info("imported %s", import_frontier(Path(a.import_frontier[0]), a.import_frontier[1], a.results))
+        if a.import_sparse_mlp:
+            log.info("imported %s", import_sparse_mlp(a.import_sparse_mlp, a.results))
+        if a.import_predictor:
+            log.info("imported %s", import_predictor(a.import_predictor, a.results))
         res = run(a.root, check=a.check, ref_dir=a.results)
-    except (ReportError, KeyError, OSError) as e:
+    except (ReportError, RunOutputError, KeyError, OSError) as e:
         print(f"error: {e if not isinstance(e, KeyError) else f'results file lacks {e}'}", file=sys.stderr)
         return 2
     stale = [f"{f}: {n}" for f, names in res.items() for n in names]

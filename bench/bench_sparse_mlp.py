@@ -229,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", default="auto", choices=["auto", "cpp", "torch"], help="sparse kernel path")
     p.add_argument("--seed", type=int, default=0, help="random seed for the active sets and inputs")
     p.add_argument("--bandwidth_mb", type=int, default=1024, help="MiB summed to measure the read bandwidth")
-    p.add_argument("--output", type=Path, default=None, help="also write the figures and config as JSON")
+    p.add_argument("--output", type=Path, default=None, help="also write the figures, config, machine info, notes "
+                   "and wall time as JSON (atomically)")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a note stored in the JSON's notes, e.g. the machine's state (repeatable)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny shapes, density 50%%, 3 rounds, ctx 16 (checks the script, not the machine)")
     return p
@@ -256,6 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         from awq.io import check_output_path
 
         check_output_path(a.output)
+    t_start = time.perf_counter()
     torch.set_num_threads(a.threads)
     kpath = "cpp" if (a.kernel != "torch" and cpp_kernel_available()) else "torch"
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()} | {"kernel_path": kpath}
@@ -269,8 +273,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         run_shape(rep, name, SHAPES[name], DTYPES[a.dtype], densities, a)
     if rep.flagged():
         rep.emit(f"# {len(rep.flagged())} ratio(s) above their roofline: measurement error, not results")
+    rep.data["notes"] = notes(rep.data["system"], a.note)
+    rep.data["wall_s"] = round(time.perf_counter() - t_start, 1)
     rep.write(a.output)
     return rep
+
+
+def notes(system: dict, given: Sequence[str]) -> list[str]:
+    """The user's ``--note`` lines, then one on the machine's load (timings on a loaded machine are noisy)."""
+    load, cpus = system.get("loadavg"), system.get("cpus") or 1
+    auto = [] if load is None else [
+        f"load average {load} at start on {cpus} cpus"
+        + (": the machine was shared with other jobs, timings are noisy; ratios come from interleaved rounds"
+           if load >= 0.5 * cpus else "")]
+    return [*given, *auto]
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
