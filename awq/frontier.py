@@ -5,8 +5,9 @@ each density of its sweep, then scored on the same test windows. The cost axis,
 ``weight_read_fraction``, is what a batch-1 decode step must read of the MLP's weight bytes per token,
 measured from the masks actually applied on the test tokens (:mod:`awq.cost`), plus any predictor or
 rotation the method reads besides (``extra``). Resumable: one JSON per point under
-``<out>/points/``; points already done are skipped. The directory's ``fingerprint.json`` (model,
-weights sha256, corpus sha256, seqlen, windows) must match, else the run is refused.
+``<out>/points/``; points already done are skipped. The directory's ``fingerprint.json`` (weights
+sha256, corpus sha256, seqlen, windows, calibration settings; the model's path and name are recorded
+only) must match, else the run is refused.
 Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_<model>.png``.
 """
 from __future__ import annotations
@@ -26,6 +27,9 @@ log = logging.getLogger("awq.frontier")
 
 ALL_METHODS = ["dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
                "larosa", "cluster_oracle", "cluster_predicted", "neuron_predictor"]
+
+
+INFO_ONLY = ("model", "model_name")  # recorded, not compared: weights_sha256 identifies the model
 
 
 class FrontierError(ValueError):
@@ -93,6 +97,14 @@ class Frontier:
                 check_density(d)
         except MethodError as e:
             raise FrontierError(str(e)) from None
+        if "cluster_oracle" in names and not cfg.centroids:
+            raise FrontierError("cluster_oracle needs centroid files: pass --centroids gate=FILE,up=FILE,down=FILE "
+                                "or a folder")
+        if "cluster_predicted" in names and not cfg.predictor:
+            raise FrontierError("cluster_predicted needs a trained predictor: pass --predictor FILE "
+                                "(python -m awq.predictor train)")
+        if cfg.predictor and not Path(cfg.predictor).is_file():
+            raise FrontierError(f"--predictor {cfg.predictor}: no such file")
         check_config(cfg)
         self.measure = None
         if cfg.speed:
@@ -134,7 +146,8 @@ class Frontier:
         fp = self.out / "fingerprint.json"
         if fp.is_file():
             old = json.loads(fp.read_text())
-            diff = [k for k in self.fingerprint if old.get(k) != self.fingerprint[k]]
+            # the model's path and name are informative only: the same weights elsewhere (another checkout) resume
+            diff = [k for k in self.fingerprint if k not in INFO_ONLY and old.get(k) != self.fingerprint[k]]
             if diff:
                 k = diff[0]
                 raise FrontierError(f"{self.out} was made with another setup ({k}: {old.get(k)!r} there, "

@@ -33,7 +33,8 @@ from awq.report_import import (RunOutputError, import_frontier, import_predictor
 log = logging.getLogger("awq.report")
 
 TARGETS = ("README.md", "ARTIFACT.md")
-REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "frontier_qwen", "quick", "run_default")
+REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "frontier_qwen", "quick", "run_default",
+             "decode_smollm2", "decode_qwen")
 MARK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -236,12 +237,14 @@ def frontier(refs: dict, key: str = "frontier") -> str:
 
 def all_blocks() -> dict[str, Callable[[dict], str]]:
     from awq.artifact import ARTIFACT_BLOCKS
+    from awq.report_decode import DECODE_REFS, decode_block
     from awq.report_tables import predictor_table, sparse_mlp_table
 
     return {"results_setup": results_setup, "swap_ppl": swap_ppl, "sweep": sweep, "precision": precision,
             "analysis": analysis, "walltime": walltime, "make_run": make_run, "frontier": frontier,
             "frontier_qwen": lambda refs: frontier(refs, "frontier_qwen"),
-            "predictor_table": predictor_table, "sparse_mlp_table": sparse_mlp_table, **ARTIFACT_BLOCKS}
+            "predictor_table": predictor_table, "sparse_mlp_table": sparse_mlp_table, **ARTIFACT_BLOCKS,
+            **{name: decode_block(name) for name in DECODE_REFS}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +302,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--import_predictor", type=Path, default=None, metavar="DIR",
                    help="first copy a `python -m awq.artifact --predictor` run (DIR/eval.json + DIR/timings.json, "
                    "default results/artifact_full/predictor) into results_ref/predictor.json")
+    p.add_argument("--import_decode", nargs=2, default=None, metavar=("JSON", "NAME"),
+                   help="first copy a `bench/bench_decode.py --output JSON` run into results_ref/NAME.json "
+                   "(NAME: decode_smollm2, decode_qwen)")
     a = p.parse_args(argv)
     from awq.cli import setup_logging
 
@@ -317,6 +323,10 @@ def cli(argv: Optional[list[str]] = None) -> int:
             log.info("imported %s", import_sparse_mlp(a.import_sparse_mlp, a.results))
         if a.import_predictor:
             log.info("imported %s", import_predictor(a.import_predictor, a.results))
+        if a.import_decode:
+            from awq.report_decode import import_decode
+
+            log.info("imported %s", import_decode(Path(a.import_decode[0]), a.import_decode[1], a.results))
         res = run(a.root, check=a.check, ref_dir=a.results)
     except (ReportError, RunOutputError, KeyError, OSError) as e:
         print(f"error: {e if not isinstance(e, KeyError) else f'results file lacks {e}'}", file=sys.stderr)

@@ -218,6 +218,17 @@ def test_bench_decode_method_rows_tiny(tiny_model_dir, tiny_corpus, tmp_path):
         assert 0.0 < figs[f"{key} weight_read_fraction"] < 1.0
         assert any(line.startswith(f"{key} vs ") for line in data["lines"])
     assert any("roofline" in line or "ABOVE ROOFLINE" in line for line in data["lines"])
+    # the README block generated from it (python -m awq.report --import_decode JSON decode_smollm2)
+    from awq.report_decode import decode_table, import_decode
+    from awq.report_import import RunOutputError
+
+    ref = import_decode(out, "decode_smollm2", tmp_path)
+    table = decode_table(json.loads(ref.read_text()))
+    for key in ("lean dense", "lean teal d=0.5", "lean cats d=0.25", "lean gathered d=0.5"):
+        assert f"| {key} |" in table
+    assert f"{figs['lean teal d=0.5 weight_read_fraction']:.3f}" in table
+    with pytest.raises(RunOutputError, match="NAME must be one of"):
+        import_decode(out, "decode_x", tmp_path)
 
 
 def test_bench_decode_bad_method(capsys):

@@ -95,8 +95,51 @@ def test_frontier_refuses_other_corpus(tiny_model_dir, tiny_corpus, tmp_path, ca
 
 @pytest.mark.parametrize("args, msg", [(["--methods", "teal,bogus"], "unknown method 'bogus'"),
                                        (["--densities", "0.5,0"], "density must be in (0, 1]"),
-                                       (["--nsamples", "0"], "--nsamples must be >= 1")])
+                                       (["--nsamples", "0"], "--nsamples must be >= 1"),
+                                       (["--methods", "cluster_predicted"], "cluster_predicted needs a trained predictor"),
+                                       (["--methods", "cluster_oracle"], "cluster_oracle needs centroid files"),
+                                       (["--methods", "teal", "--predictor", "/nonexistent/p.safetensors"],
+                                        "no such file")])
 def test_frontier_bad_input_one_line(args, msg, capsys):
     assert cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0]
+
+
+def test_frontier_refuses_other_model(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    """A results directory made with other weights is refused in one line; the same weights at another path resume."""
+    import shutil
+
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense"]))
+    other = tmp_path / "other_model"
+    tok = tiny_tokenizer()
+    tiny_model("mistral", seed=1, vocab=len(tok)).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(FrontierError, match="weights_sha256"):
+        main(_cfg(other, tiny_corpus, tmp_path, methods=["dense"]))
+    assert cli(["--model_path", str(other), "--data_path", str(tiny_corpus), "--out", str(tmp_path / "fr"),
+                "--methods", "dense", "--seqlen", "32", "--nsamples", "2", "--device", "cpu"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "weights_sha256" in err[0] and "refusing to mix" in err[0]
+    copy = tmp_path / "copy_of_model"  # same weights, another folder (e.g. another checkout): resumes
+    shutil.copytree(tiny_model_dir, copy)
+    assert main(_cfg(copy, tiny_corpus, tmp_path, methods=["dense"]))["computed"] == 0
+
+
+def test_frontier_refuses_model_without_gated_mlp(tiny_corpus, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import tiny_tokenizer
+
+    d = tmp_path / "gpt2"
+    tok = tiny_tokenizer()
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(d)
+    tok.save_pretrained(d)
+    out = tmp_path / "fr_gpt2"
+    assert cli(["--model_path", str(d), "--data_path", str(tiny_corpus), "--out", str(out), "--methods", "dense,teal",
+                "--seqlen", "32", "--nsamples", "1", "--device", "cpu"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "GPT2MLP" in err[0] and "gate_proj" in err[0]
+    assert not out.exists()  # refused before anything was written
