@@ -59,7 +59,11 @@ class FrontierConfig:
     dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)",
                                choices=["float32", "float16", "bfloat16"])
     device: Optional[str] = opt(None, help="cpu / cuda (default auto)")
-    speed: bool = opt(False, help="also measure batch-1 decode speedup (needs awq.decode.measure_point)")
+    speed: bool = opt(False, help="also measure batch-1 decode tok/s of every realizable point against the dense "
+                      "MLPs on the same lean decoder (awq.decode_speed; added to points already done)")
+    speed_prompt_tokens: int = opt(256, help="--speed: prompt tokens (default 256)", min=1)
+    speed_new_tokens: int = opt(64, help="--speed: new tokens per timed run (default 64)", min=2)
+    speed_repeats: int = opt(3, help="--speed: interleaved repeats, medians (default 3)", min=1)
     no_hub: bool = opt(False, help="never try the Hugging Face hub for the corpus")
 
 
@@ -108,11 +112,11 @@ class Frontier:
         check_config(cfg)
         self.measure = None
         if cfg.speed:
-            try:
-                from awq.decode import measure_point  # provided by awq/decode.py (real batch-1 decode speed)
-            except ImportError:
-                raise FrontierError("--speed needs awq.decode.measure_point, which is not available yet") from None
-            self.measure = measure_point
+            from awq.decode_speed import measure_point  # real batch-1 decode speed, dense interleaved
+
+            self.measure = lambda model, tok, point: measure_point(
+                model, tok, point, prompt_tokens=cfg.speed_prompt_tokens, new_tokens=cfg.speed_new_tokens,
+                repeats=cfg.speed_repeats)
 
     # ------------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -183,10 +187,27 @@ class Frontier:
                  "extra": summ["extra"], "per_projection": summ["per_projection"], "per_layer": summ["per_layer"],
                  "config": config_summary(cfg), "calib_seconds": t_cal, "eval_seconds": res.seconds,
                  "fingerprint": self.fingerprint}
-        if self.measure is not None and spec.realizable:
+        if self.measure is not None and self._wants_speed(spec, point):
             point.update(self.measure(self.model, self.tok, point))
         unsparsify_(self.model)
         return point
+
+    @staticmethod
+    def _wants_speed(spec, point: dict) -> bool:
+        return spec.realizable and spec.name != "dense" and point.get("decode_tok_s") is None  # never measured
+
+    def _speed_only(self, spec, density: float, point: dict) -> dict:
+        """A done point without decode speed: calibrate again (deterministic for the seed), measure, keep the rest."""
+        from awq.sparsify import sparsify_, unsparsify_
+
+        cfg = spec.calibrate(self.model, self.calib, density)
+        unsparsify_(self.model)
+        if cfg is not None:
+            sparsify_(self.model, cfg)
+        try:
+            return {**point, **self.measure(self.model, self.tok, point)}
+        finally:
+            unsparsify_(self.model)
 
     def run(self) -> dict:
         from awq.frontier_report import plot, sort_points, write_csv, write_markdown
@@ -200,7 +221,13 @@ class Frontier:
         for k, (spec, d) in enumerate(todo):
             path = pdir / _point_name(spec.name, d)
             if path.is_file():
-                log.info("[%d/%d] skip (done): %s", k + 1, len(todo), path)
+                old = json.loads(path.read_text())
+                if self.measure is not None and self._wants_speed(spec, old):
+                    log.info("[%d/%d] %s at density %.3f: done, adding decode speed", k + 1, len(todo), spec.name, d)
+                    atomic_write_json(path, self._speed_only(spec, d, old), "frontier point")
+                    done += 1
+                else:
+                    log.info("[%d/%d] skip (done): %s", k + 1, len(todo), path)
                 continue
             log.info("[%d/%d] %s at density %.3f", k + 1, len(todo), spec.name, d)
             p = self._point(spec, d)

@@ -204,6 +204,14 @@ FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "
                   "larosa", "neuron_predictor", "cluster_oracle", "cluster_predicted")
 
 
+def _speed_cell(q: dict) -> str:
+    if q.get("roofline") is None:
+        return "–"
+    if q.get("decode_speedup") is None:
+        return f"above roofline ({q['roofline']:.2f}×): measurement error"
+    return f"{q['decode_speedup']:.2f}× ({q['roofline']:.2f}×)"
+
+
 def frontier(refs: dict, key: str = "frontier") -> str:
     """Frontier table (one row per method: its sweep) and the winners at <= 0.5 and <= 0.3 of the weights read."""
     pts = refs[key]["points"]
@@ -211,13 +219,18 @@ def frontier(refs: dict, key: str = "frontier") -> str:
     by: dict[str, list[dict]] = {}
     for q in sorted(pts, key=lambda q: (order.get(q["method"], 99), q["param"])):
         by.setdefault(q["method"], []).append(q)
-    lines = ["| method | density swept | MLP weight read / token | PPL |", "|---|---|---|---|"]
+    speed = any(q.get("roofline") is not None for q in pts)
+    lines = ["| method | density swept | MLP weight read / token | PPL |" + (" decode speedup (roofline) |" if speed else ""),
+             "|---|---|---|---|" + ("---|" if speed else "")]
     for m, qs in by.items():
         tag = "" if all(q["realizable"] for q in qs) else " (oracle)"
         dens = " / ".join(f"{q['param']:g}" for q in qs)
         reads = " / ".join(f"{q['weight_read_fraction']:.3f}" for q in qs)
         ppls = " / ".join(f"{q['ppl']:,.1f}" for q in qs)
-        lines.append(f"| `{m}`{tag} | {dens} | {reads} | {ppls} |")
+        row = f"| `{m}`{tag} | {dens} | {reads} | {ppls} |"
+        if speed:
+            row += " " + " / ".join(_speed_cell(q) for q in qs) + " |"
+        lines.append(row)
     dense = next((q["ppl"] for q in pts if q["method"] == "dense"), None)
     out = "\n".join(lines) + "\n\n"
     for budget in (0.5, 0.3):

@@ -143,3 +143,30 @@ def test_frontier_refuses_model_without_gated_mlp(tiny_corpus, tmp_path, capsys)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "GPT2MLP" in err[0] and "gate_proj" in err[0]
     assert not out.exists()  # refused before anything was written
+
+
+def test_frontier_speed_added_to_done_points(tiny_model_dir, tiny_corpus, tmp_path):
+    """--speed on a finished frontier measures the realizable non-dense points only, keeps PPL and cost, and a
+    rerun measures nothing; every recorded speedup is at most its roofline."""
+    cfg = _cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense", "teal", "cats"])
+    res = main(cfg)
+    before = {p["method"]: p for p in res["points"]}
+    res = main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense", "teal", "cats"], speed=True,
+                    speed_prompt_tokens=8, speed_new_tokens=4, speed_repeats=1))
+    assert res["computed"] == 2
+    rows = {r["method"]: r for r in csv.DictReader(open(res["csv"]))}
+    assert rows["dense"]["decode_speedup"] == "" and rows["dense"]["roofline"] == ""
+    for m in ("teal", "cats"):
+        p = json.loads((cfg.out / "points" / f"{m}_0.5000.json").read_text())
+        assert p["ppl"] == before[m]["ppl"] and p["weight_read_fraction"] == before[m]["weight_read_fraction"]
+        assert p["decode_tok_s"] > 0 and p["dense_decode_tok_s"] > 0 and p["roofline"] > 1.0
+        assert 0 < p["decode_weight_read_fraction"] < 1
+        if p["decode_speedup"] is None:  # flagged: above the roofline is a measurement error, never a result
+            assert p["decode_measured_ratio"] > p["roofline"] and "measurement error" in p["decode_status"]
+            assert rows[m]["decode_speedup"] == ""
+        else:
+            assert p["decode_speedup"] <= p["roofline"]
+            assert float(rows[m]["decode_speedup"]) == pytest.approx(p["decode_speedup"])
+    again = main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense", "teal", "cats"], speed=True,
+                      speed_prompt_tokens=8, speed_new_tokens=4, speed_repeats=1))
+    assert again["computed"] == 0
