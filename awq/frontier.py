@@ -26,7 +26,8 @@ from awq.cli import build_parser, check_config, opt, parse_config, setup_logging
 log = logging.getLogger("awq.frontier")
 
 ALL_METHODS = ["dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
-               "larosa", "cluster_oracle", "cluster_predicted", "neuron_predictor"]
+               "larosa", "cluster_oracle", "cluster_predicted", "neuron_predictor", "cluster_thresh",
+               "cluster_ideal_oracle"]  # other cluster_* variants of awq/methods/cluster_neuron.py: --methods
 
 
 INFO_ONLY = ("model", "model_name")  # recorded, not compared: weights_sha256 identifies the model

@@ -201,7 +201,8 @@ def make_run(refs: dict) -> str:
 
 
 FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
-                  "larosa", "neuron_predictor", "cluster_oracle", "cluster_predicted")
+                  "larosa", "neuron_predictor", "cluster_oracle", "cluster_predicted", "cluster_thresh",
+                  "cluster_ideal_oracle")
 
 
 def _speed_cell(q: dict) -> str:

@@ -110,6 +110,39 @@ METHODS["cluster_predicted"] = MethodSpec("cluster_predicted", _cluster(True), (
 NEEDS_FILES = ("cluster_oracle", "cluster_predicted")  # left out of the default method list without files
 
 
+def _cluster_neuron(**variant) -> Callable:
+    def cal(model: nn.Module, calib: CalibData, density: float):
+        from awq.methods.cluster_neuron import ClusterVariant, calibrate_cluster_neuron
+
+        return calibrate_cluster_neuron(model, calib.xs(model), check_density(density), ClusterVariant(**variant),
+                                        seed=calib.seed)
+    return cal
+
+
+# issue 10: one intermediate-neuron mask per token from per-layer codebooks (awq.methods.cluster_neuron);
+# param = nominal read fraction. *_oracle: the centroid covering the most |h| of the true token.
+CLUSTER_NEURON = {
+    "cluster_neuron_oracle": (dict(routed=False), "per-layer K=64 |h|-coverage centroids, oracle pick"),
+    "cluster_neuron": (dict(), "per-layer K=64 centroids, linear router pick (router counted)"),
+    "cluster_pooled_oracle": (dict(routed=False, pooled=True),
+                              "one pooled codebook of 64 x layers centroids (equal memory), oracle pick"),
+    "cluster_binary_oracle": (dict(routed=False, weighting="binary"),
+                              "centroids fitted on binary active sets (AWC-like), oracle pick"),
+    "cluster_union2": (dict(top_m=2), "union of the top-2 routed centroids"),
+    "cluster_union4": (dict(top_m=4), "union of the top-4 routed centroids"),
+    "cluster_hot": (dict(hot_q=0.5), "hot set (active on > 50% of tokens) + routed centroid"),
+    "cluster_thresh_oracle": (dict(routed=False, within="gate"), "oracle centroid, then |act(g)| threshold in it"),
+    "cluster_thresh": (dict(within="gate"), "routed centroid (gate rows), then |act(g)| threshold in it"),
+    "cluster_hthresh_oracle": (dict(routed=False, within="h"), "oracle centroid, then |h| threshold in it"),
+    "cluster_hthresh": (dict(within="h"), "routed centroid (gate+up rows), then |h| threshold in it"),
+    "cluster_ideal_oracle": (dict(routed=False, k=1, within="ideal"),
+                             "bound of any neuron mask: per-token |h| threshold, all three projections masked"),
+}
+for _name, (_kw, _about) in CLUSTER_NEURON.items():
+    METHODS[_name] = MethodSpec(_name, _cluster_neuron(**_kw), (0.3, 0.5), realizable=_kw.get("routed", True),
+                                about=_about)
+
+
 def get_method(name: str) -> MethodSpec:
     if name in METHODS:
         return METHODS[name]
