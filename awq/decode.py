@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 GEMVS: tuple[str, ...] = ("auto", "torch", "cpp")
-_MIN_BYTES = 1 << 20  # C++ GEMV: threads from this many weight bytes each (as awq.sparse_compute)
+_MIN_BYTES = 1 << 18  # C++ GEMV: threads from this many weight bytes each (as awq.sparse_compute)
 _DENSE_ATTRS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger("awq.report")
 
 TARGETS = ("README.md", "ARTIFACT.md")
 REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "frontier_qwen", "quick", "run_default",
-             "decode_smollm2", "decode_qwen")
+             "decode_smollm2", "decode_qwen", "frontier_cluster", "frontier_cluster_qwen")
 MARK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -202,7 +202,9 @@ def make_run(refs: dict) -> str:
 
 FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
                   "larosa", "neuron_predictor", "cluster_oracle", "cluster_predicted", "cluster_thresh",
-                  "cluster_ideal_oracle")
+                  "cluster_ideal_oracle", "cluster_thresh_oracle", "cluster_hthresh", "cluster_hthresh_oracle",
+                  "cluster_neuron", "cluster_neuron_oracle", "cluster_union2", "cluster_union4", "cluster_hot",
+                  "cluster_pooled_oracle", "cluster_binary_oracle")
 
 
 def _speed_cell(q: dict) -> str:
@@ -257,6 +259,8 @@ def all_blocks() -> dict[str, Callable[[dict], str]]:
     return {"results_setup": results_setup, "swap_ppl": swap_ppl, "sweep": sweep, "precision": precision,
             "analysis": analysis, "walltime": walltime, "make_run": make_run, "frontier": frontier,
             "frontier_qwen": lambda refs: frontier(refs, "frontier_qwen"),
+            "frontier_cluster": lambda refs: frontier(refs, "frontier_cluster"),
+            "frontier_cluster_qwen": lambda refs: frontier(refs, "frontier_cluster_qwen"),
             "predictor_table": predictor_table, "sparse_mlp_table": sparse_mlp_table, **ARTIFACT_BLOCKS,
             **{name: decode_block(name) for name in DECODE_REFS}}
 
@@ -330,7 +334,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
             log.info("imported %s", import_reproduce(a.import_reproduce, a.results))
         if a.import_frontier:
             if a.import_frontier[1] not in REF_FILES or not a.import_frontier[1].startswith("frontier"):
-                raise ReportError("--import_frontier NAME must be frontier or frontier_qwen, got "
+                raise ReportError("--import_frontier NAME must be frontier, frontier_qwen, frontier_cluster or "
+                                  "frontier_cluster_qwen, got "
                                   f"{a.import_frontier[1]!r}")
             log.info("imported %s", import_frontier(Path(a.import_frontier[0]), a.import_frontier[1], a.results))
         if a.import_sparse_mlp:

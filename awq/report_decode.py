@@ -41,8 +41,8 @@ def decode_table(data: dict) -> str:
             f"{sysinfo['torch']}; load average {sysinfo.get('loadavg')} at start, "
             f"{sysinfo.get('loadavg_end')} at the end; {cfg['prompt_tokens']}-token prompt, {cfg['new_tokens']} new "
             f"tokens, {cfg['repeats']} interleaved repeats, medians [min - max]:\n\n")
-    lines = ["| row | MLP weight read | tok/s [min - max] | ms/token | weight MB/token | vs fastest dense (roofline) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| row | MLP weight read | tok/s [min - max] | ms/token | weight MB/token | vs fastest dense (roofline) "
+             "| vs lean dense, same decoder (roofline) |", "|---|---|---|---|---|---|---|"]
     dense = [k for k in ("lean dense", "llama.cpp F32", "lean dense-kernel") if k in rows]
     best = min(dense, key=lambda k: rows[k]["median_s"]) if dense else None
     for name, t in rows.items():
@@ -50,9 +50,10 @@ def decode_table(data: dict) -> str:
         if read is None and name.startswith("lean gathered d="):
             read = float(name.split("=")[1])
         rec = data["ratios"].get(f"{name} vs {best}")
+        own = data["ratios"].get(f"{name} vs lean dense")
         mb = f"{t['bytes'] / 1e6:.0f}" if t.get("bytes") else "—"
         lines.append(f"| {name} | {'—' if read is None else f'{read:.3f}'} | {1 / t['median_s']:.2f} "
-                     f"[{1 / t['max_s']:.2f} - {1 / t['min_s']:.2f}] | {t['median_s'] * 1e3:.1f} | {mb} | {_ratio_cell(rec)} |")
+                     f"[{1 / t['max_s']:.2f} - {1 / t['min_s']:.2f}] | {t['median_s'] * 1e3:.1f} | {mb} | {_ratio_cell(rec)} | {_ratio_cell(own)} |")
     out = head + "\n".join(lines) + "\n"
     notes = []
     f32 = rows.get("llama.cpp F32")

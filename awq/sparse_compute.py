@@ -60,12 +60,13 @@ KERNELS: tuple[str, ...] = ("auto", "cpp", "torch")
 # the C++ kernel
 # --------------------------------------------------------------------------------------------
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
-# the C++ kernel uses several threads only when each gets at least this many weight bytes.  A parallel
-# region costs microseconds; 1 MiB is ~100 us of streaming, so one SmolLM2 layer at 50% (5.3 MB) is
-# split over 2 threads, like torch splits the dense GEMV it competes with.  (It was 8 MiB: every
-# SmolLM2/Qwen-0.5B layer then ran on one thread against a 2-thread dense GEMV.)
-# AWQ_SPARSE_MIN_BYTES overrides it (e.g. a very large value keeps the kernel single-threaded).
-MIN_BYTES_PER_THREAD = int(os.environ.get("AWQ_SPARSE_MIN_BYTES", 1 << 20))
+# the C++ kernels use several threads only when each gets at least this many weight bytes.  A parallel
+# region costs microseconds on an idle core; 256 KiB is ~20-30 us of streaming.  The dynamic kernels
+# (awq.dynamic_sparse) split a layer into two stages of 0.5-3 MB each on SmolLM2: at 1 MiB their down
+# stage ran on one thread (2 threads, 64 new tokens: TEAL 17.9 tok/s at 1 MiB, 21.2 at 256 KiB; CATS
+# 17.6 vs 21.2).  On a machine whose other core is busy, a larger value (AWQ_SPARSE_MIN_BYTES, e.g.
+# 1048576, or a huge value for one thread) avoids waiting for a time slice in every parallel region.
+MIN_BYTES_PER_THREAD = int(os.environ.get("AWQ_SPARSE_MIN_BYTES", 1 << 18))
 # kernel="auto": more tokens than this sharing one set (prefill) go to a gathered GEMM (index_select +
 # matmul), which reuses each weight row for all tokens; the C++ kernel is a per-token GEMV loop
 GEMM_TOKENS = 16
