@@ -34,29 +34,7 @@ def ref_distance(X, C):
                          for a in X.int().tolist()], dtype=torch.float32)
 
 
-def ref_global(D, cap):
-    """The proposal rounds, written plainly (as in tests/test_clustering.py)."""
-    n, k = D.shape
-    labels, rem, pending = [-1] * n, [cap] * k, list(range(n))
-    while pending and any(r > 0 for r in rem):
-        props = {}
-        for r in pending:
-            best = None
-            for i in range(k):
-                if rem[i] > 0 and (best is None or D[r, i] < D[r, best]):
-                    best = i
-            props.setdefault(best, []).append((float(D[r, best]), r))
-        rejected = []
-        for i, lst in props.items():
-            lst.sort()
-            for j, (_, r) in enumerate(lst):
-                if j < rem[i]:
-                    labels[r] = i
-                else:
-                    rejected.append(r)
-            rem[i] = max(0, rem[i] - len(lst))
-        pending = sorted(rejected)
-    return labels
+from tests.test_clustering import ref_global  # noqa: E402  (the plain proposal rounds)
 
 
 # ---------------------------------------------------------------------------------------------
