@@ -97,6 +97,13 @@ def cpp_kernel_available() -> bool:
 # --------------------------------------------------------------------------------------------
 # the module
 # --------------------------------------------------------------------------------------------
+def is_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether ``act_fn`` is SiLU, recognised by value (the C++ kernels implement SiLU only)."""
+    with torch.no_grad():
+        probe = torch.linspace(-8, 8, 33)
+        return bool(torch.allclose(act_fn(probe), F.silu(probe), rtol=1e-6, atol=1e-7))
+
+
 def _threshold(y: torch.Tensor, t: float) -> torch.Tensor:
     return y if t <= 0.0 else y.masked_fill(y.abs() < t, 0)
 
@@ -144,9 +151,7 @@ class GatheredSparseMLP(SwappedMLP):
         self._fixed: Active = None
         self._fast: Optional[tuple] = None  # (weight key, kernel args) of the fixed set's single-call path
         self._view: Optional[tuple] = None
-        with torch.no_grad():  # the fused kernel implements SiLU; recognise it by value, not by class
-            probe = torch.linspace(-8, 8, 33)
-            self._is_silu = bool(torch.allclose(act_fn(probe), F.silu(probe), rtol=1e-6, atol=1e-7))
+        self._is_silu = is_silu(act_fn)  # the fused kernel implements SiLU; recognised by value, not by class
         if kernel == "cpp" and not self._is_silu:
             raise ValueError("kernel='cpp' implements SiLU only; use kernel='torch' for this activation")
 

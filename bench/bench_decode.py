@@ -178,7 +178,7 @@ def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, r
     sparsify_(model, TealConfig([0.0] * nl, [0.0] * nl))
     full = [layer.mlp for layer in decoder_layers(model)]
     unsparsify_(model)
-    if decode_read_fraction(dec, x, 4, full) is not None and all(m._decode is not None for m in full):
+    if all(m.prepare_decode() for m in full):
         runners["lean dense-kernel"] = lean_runner(dec, full)
         nbytes["lean dense-kernel"] = by["total"]
     for name, d in meths:
