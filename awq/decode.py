@@ -4,7 +4,7 @@
 without the framework around it: a static KV cache (``[kv_heads, capacity, head_dim]`` per layer,
 grown only when a longer run asks for it), the rotary table precomputed from the model's own
 rotary module (so ``rope_theta``, ``rope_scaling`` and the attention scaling are the model's), and a
-per-token step of about 18 tensor ops per layer:
+per-token step of about 18 tensor ops per layer (or two C++ calls, below):
 
 * RMSNorm: ``F.rms_norm`` at prefill; at decode one dot product and two multiplies (``F.rms_norm``
   decomposes into ~10 ops on the CPU).
@@ -26,6 +26,13 @@ One-row products at decode (q/k/v, o, the dense MLP, the LM head) use torch's ``
 C++ ``dense_gemv`` of ``csrc/sparse_mlp.cpp`` (four rows per pass over x, AVX-512 or AVX2), per weight
 shape whichever :func:`awq.hw.choose` measured faster on this machine and thread count (cached in
 the project cache, logged); ``LeanDecoder(gemv="torch"|"cpp")`` or ``AWQ_DECODE_GEMV`` overrides.
+
+Where the C++ GEMV is the choice for the attention weights, a decode step runs each layer's attention
+block as **one C++ call** (``attn_step`` of ``csrc/decode_step.cpp``: norm, q/k/v, RoPE, cache write,
+GQA attention, o, residual, the MLP's norm) and the dense MLP as another (``dense_swiglu``), instead of
+~20 eager ops per layer: on SmolLM2-135M (2 threads) that is most of the gap to llama.cpp
+(``bench/bench_decode.py``).  A swapped MLP module is still called from Python on the normed row.
+``LeanDecoder(fused=False)`` or ``AWQ_DECODE_FUSED=0`` keeps the eager step.
 
 The prompt is prefilled in one batched pass (``scaled_dot_product_attention``, causal, GQA).
 Greedy tokens equal ``model.generate(do_sample=False)`` (tests/test_decode.py: tiny random Llama,
@@ -59,6 +66,7 @@ SUPPORTED_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 GEMVS: tuple[str, ...] = ("auto", "torch", "cpp")
 _MIN_BYTES = 1 << 18  # C++ GEMV: threads from this many weight bytes each (as awq.sparse_compute)
 _DENSE_ATTRS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+_EMPTY = torch.empty(0)
 
 
 class DecodeError(ValueError):
@@ -134,10 +142,14 @@ def _prepared(mlp: nn.Module) -> nn.Module:
 class LeanDecoder:
     """Batch-1 greedy decoder over the weights of ``model`` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, capacity: int = 512, gemv: Optional[str] = None) -> None:
+    def __init__(self, model: nn.Module, capacity: int = 512, gemv: Optional[str] = None,
+                 fused: Optional[bool] = None) -> None:
         self.gemv = (gemv or os.environ.get("AWQ_DECODE_GEMV") or "auto").lower()
         if self.gemv not in GEMVS:
             raise DecodeError(f"gemv must be one of {', '.join(GEMVS)}, got '{self.gemv}'")
+        if fused is None:
+            fused = os.environ.get("AWQ_DECODE_FUSED", "1").lower() not in ("0", "false", "no")
+        self._want_fused = bool(fused)
         cfg = model.config
         mtype = getattr(cfg, "model_type", "?")
         if mtype not in SUPPORTED_TYPES:
@@ -179,6 +191,7 @@ class LeanDecoder:
                     window=int(window) if window else None))
         self.refresh_mlps()
         self._pick_gemvs()
+        self._pick_fused()
         self._zero = torch.zeros(1, self.H, dtype=self.dtype, device=self.device)
         self.capacity = 0
         self._ensure(capacity)
@@ -284,6 +297,19 @@ class LeanDecoder:
                             "cpp": lambda: [kern.dense_gemv(x1, w, _MIN_BYTES) for _ in reps]}
                 self._cpp_gemv[key] = hw.choose(f"decode_gemv_{key[0]}x{key[1]}", ("torch", "cpp"), probes) == "cpp"
 
+    def _pick_fused(self) -> None:
+        """Use the C++ layer step (``attn_step`` / ``dense_swiglu`` of ``csrc/decode_step.cpp``) where the
+        C++ GEMV was chosen for the attention (and, for the dense MLP, the MLP) weight shapes: the
+        fused step runs the same GEMV, without ~20 eager ops per layer around it."""
+        k, ly0 = self._kern, self.layers[0] if self.layers else None
+        ok = (self._want_fused and k is not None and hasattr(k, "attn_step") and ly0 is not None
+              and self._cpp_gemv.get(tuple(ly0.wqkv.shape)) and self._cpp_gemv.get(tuple(ly0.wo.shape)))
+        self.fused_attn = bool(ok)
+        self.fused_mlp = bool(ok and ly0.wgu is not None and ly0.act is F.silu
+                              and self._cpp_gemv.get(tuple(ly0.wgu.shape)) and self._cpp_gemv.get(tuple(ly0.wd.shape)))
+        log.info("lean decoder step: %s attention, %s dense MLP", "C++ fused" if self.fused_attn else "eager",
+                 "C++ fused" if self.fused_mlp else "eager")
+
     def _lin(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
         """``F.linear(x, w, b)``; one row by the chosen GEMV (see :meth:`_pick_gemvs`)."""
         if x.shape[0] == 1 and x.dim() == 2 and self._cpp_gemv.get(tuple(w.shape)):
@@ -343,6 +369,8 @@ class LeanDecoder:
         fr = self.freqs[p]
         h = self.embed[token:token + 1].clone()
         L = p + 1
+        if self.fused_attn:
+            return self._fused_step(h, p)
         for ly in self.layers:
             n = self._rms1(h, ly.ln1)
             qkv = self._lin(n, ly.wqkv, ly.bqkv)[0]
@@ -354,6 +382,24 @@ class LeanDecoder:
             a = torch.bmm(torch.softmax(s, dim=-1), ly.v[:, lo:L])
             h.add_(self._lin(a.view(1, nh * hd), ly.wo, ly.bo))
             h.add_(self._mlp(ly, self._rms1(h, ly.ln2)))
+        self.pos = L
+        return self._lin(self._rms1(h, self.norm), self.lm_head, None)[0]
+
+    def _fused_step(self, h: torch.Tensor, p: int) -> torch.Tensor:
+        """:meth:`step` by the C++ layer step: one ``attn_step`` per layer (norm, q/k/v, RoPE, cache,
+        attention, o, residual, norm), then the dense ``dense_swiglu`` or the layer's swapped module."""
+        k, e, mb = self._kern, _EMPTY, _MIN_BYTES
+        rope = torch.view_as_real(self.freqs[p]).contiguous()
+        L = p + 1
+        for ly in self.layers:
+            lo = 0 if ly.window is None else max(0, L - ly.window)
+            n = k.attn_step(h, ly.ln1, ly.ln2, self.eps, ly.wqkv, e if ly.bqkv is None else ly.bqkv, ly.wo,
+                            e if ly.bo is None else ly.bo, ly.k, ly.v, p, lo, rope, self.nh, self.nkv, mb)
+            if ly.mlp is None and self.fused_mlp:
+                h.add_(k.dense_swiglu(n, ly.wgu, e if ly.bgu is None else ly.bgu, ly.wd,
+                                      e if ly.bd is None else ly.bd, mb))
+            else:
+                h.add_(self._mlp(ly, n))
         self.pos = L
         return self._lin(self._rms1(h, self.norm), self.lm_head, None)[0]
 

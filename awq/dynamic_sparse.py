@@ -107,7 +107,9 @@ class InputSparseDecode:
 
 
 class NeuronSparseDecode:
-    """CATS (``t_a``) or predicted-neuron (an index list per call) batch-1 kernel; copies ``W_down^T`` only."""
+    """CATS (``t_a``), predicted-neuron (an index list per call) or predicted-then-thresholded (an index
+    list and ``t_a > 0``: gate rows of the list, up and down rows of those with ``|silu(g)| >= t_a``)
+    batch-1 kernel; copies ``W_down^T`` only."""
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, t_a: float = 0.0,
                  bias_g: Optional[torch.Tensor] = None, bias_u: Optional[torch.Tensor] = None,
@@ -119,18 +121,23 @@ class NeuronSparseDecode:
         self.t_a = float(t_a)
         self.bias_g, self.bias_u = _f32(bias_g), _f32(bias_u)
         self.bias_d = None if bias_d is None else bias_d.detach().float()
-        self.counts = torch.zeros(1, dtype=torch.long)
+        self.counts = torch.zeros(2, dtype=torch.long)  # (kept neurons, candidates whose gate row was read)
 
     def __call__(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One token -> ``[H]`` float32.  ``idx`` None: CATS threshold ``t_a`` on ``|silu(gate)|``; else
-        those neurons (int64, in range; at least one)."""
+        """One token -> ``[H]`` float32.  ``idx`` None: CATS threshold ``t_a`` on ``|silu(gate)|`` over all
+        neurons; else those neurons (int64, in range; at least one), thresholded within if ``t_a > 0``."""
         idx = _EMPTY if idx is None else idx.reshape(-1).to(torch.long).contiguous()
         y = cpp_kernel().neuron_sparse_swiglu(_as_row(x), self.wg, self.wu, self.wd_t, idx, self.t_a, self.bias_g,
                                               self.bias_u, MIN_BYTES_PER_THREAD, self.counts)
         return y if self.bias_d is None else y + self.bias_d
 
     def density(self) -> float:
+        """Kept neurons / F of the last call (their up and down rows were read)."""
         return int(self.counts[0]) / self.F
+
+    def gate_density(self) -> float:
+        """Candidates / F of the last call (their gate rows were read)."""
+        return int(self.counts[1]) / self.F
 
 
 def input_decode_for(mod: nn.Module, w_gate: torch.Tensor, w_up: torch.Tensor, t_x: float, t_h: float,

@@ -66,29 +66,51 @@ def _last_line(e: BaseException) -> str:
     return text.splitlines()[-1] if text else ""
 
 
-def load_cpp_extension(stem: str, filename: str, cflags: Sequence[str], ldflags: Sequence[str] = (),
+def march_flag() -> str:
+    """``-march=native``, or, when ``$AWQ_HW_FLAGS`` hides AVX-512 (``awq.hw``: emulate an AVX2-only CPU),
+    ``-march=haswell`` (AVX2 + FMA) so the kernels are built and measured as on such a CPU."""
+    import os
+
+    from awq.hw import cpu_flags
+
+    flags = set(cpu_flags())
+    if os.environ.get("AWQ_HW_FLAGS") is not None and "avx512f" not in flags:
+        return "-march=haswell" if {"avx2", "fma"} <= flags else "-march=x86-64"
+    return "-march=native"
+
+
+def source_text(srcs: Sequence[Path]) -> str:
+    """The text a build depends on: the sources and every header beside them (``csrc/*.h``)."""
+    headers = sorted({h for s in srcs for h in s.parent.glob("*.h")})
+    return "".join(p.read_text() for p in [*srcs, *headers])
+
+
+def load_cpp_extension(stem: str, filename: str | Sequence[str], cflags: Sequence[str], ldflags: Sequence[str] = (),
                        what: str = "C++") -> Optional[ModuleType]:
-    """Compile (or reuse) ``csrc/<filename>`` as module ``<stem>_<key>``; None if that is impossible.
+    """Compile (or reuse) ``csrc/<filename>`` (or several sources into one module) as module
+    ``<stem>_<key>``; None if that is impossible.
 
     ``what`` names the kernel in the log line (``"<what> C++ kernel unavailable (...)"``).
     Never raises for a build problem: the caller falls back to its pure torch path.
     """
-    src = find_source(filename)
-    if src is None:
+    names = [filename] if isinstance(filename, str) else list(filename)
+    srcs = [find_source(n) for n in names]
+    missing = [n for n, s in zip(names, srcs) if s is None]
+    if missing:
         log.warning("%s C++ kernel unavailable (source csrc/%s not found in %s); using the pure torch path",
-                    what, filename, " or ".join(str(d) for d in SOURCE_DIRS))
+                    what, missing[0], " or ".join(str(d) for d in SOURCE_DIRS))
         return None
     try:
         import torch.utils.cpp_extension as ext
 
-        name = f"{stem}_{build_key(src.read_text(), cflags, ldflags)}"
+        name = f"{stem}_{build_key(source_text(srcs), cflags, ldflags)}"
         build = cache_dir() / name
         build.mkdir(parents=True, exist_ok=True)
-        mod = ext.load(name=name, sources=[str(src)], extra_cflags=list(cflags), extra_ldflags=list(ldflags),
-                       build_directory=str(build), verbose=False)
+        mod = ext.load(name=name, sources=[str(s) for s in srcs], extra_cflags=list(cflags),
+                       extra_ldflags=list(ldflags), build_directory=str(build), verbose=False)
     except Exception as e:  # compiler missing, ninja missing, build error, unwritable cache ...
         log.warning("%s C++ kernel unavailable (%s: %s); using the pure torch path", what, type(e).__name__,
                     _last_line(e))
         return None
-    log.info("%s C++ kernel loaded: %s (from %s, built in %s)", what, name, src, build)
+    log.info("%s C++ kernel loaded: %s (from %s, built in %s)", what, name, ", ".join(map(str, srcs)), build)
     return mod

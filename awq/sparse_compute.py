@@ -49,7 +49,7 @@ from awq.thresholds import check_thresholds
 from awq.active_sets import (Active, PreparedIndices, Selector, as_bool_mask, cluster_selector,  # noqa: F401
                              group_tokens, indices_from_active)
 from awq.interleaved import InterleavedMLP  # noqa: F401  (re-exported)
-from awq.kernel_build import load_cpp_extension
+from awq.kernel_build import load_cpp_extension, march_flag
 from awq.sparsify import PROJS, SwappedMLP, decoder_layers, register_method
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ KERNELS: tuple[str, ...] = ("auto", "cpp", "torch")
 # --------------------------------------------------------------------------------------------
 # the C++ kernel
 # --------------------------------------------------------------------------------------------
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+_CFLAGS = ["-O3", march_flag(), "-fopenmp", "-ffp-contract=fast"]  # AWQ_HW_FLAGS="avx2 fma": an AVX2 build
+SOURCES = ("sparse_mlp.cpp", "decode_step.cpp")  # one extension module (csrc/simd.h shared)
 # the C++ kernels use several threads only when each gets at least this many weight bytes.  A parallel
 # region costs microseconds on an idle core; 256 KiB is ~20-30 us of streaming.  The dynamic kernels
 # (awq.dynamic_sparse) split a layer into two stages of 0.5-3 MB each on SmolLM2: at 1 MiB their down
@@ -82,7 +83,7 @@ def cpp_kernel():
             log.info("AWQ_SPARSE_KERNEL=torch: using the pure torch sparse MLP path")
             _kernel_state["mod"] = None
         else:
-            mod = load_cpp_extension("awq_sparse_swiglu", "sparse_mlp.cpp", _CFLAGS, ["-fopenmp"], what="sparse MLP")
+            mod = load_cpp_extension("awq_sparse_swiglu", SOURCES, _CFLAGS, ["-fopenmp"], what="sparse MLP")
             if mod is not None:
                 log.info("sparse MLP C++ kernel: %s vector path, threads from %d weight bytes per thread",
                          mod.simd() if hasattr(mod, "simd") else "?", MIN_BYTES_PER_THREAD)

@@ -227,3 +227,50 @@ def test_gemv_choices_give_same_tokens(gemv):
     assert dec.generate(ids, 8) == want.tolist()
     with pytest.raises(DecodeError, match="gemv must be one of"):
         LeanDecoder(model, gemv="fast")
+
+
+def _windowed_mistral():
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(7)
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6, use_cache=False)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS) + ["mistral_window"])
+def test_fused_cpp_step_matches_hf_and_eager(arch):
+    """The C++ layer step (attn_step + dense_swiglu): HF's logits (GQA, Qwen2 biases, a sliding window
+    shorter than the sequence, a cache that grows) and the eager step's, step by step."""
+    from awq.sparse_compute import cpp_kernel_available
+
+    if not cpp_kernel_available():
+        pytest.skip("C++ kernel unavailable")
+    model = _windowed_mistral() if arch == "mistral_window" else MODELS[arch]()
+    ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(8))
+    ref = _hf_logits(model, ids)
+    fused, eager = LeanDecoder(model, capacity=8, gemv="cpp"), LeanDecoder(model, capacity=8, gemv="cpp", fused=False)
+    assert fused.fused_attn and fused.fused_mlp and not eager.fused_attn
+    got = {}
+    for name, dec in (("fused", fused), ("eager", eager)):
+        out = [dec.prefill(ids[:5])] + [dec.step(t) for t in ids[5:].tolist()]
+        got[name] = torch.stack(out)
+        torch.testing.assert_close(got[name], ref[4:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["fused"], got["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_with_swapped_sparse_mlp():
+    """A swapped method module under the fused attention step: the same tokens as the eager step."""
+    from awq.methods import as_calib, get_method
+    from awq.sparse_compute import cpp_kernel_available
+    from awq.sparsify import sparsify_
+
+    if not cpp_kernel_available():
+        pytest.skip("C++ kernel unavailable")
+    model = tiny_model("llama", seed=9)
+    calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    sparsify_(model, get_method("teal").calibrate(model, as_calib(calib), 0.5))
+    ids = torch.arange(5, 14)
+    fused, eager = LeanDecoder(model, gemv="cpp"), LeanDecoder(model, gemv="cpp", fused=False)
+    assert fused.fused_attn and all(ly.mlp is not None for ly in fused.layers)
+    assert fused.generate(ids, 12) == eager.generate(ids, 12)

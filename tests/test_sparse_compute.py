@@ -388,3 +388,20 @@ def test_reconfigure_through_base():
         unsparsify_(model)
         assert isinstance(model.model.layers[1].mlp, InterleavedMLP)
         torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_build_text_covers_headers_and_march(monkeypatch):
+    """Every source of the module and the shared header key the build; AWQ_HW_FLAGS without AVX-512
+    builds for AVX2 (-march=haswell), as on an AVX2-only CPU."""
+    srcs = [kb.find_source(n) for n in sc.SOURCES]
+    assert all(s is not None for s in srcs)
+    text = kb.source_text(srcs)
+    assert "gemv_rows" in text and "attn_step" in text and "fused_sparse_swiglu" in text  # simd.h, both .cpp
+    monkeypatch.setenv("AWQ_HW_FLAGS", "avx2 fma")
+    assert kb.march_flag() == "-march=haswell"
+    monkeypatch.setenv("AWQ_HW_FLAGS", "sse4_2")
+    assert kb.march_flag() == "-march=x86-64"
+    monkeypatch.setenv("AWQ_HW_FLAGS", "avx2 fma avx512f")
+    assert kb.march_flag() == "-march=native"
+    monkeypatch.delenv("AWQ_HW_FLAGS")
+    assert kb.march_flag() == "-march=native"
