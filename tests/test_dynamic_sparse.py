@@ -78,6 +78,28 @@ def test_neuron_kernel_cats_and_index_modes(H, Fi):
     assert k.density() == idx.numel() / Fi
     with pytest.raises(RuntimeError, match="out of range"):
         k(x, torch.tensor([Fi]))
+    for t in (0.1, 0.3):  # predicted then thresholded: gate rows of idx, up/down rows of |a| >= t within idx
+        k = ds.NeuronSparseDecode(wg, wu, wd, t, bg, bu, bd)
+        kept = keep & (a.abs() >= t)
+        torch.testing.assert_close(k(x, idx), wd @ (a * u * kept) + bd, rtol=1e-4, atol=1e-5)
+        assert k.counts.tolist() == [int(kept.sum()), idx.numel()]
+        assert k.gate_density() == idx.numel() / Fi and k.density() == int(kept.sum()) / Fi
+
+
+@pytest.mark.parametrize("H,Fi", [(64, 128), (37, 53)])
+def test_down_gather_reads_nonzero_rows(H, Fi):
+    from awq.sparse_compute import MIN_BYTES_PER_THREAD, cpp_kernel
+
+    _, _, wd, _ = _weights(H, Fi, seed=3)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(Fi, generator=g)
+    h[torch.rand(Fi, generator=g) < 0.6] = 0
+    counts = torch.zeros(1, dtype=torch.long)
+    y = cpp_kernel().down_gather(h, wd.t().contiguous(), MIN_BYTES_PER_THREAD, counts)
+    torch.testing.assert_close(y, wd @ h, rtol=1e-4, atol=1e-5)
+    assert int(counts[0]) == int((h != 0).sum())
+    y0 = cpp_kernel().down_gather(torch.zeros(Fi), wd.t().contiguous(), MIN_BYTES_PER_THREAD, counts)
+    assert int(counts[0]) == 0 and not y0.any()
 
 
 # --- the method modules: the single-token kernel path equals their masked dense path, cost included ----
