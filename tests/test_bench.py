@@ -218,6 +218,7 @@ def test_bench_decode_method_rows_tiny(tiny_model_dir, tiny_corpus, tmp_path):
         assert 0.0 < figs[f"{key} weight_read_fraction"] < 1.0
         assert any(line.startswith(f"{key} vs ") for line in data["lines"])
     assert any("roofline" in line or "ABOVE ROOFLINE" in line for line in data["lines"])
+    assert any(line.startswith("CPU ") and "this project's kernels" in line for line in data["lines"])
     # the README block generated from it (python -m awq.report --import_decode JSON decode_smollm2)
     from awq.report_decode import decode_table, import_decode
     from awq.report_import import RunOutputError
@@ -237,3 +238,5 @@ def test_bench_decode_bad_method(capsys):
     with pytest.raises(SystemExit):
         bench_decode.main(["--methods", "teal"])
     assert "name=density" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no llama_cpp package"):
+        bench_decode.import_llama_cpp("/nonexistent")
