@@ -7,15 +7,21 @@ whole AWC iteration (distance, balanced assignment, centroid update) timed as on
 "scikit-learn Lloyd iteration" is one call of scikit-learn's own per-iteration kernel
 (``lloyd_iter_chunked_dense``: distances, labels, centre update) on the same float32 block, the
 same starting centroids and the same thread count; ``KMeans(max_iter=1).fit`` (the public call,
-which adds input checks and a second labelling pass) is timed beside it.  The distance kernel
-(int8 ``torch._int_mm`` or fp32 GEMM) is the one :func:`awq.hw.overlap_kernel` picks here (printed
-with the reason; ``--kernel`` overrides).  The distance step's rate is printed against a bare GEMM
+which adds input checks and a second labelling pass) is timed beside it.  Our iteration runs on both
+paths: the compiled popcount iteration (``csrc/cluster_kernels.cpp``, :mod:`clustering.cluster_kernel`)
+and the torch iteration, whose distance GEMM (int8 ``torch._int_mm`` or fp32) is the one
+:func:`awq.hw.overlap_kernel` picks here; "ours" is the path AWC itself takes
+(:func:`clustering.cluster_kernel.awc_kernel`: ``--kernel`` or a cached one-time measurement; printed),
+and the two paths are checked to give identical centroids.  ``AWQ_HW_FLAGS="avx2 fma"`` makes every
+choice and the compiled kernel's build (``-march=haswell``) those of an AVX2-only CPU.  The distance step's
+rate is printed against a bare GEMM
 of the chosen kind (roofline 1.0x: the step is that GEMM plus a subtraction).  The reference's
 distance loop is timed on ``--ref_centroids`` centroids and extrapolated to ``k`` per round.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,10 +32,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from awq.hw import SMALL_BLOCK, overlap_kernel, overlap_reason, threads_for  # noqa: E402
+from awq.hw import SMALL_BLOCK, cpu_flags, overlap_kernel, overlap_reason, threads_for  # noqa: E402
 from bench.common import Report, Timing, interleaved, parse_args, run_cli  # noqa: E402
 from clustering.activation_aware_clustering import awc_update, member_sums  # noqa: E402
 from clustering.assignment import global_balanced_assign, greedy_balanced_assign  # noqa: E402
+from clustering.cluster_kernel import awc_block, awc_kernel, build_flags, kernel as compiled_kernel  # noqa: E402
 from clustering.distance import block_distance  # noqa: E402
 
 
@@ -111,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds, medians reported (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--kernel", choices=("auto", "int8", "fp32"), default="auto",
-                   help="distance GEMM: auto (default: awq.hw's choice for this CPU, printed), int8 or fp32")
+    p.add_argument("--kernel", choices=("auto", "popcount", "int8", "fp32"), default="auto",
+                   help="AWC's path: auto (default: the compiled popcount iteration or the torch one, as AWC picks "
+                        "here, printed), popcount (compiled), int8 or fp32 (torch iteration with that distance GEMM)")
     p.add_argument("--block_threads", choices=("auto", "1", "all"), default="auto",
                    help="threads of our iteration on blocks under 2M values: auto (default: awq.hw's cached choice), "
                         "1 or all")
@@ -144,7 +152,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
 
         threadpool_limits(a.threads)
     n, width, k, sparsity = a.n, a.width, a.k, a.sparsity
-    kern = overlap_kernel(a.kernel, width)  # chosen (or measured once and cached) before any timing
+    gemm_arg = a.kernel if a.kernel in ("int8", "fp32") else None
+    kern = overlap_kernel(gemm_arg, width)  # chosen (or measured once and cached) before any timing
+    path = awc_kernel(a.kernel)  # AWC's own choice: compiled popcount or torch iteration
+    mod = compiled_kernel()
     g = torch.Generator().manual_seed(a.seed)
     X = (torch.rand(n, width, generator=g) < a.density).float()
     C = (torch.rand(k, width, generator=g) < 1 - sparsity).float()
@@ -153,7 +164,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     cfg = {kk: (str(v) if isinstance(v, Path) else v) for kk, v in vars(a).items()} | {"cap_m": m, "kernel_used": kern}
     rep = Report("bench_clustering", cfg)
     rep.emit(f"# sizes: n={n} rows, width F={width}, k={k}, cap m={m}")
-    rep.emit(f"distance kernel: {overlap_reason(a.kernel, width)}")
+    rep.emit(f"CPU flags acted on: {' '.join(cpu_flags())}"
+             + (" (AWQ_HW_FLAGS)" if "AWQ_HW_FLAGS" in os.environ else ""))
+    libs = {v: os.environ[v] for v in ("ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE", "MKL_ENABLE_INSTRUCTIONS",
+                                       "ONEDNN_MAX_CPU_ISA") if v in os.environ}
+    rep.emit(f"baselines' instruction sets: torch {torch.backends.cpu.get_cpu_capability()}"
+             + "".join(f", {v}={x}" for v, x in libs.items()))
+    rep.figure("baseline_isa_env", libs)
+    rep.emit("compiled AWC kernel: " + (f"{mod.simd()} build ({' '.join(build_flags())})" if mod else "unavailable"))
+    why_path = "forced by --kernel" if a.kernel != "auto" else \
+        "awq.hw.choose: cached one-time measurement or AWQ_KERNEL_AWC"
+    rep.emit(f"AWC iteration path: {path} ({why_path})")
+    rep.emit(f"torch path's distance GEMM: {overlap_reason(gemm_arg, width)}")
     nthreads = torch.get_num_threads()
     with threads_for(X.numel(), a.block_threads) as used:
         why = "all: block >= 2M values" if n * width >= SMALL_BLOCK and a.block_threads == "auto" else \
@@ -161,6 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         rep.emit(f"threads of our iteration on this block ({n * width} values): {used} of {nthreads} ({why})")
     rep.figure("block_threads", used)
     rep.figure("distance_kernel", kern)
+    rep.figure("awc_path", path)
 
     Xi, Ci = X.to(torch.int8), C.to(torch.int8)
     D = block_distance(X, C, kern)
@@ -182,6 +205,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
                 return f()
         return run
 
+    def compiled(greedy: bool):  # the compiled iteration: pack, popcount distance, assignment, update
+        def run():
+            with threads_for(X.numel(), a.block_threads):
+                return awc_block(X, C, m, greedy, False, 1, sparsity)[0]
+        return run
+
+    if mod is not None:
+        same = torch.equal(compiled(False)(), iteration(global_balanced_assign))
+        rep.emit(f"compiled and torch iterations give identical centroids: {same}")
+        rep.figure("compiled_equals_torch", same)
+        if not same:
+            raise RuntimeError("the compiled AWC iteration differs from the torch iteration")
     bare = same_threads((lambda: torch._int_mm(Xi, Ci.T)) if kern == "int8" else (lambda: X @ C.T))
     fns = {"iteration_global": lambda: iteration(global_balanced_assign),
            "iteration_greedy": lambda: iteration(greedy_balanced_assign),
@@ -190,7 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
            "distance": same_threads(lambda: block_distance(X, C, kern)),
            "assign_global": same_threads(lambda: global_balanced_assign(D, m)),
            "assign_greedy": same_threads(lambda: greedy_balanced_assign(D, m)), "update": same_threads(lambda: update(lab)),
-           "ref_distance_partial": lambda: ref_distances(X, C, rc), "ref_assign": lambda: ref_assign(D, m),
+           "ref_distance_partial": lambda: ref_distances(X, C, rc),
+           **({"iteration_popcount_global": compiled(False), "iteration_popcount_greedy": compiled(True),
+               "distance_popcount": same_threads(lambda: mod.distance(mod.pack_rows(X), mod.pack_rows(C)))}
+              if mod is not None else {}), "ref_assign": lambda: ref_assign(D, m),
            "ref_update": lambda: ref_update(X, C, ref_lab, 1, m, sparsity)}
     sk_note = ""
     if not a.no_sklearn:
@@ -214,8 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     t["ref_distance"] = t["ref_distance_partial"].scaled(k / rc)
     t["reference"] = _sum(t["ref_distance"], t["ref_assign"], t["ref_update"])
     macs = n * width * k
-    for name in ("gemm_fp32", "gemm_int8", "gemm_chosen", "distance", "assign_global", "assign_greedy", "update",
-                 "iteration_global", "iteration_greedy", "ref_distance", "ref_assign", "ref_update", "reference",
+    for name in ("gemm_fp32", "gemm_int8", "gemm_chosen", "distance", "distance_popcount", "assign_global",
+                 "assign_greedy", "update",
+                 "iteration_global", "iteration_greedy", "iteration_popcount_global", "iteration_popcount_greedy",
+                 "ref_distance", "ref_assign", "ref_update", "reference",
                  "sklearn_lloyd_iter_1t", f"sklearn_lloyd_iter_{nthreads}t", "sklearn_fit_1iter"):
         if name in t:
             rep.timing(name, t[name], echo=False)
@@ -228,27 +268,42 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     rep.emit(f"reference (artifact loop) iteration: {med['reference']:.3f} s  (distance {med['ref_distance']:.3f} s "
              f"extrapolated from {rc}/{k} centroids, greedy assignment {med['ref_assign']:.3f} s, update "
              f"{med['ref_update']:.3f} s)")
+    ours = {kind: f"iteration_popcount_{kind}" if path == "popcount" else f"iteration_{kind}"
+            for kind in ("global", "greedy")}
     for kind in ("global", "greedy"):
-        rep.emit(f"this project, --assign {kind}: {med[f'iteration_{kind}']:.4f} s/iteration, one call  (parts "
-                 f"timed alone: distance {med['distance']:.4f}, assignment {med[f'assign_{kind}']:.4f}, update "
-                 f"{med['update']:.4f})")
-        rep.ratio(f"ours ({kind}) vs reference", t["reference"], t[f"iteration_{kind}"], None,
-                  note="algorithmic: no byte roofline")
+        rep.emit(f"torch iteration, --assign {kind}: {med[f'iteration_{kind}']:.4f} s, one call  (parts timed alone: "
+                 f"distance {med['distance']:.4f}, assignment {med[f'assign_{kind}']:.4f}, update {med['update']:.4f})")
+        if mod is not None:
+            rep.emit(f"compiled popcount iteration, --assign {kind}: {med[f'iteration_popcount_{kind}']:.4f} s, one "
+                     f"call  (pack + popcount distance alone {med['distance_popcount']:.4f})")
+            rep.ratio(f"compiled vs torch iteration ({kind})", t[f"iteration_{kind}"], t[f"iteration_popcount_{kind}"],
+                      None, note="same result; different kernels: no roofline")
+        rep.ratio(f"ours ({kind}) vs reference", t["reference"], t[ours[kind]], None,
+                  note=f"AWC's path here: {path}; algorithmic: no byte roofline")
     rep.emit(f"distance step ({kern} GEMM with the row sums folded in, one subtraction): "
              f"{macs / med['distance'] / 1e9:.1f} GMAC/s = {100 * med['gemm_fp32'] / med['distance']:.0f}% of the "
              f"plain fp32 GEMM rate")
     rep.ratio("distance rate / bare GEMM rate", t["gemm_chosen"], t["distance"], 1.0, what="rate",
               note=f"bare {kern} GEMM of the same shape: the distance step is that GEMM plus a subtraction")
+    if mod is not None:
+        rep.figure("distance_popcount_gmacs", macs / med["distance_popcount"] / 1e9)
+        rep.emit(f"popcount distance (packing the float32 block included): {macs / med['distance_popcount'] / 1e9:.1f} "
+                 f"G neuron-pairs/s = {med['gemm_fp32'] / med['distance_popcount']:.1f}x the plain fp32 GEMM rate")
     if not a.no_sklearn:
         its = [kk for kk in t if kk.startswith("sklearn_lloyd_iter_")]
         sk = min(its, key=lambda kk: med[kk]) if its else "sklearn_fit_1iter"  # the faster thread setting
         per = ", ".join(f"{kk.rsplit('_', 1)[1][:-1]} thread(s) {med[kk]:.4f} s" for kk in its)
         rep.emit(f"scikit-learn Lloyd, same block/K/centroids: per-iteration kernel {per or 'n/a'}; "
                  f"KMeans(max_iter=1).fit ({nthreads} threads) {med['sklearn_fit_1iter']:.4f} s{sk_note}")
-        rep.ratio("ours (global) vs scikit-learn Lloyd", t[sk], t["iteration_global"], None,
-                  note=f"against the faster sklearn setting ({sk}); different algorithm: no roofline")
+        rep.ratio("ours (global) vs scikit-learn Lloyd", t[sk], t[ours["global"]], None,
+                  note=f"AWC's path here: {path}; against the faster sklearn setting ({sk}); different algorithm: "
+                       "no roofline")
+        if path == "popcount":
+            rep.ratio("torch iteration (global) vs scikit-learn Lloyd", t[sk], t["iteration_global"], None,
+                      note="the path AWC did not choose, for comparison")
         rep.ratio("ours (global) vs scikit-learn KMeans(max_iter=1).fit", t["sklearn_fit_1iter"],
-                  t["iteration_global"], None, note="the public call: adds input checks and a 2nd labelling pass")
+                  t[ours["global"]], None, note=f"AWC's path here: {path}; the public call: adds input checks and a "
+                                                "2nd labelling pass")
     rep.write(a.output)
     return rep
 

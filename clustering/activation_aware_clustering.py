@@ -3,8 +3,10 @@
 Per block of rows ``X`` (default: one window x all layers = the artifact's chunk), with current
 centroids ``C``:
 
-1. distances ``D = |x| - X C^T`` (active-only: active neurons the centroid misses), one exact GEMM,
-   int8 or fp32 as :mod:`clustering.distance` / :func:`awq.hw.overlap_kernel` pick for this machine;
+1. distances ``D = |x| - X C^T`` (active-only: active neurons the centroid misses), exact: on one CPU
+   process the compiled popcount iteration (:mod:`clustering.cluster_kernel`, ``csrc/cluster_kernels.cpp``:
+   all three steps in C++, bit-identical) where a cached one-time measurement finds it faster, else one
+   GEMM, int8 or fp32 as :mod:`clustering.distance` / :func:`awq.hw.overlap_kernel` pick for this machine;
 2. balanced assignment with cap ``m = floor(n_block0 / k)`` rows per centroid:
    * ``greedy`` (artifact): for centroid ``i = 0..k-1`` in index order, the ``m`` still-unassigned
      rows with the smallest ``D[:, i]`` (stable: ties -> lower row) get label ``i``;
@@ -43,6 +45,7 @@ from awq.centroids import assign_active_only
 from awq.hw import SMALL_BLOCK, threads_for
 from clustering import ClusteringError
 from clustering.assignment import global_balanced_assign, greedy_balanced_assign
+from clustering.cluster_kernel import awc_block, awc_kernel
 from clustering.base import BinaryClusterer, checkpoint_path
 from clustering.cli import FitOptions, check_config, check_device, make_source, opt, run, write_result
 from clustering.distance import block_distance
@@ -107,6 +110,30 @@ def awc_update(
     return out
 
 
+def torch_block(Xs: torch.Tensor, C: torch.Tensor, cap: int, greedy: bool, nearest: bool, t: int, p: float,
+                kernel: Optional[str] = None, rows: Optional[tuple[int, int, int]] = None):
+    """One AWC block on torch ops: ``(C', labels, objective, unassigned, empty clusters)``.  ``Xs`` is this
+    rank's slice ``rows = (lo, hi, n)`` of the block (default: the whole block, one process); the distances
+    are gathered and the member sums all-reduced across ranks."""
+    lo, hi, n = rows if rows is not None else (0, Xs.shape[0], Xs.shape[0])
+    rank, world = dist_info()
+    k = C.shape[0]
+    Ds = block_distance(Xs, C, kernel)  # this rank's rows [hi-lo, k]
+    D = gather_slices(Ds, [e - s for s, e in slice_bounds(n, rank, world)])  # full block, identical on every rank
+    lab = (greedy_balanced_assign if greedy else global_balanced_assign)(D, cap)
+    miss = lab < 0
+    if nearest and bool(miss.any()):
+        lab[miss] = D[miss].argmin(1)
+    ok = lab >= 0
+    objective = float(D.gather(1, lab.clamp_min(0)[:, None])[ok].double().sum().item())  # exact
+    # member sums over this rank's rows, all-reduced (exact integer counts in fp32)
+    S = member_sums(Xs, lab[lo:hi], k)
+    all_reduce_(S)
+    counts = torch.bincount(lab[ok], minlength=k)
+    C = awc_update(C, S, counts, t, cap, p)
+    return C, lab, objective, int((~ok).sum().item()), int((counts == 0).sum().item())
+
+
 # --------------------------------------------------------------------------------------------
 # estimator
 # --------------------------------------------------------------------------------------------
@@ -146,7 +173,7 @@ class ActivationAwareClustering(BinaryClusterer):
         self.tolerance = tolerance
         self.init = init
         self.min_sparsity = min_sparsity
-        self.kernel = kernel  # CPU distance GEMM: None/"auto" (awq.hw decides), "int8", "fp32"; same result
+        self.kernel = kernel  # CPU iteration: None/"auto" (measured once), "popcount", "int8", "fp32"; same result
         self.threads = threads  # small CPU blocks: None/"auto" (awq.hw decides), "1" or "all"; same result
 
     def _leftovers(self) -> str:
@@ -182,34 +209,25 @@ class ActivationAwareClustering(BinaryClusterer):
         raise ClusteringError(f"unknown init {self.init!r} (use 'random', 'kmeanspp' or a .pt file)")
 
     def _iteration(self, src: Source, C: torch.Tensor, it: int, prev: torch.Tensor):
-        rank, world = dist_info()
-        k, cap = C.shape[0], self.cap_
+        world, cap = dist_info()[1], self.cap_
         labels = torch.full((src.n_rows,), -1, dtype=torch.int64)
         objective, unassigned, empty = 0.0, 0, 0
-        assign = greedy_balanced_assign if self.assign == "greedy" else global_balanced_assign
+        greedy, nearest = self.assign == "greedy", self._leftovers() == "nearest"
+        compiled = world == 1 and torch.device(self.device).type == "cpu" and awc_kernel(self.kernel) == "popcount"
         for b, (start, stop, lo, hi, Xs) in enumerate(
             src.iter_blocks(self.block_rows, self.device, desc=f"awc it {it}", progress=self.progress), start=1
         ):
             # small blocks may run faster on one thread (awq.hw.threads_for: measured once, cached)
             with threads_for(Xs.numel() if Xs.device.type == "cpu" else SMALL_BLOCK, self.threads):
-                Ds = block_distance(Xs, C, self.kernel)  # this rank's rows [hi-lo, k]
-                sizes = [e - s for s, e in slice_bounds(stop - start, rank, world)]
-                D = gather_slices(Ds, sizes)  # full block, identical on every rank
-                lab = assign(D, cap)
-                miss = lab < 0
-                if self._leftovers() == "nearest" and bool(miss.any()):
-                    lab[miss] = D[miss].argmin(1)
-                ok = lab >= 0
-                objective += float(D.gather(1, lab.clamp_min(0)[:, None])[ok].double().sum().item())  # exact
-                unassigned += int((~ok).sum().item())
-                labels[start:stop] = lab.cpu()
-                # member sums over this rank's rows, all-reduced (exact integer counts in fp32)
-                ls = lab[lo - start : hi - start]
-                S = member_sums(Xs, ls, k)
-                all_reduce_(S)
-                counts = torch.bincount(lab[ok], minlength=k)
-                empty += int((counts == 0).sum().item())
-                C = awc_update(C, S, counts, it * b, cap, self.sparsity)
+                if compiled:  # csrc/cluster_kernels.cpp: bit-identical to torch_block
+                    C, lab, obj, miss, emp = awc_block(Xs, C, cap, greedy, nearest, it * b, self.sparsity)
+                else:
+                    C, lab, obj, miss, emp = torch_block(Xs, C, cap, greedy, nearest, it * b, self.sparsity,
+                                                         self.kernel, (lo - start, hi - start, stop - start))
+            objective += obj
+            unassigned += miss
+            empty += emp
+            labels[start:stop] = lab.cpu()
         return C, labels, {"objective": objective, "unassigned": unassigned, "empty_cluster_blocks": empty}
 
     def _predict_block(self, X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -232,9 +250,10 @@ class AWCConfig(FitOptions):
                                    help="rows beyond k*cap: 'drop' (artifact, default for greedy) or 'nearest' "
                                         "(default for global)")
     min_sparsity: float = opt(0.4, min=0.0, max=1.0, help="initial rows need at least this fraction of zeros")
-    kernel: str = opt("auto", choices=("auto", "int8", "fp32"),
-                      help="CPU distance GEMM: 'auto' (default: by CPU capability or a cached one-time measurement, "
-                           "logged), 'int8' (torch._int_mm) or 'fp32'; all give identical results")
+    kernel: str = opt("auto", choices=("auto", "popcount", "int8", "fp32"),
+                      help="CPU iteration: 'auto' (default: the compiled popcount iteration or the torch one, by a "
+                           "cached one-time measurement, logged), 'popcount' (csrc/cluster_kernels.cpp), 'int8' / "
+                           "'fp32' (torch path with that distance GEMM); all give identical results")
     threads: str = opt("auto", choices=("auto", "1", "all"),
                        help="threads for blocks under 2M values: 'auto' (default: a cached one-time measurement, "
                             "logged), '1' or 'all' (torch's); large blocks use all; same results either way")

@@ -6,7 +6,8 @@ the centroids are extended by a row of ones, so column ``K`` of ``X [C; 1]^T`` i
 ``|a|`` (no separate pass over ``X``).  On the CPU the GEMM is int8 (``torch._int_mm``, int32
 accumulation) or fp32 (0/1 products, exact while sums stay below 2**24: guarded), as
 :func:`awq.hw.overlap_kernel` picks by capability or a cached one-time measurement (``kernel=`` /
-``$AWQ_KERNEL_OVERLAP`` override).  Elsewhere the fp32 GEMM.
+``$AWQ_KERNEL_OVERLAP`` override), or with ``kernel="popcount"`` the compiled kernel's
+``popcount(a AND NOT c)`` on bit-packed rows (:mod:`clustering.cluster_kernel`).  Elsewhere the fp32 GEMM.
 """
 from __future__ import annotations
 
@@ -31,7 +32,14 @@ def block_distance(X: torch.Tensor, C: torch.Tensor, kernel: Optional[str] = Non
     C = C.to(X.device)
     if n == 0 or k == 0:
         return torch.zeros(n, k, dtype=torch.float32, device=X.device)
-    use = overlap_kernel(kernel, F) if X.device.type == "cpu" else "fp32"
+    if kernel == "popcount" and X.device.type == "cpu":  # the compiled kernel's distance (bit-packed rows)
+        from clustering.cluster_kernel import kernel as compiled
+
+        mod = compiled()
+        if mod is None:
+            raise ValueError("kernel 'popcount' needs the compiled AWC kernel, which could not be built here")
+        return mod.distance(mod.pack_rows(X.contiguous()), mod.pack_rows(C.contiguous())).to(torch.float32)
+    use = overlap_kernel(None if kernel == "popcount" else kernel, F) if X.device.type == "cpu" else "fp32"
     if use == "int8":
         Xi = X if X.dtype == torch.int8 else X.to(torch.int8)
         G = torch._int_mm(Xi, augmented_centroids(C, torch.int8).T)  # int32 [n, K+1], exact
