@@ -5,7 +5,10 @@
 * :func:`timed_runs`: decode tok/s of several MLP settings of one :class:`LeanDecoder`, repeats
   interleaved (mode A, mode B, A, B, ... so background load hits all alike).
 * :func:`measure_point`: what ``awq.frontier --speed`` adds to a point: the sparsified model's decode
-  tok/s beside the same model's dense MLPs, the speedup and its roofline (weight bytes).
+  tok/s beside the same model's dense MLPs, the speedup and its roofline (weight bytes).  Only
+  modules with a batch-1 kernel (a ``prepare_decode()`` that returns True) are timed: a point whose
+  modules have none gets ``decode_status`` "no batch-1 kernel (...)" and its roofline, no speed (its
+  masked dense path at batch 1 is not the method's speed).
 """
 from __future__ import annotations
 
@@ -111,15 +114,53 @@ def timed_runs(dec: LeanDecoder, ids: torch.Tensor, new_tokens: int,
     return res
 
 
+NO_KERNEL = "no batch-1 kernel"
+
+
+def class_path(obj) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def missing_kernel(mlps: Sequence[Optional[nn.Module]]) -> Optional[tuple[str, str]]:
+    """``(status, module class path)`` for the first swapped module without a batch-1 kernel (its
+    ``prepare_decode()`` is called here; LeanDecoder calls it again, a no-op), or None when all have one."""
+    for m in mlps:
+        if m is None:
+            continue
+        fn = getattr(m, "prepare_decode", None)
+        name = type(m).__name__
+        if not callable(fn):
+            return f"{NO_KERNEL} ({name} has no prepare_decode)", class_path(m)
+        if not fn():
+            why_fn = getattr(m, "decode_unsupported", None)
+            why = why_fn() if callable(why_fn) else None
+            return f"{NO_KERNEL} ({name}: {why or 'prepare_decode() declined, see the log'})", class_path(m)
+    return None
+
+
 def measure_point(model: nn.Module, tok, point: Optional[dict] = None, prompt_tokens: int = 128,
                   new_tokens: int = 32, repeats: int = 3) -> dict:
     """Decode speed of ``model`` as sparsified now against its own dense MLPs (same decoder, interleaved).
 
     Returns ``decode_tok_s``, ``dense_decode_tok_s``, ``decode_speedup``, ``decode_weight_read_fraction``
-    (metered on the decode steps, predictor/rotation bytes added) and ``roofline`` from it."""
-    dec = LeanDecoder(model, capacity=prompt_tokens + new_tokens)
+    (metered on the decode steps, predictor/rotation bytes added) and ``roofline`` from it.  Modules
+    without a batch-1 kernel are not timed: ``decode_status`` "no batch-1 kernel (...)", speeds None,
+    ``decode_module`` the class lacking it (``awq.frontier`` retries once that class has a kernel)."""
     sparse = [layer.mlp if is_swapped(layer.mlp) else None for layer in decoder_layers(model)]
+    missing = missing_kernel(sparse)
+    dec = LeanDecoder(model, capacity=prompt_tokens + new_tokens)
     ids = prompt_ids(tok, prompt_tokens)
+    if missing is not None:
+        frac = decode_read_fraction(dec, ids, new_tokens, sparse)
+        if frac is not None:
+            frac += extra_bytes(sparse) / read_bytes(model)["mlp"]
+        log.warning("decode: %s: not timed", missing[0])
+        return {"decode_tok_s": None, "dense_decode_tok_s": None, "decode_speedup": None,
+                "decode_weight_read_fraction": frac, "roofline": roofline(model, float(frac)) if frac is not None
+                else None, "decode_status": missing[0], "decode_module": missing[1],
+                "decode_threads": torch.get_num_threads(), "decode_prompt_tokens": prompt_tokens,
+                "decode_new_tokens": new_tokens}
     r = timed_runs(dec, ids, new_tokens, {"dense": None, "sparse": sparse}, repeats)
     # the roofline uses what the decode steps read (metered on this prompt, plus predictor/rotation
     # bytes); without a meter (no swapped module), the point's evaluation read fraction
@@ -133,7 +174,7 @@ def measure_point(model: nn.Module, tok, point: Optional[dict] = None, prompt_to
            "decode_weight_read_fraction": frac,
            "roofline": roofline(model, float(frac)) if frac is not None else None,
            "decode_threads": torch.get_num_threads(), "decode_prompt_tokens": prompt_tokens,
-           "decode_new_tokens": new_tokens}
+           "decode_new_tokens": new_tokens, "decode_status": None, "decode_module": None}
     if out["roofline"] is not None and out["decode_speedup"] > out["roofline"]:
         # above the bound set by the bytes read: a measurement error (load changed between runs), not a result
         log.warning("decode: measured %.2fx is ABOVE its roofline %.2fx: measurement error, not recorded",

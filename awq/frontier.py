@@ -61,7 +61,8 @@ class FrontierConfig:
                                choices=["float32", "float16", "bfloat16"])
     device: Optional[str] = opt(None, help="cpu / cuda (default auto)")
     speed: bool = opt(False, help="also measure batch-1 decode tok/s of every realizable point against the dense "
-                      "MLPs on the same lean decoder (awq.decode_speed; added to points already done)")
+                      "MLPs on the same lean decoder (awq.decode_speed; added to points already done); a "
+                      "method without a batch-1 kernel is not timed: decode_status 'no batch-1 kernel'")
     speed_prompt_tokens: int = opt(256, help="--speed: prompt tokens (default 256)", min=1)
     speed_new_tokens: int = opt(64, help="--speed: new tokens per timed run (default 64)", min=2)
     speed_repeats: int = opt(3, help="--speed: interleaved repeats, medians (default 3)", min=1)
@@ -83,6 +84,17 @@ def _weights_sha(info) -> str:
     for f in files:
         h.update(f"{f.name}:{file_sha256(f)}\n".encode())
     return h.hexdigest()
+
+
+def _has_prepare_decode(class_path: Optional[str]) -> bool:
+    """Whether the module class ``package.module.Class`` now has a ``prepare_decode`` (a batch-1 kernel)."""
+    import importlib
+
+    mod, _, name = (class_path or "").rpartition(".")
+    try:
+        return callable(getattr(getattr(importlib.import_module(mod), name), "prepare_decode", None))
+    except (ImportError, AttributeError, ValueError):
+        return False
 
 
 def _point_name(method: str, param: float) -> str:
@@ -195,7 +207,14 @@ class Frontier:
 
     @staticmethod
     def _wants_speed(spec, point: dict) -> bool:
-        return spec.realizable and spec.name != "dense" and point.get("decode_tok_s") is None  # never measured
+        """Realizable, not dense, never timed; a point found without a batch-1 kernel only once the
+        module class it named then has a ``prepare_decode`` (it had none)."""
+        if not spec.realizable or spec.name == "dense" or point.get("decode_tok_s") is not None:
+            return False
+        status = point.get("decode_status") or ""
+        if status.startswith("no batch-1 kernel"):
+            return "has no prepare_decode" in status and _has_prepare_decode(point.get("decode_module"))
+        return True
 
     def _speed_only(self, spec, density: float, point: dict) -> dict:
         """A done point without decode speed: calibrate again (deterministic for the seed), measure, keep the rest."""

@@ -45,7 +45,9 @@ def markdown(points: list[dict]) -> str:
         rel = f"{p['ppl'] / dense:.2f}x" if dense else "–"
         sp = "–" if p.get("decode_speedup") is None else f"{p['decode_speedup']:.2f}x"
         if p.get("decode_status"):
-            sp = f"{p['decode_status']} ({p['decode_measured_ratio']:.2f}x)"
+            r = p.get("decode_measured_ratio")
+            st = p["decode_status"].replace("|", "\\|")  # a '|' in a reason would split the table cell
+            sp = st if r is None else f"{st} ({r:.2f}x)"
         rf = "–" if p.get("roofline") is None else f"{p['roofline']:.2f}x"
         lines.append(f"| {p['method']} | {p['param']:.2f} | {p['weight_read_fraction']:.3f} | {p.get('extra', 0.0):.3f} | "
                      f"{p['ppl']:.2f} | {rel} | {'yes' if p['realizable'] else 'no (oracle)'} | {sp} | {rf} |")

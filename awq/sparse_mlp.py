@@ -14,6 +14,11 @@ with the centroid chosen for each token (see :mod:`awq.centroids`).
 Observers (recording masks or MLP inputs) are plain callables attached to the modules; they see
 ``(layer_idx, name, tensor)`` with ``name`` in ``{"input", "gate_proj", "up_proj", "down_proj"}``
 and the tensor after thresholding and *before* any centroid mask.
+
+Batch-1 decode: :meth:`SparseMLP.prepare_decode` (called by :class:`awq.decode.LeanDecoder`) makes
+the kernel of :mod:`awq.paper_decode`; from then on a single unobserved token reads ``[gate; up]``
+in full and only the rows of ``W_down^T`` of the nonzero ``h`` (same outputs and metered cost as the
+masked path, to float tolerance).  Several tokens, observers or codebooks keep the masked path.
 """
 from __future__ import annotations
 
@@ -105,6 +110,32 @@ class SparseMLP(SwappedMLP):
         self.thresholds = {p: float((thresholds or {}).get(p, 0.0)) for p in PROJS}
         # codebooks are shared between layers: keep them out of this module's state_dict/children
         self._codebooks: dict[str, nn.Module] = dict(codebooks or {})
+        self._decode = None  # awq.paper_decode.PaperDecode once prepare_decode() made it
+
+    def decode_unsupported(self) -> Optional[str]:
+        """Why this module has no batch-1 kernel (None: it has one)."""
+        if self._codebooks:
+            return "centroid codebooks (no batch-1 kernel for the codebook masks)"
+        if type(self)._account is not SparseMLP._account:
+            return f"{type(self).__name__} meters its own reads (no batch-1 kernel for them)"
+        from awq.paper_decode import unsupported
+
+        return unsupported(self.base)
+
+    def prepare_decode(self) -> bool:
+        """Make the batch-1 kernel (:mod:`awq.paper_decode`; copies ``[gate; up]`` and ``W_down^T``
+        once) used for single-token calls from now on.  False (reason logged once) if it cannot run."""
+        if self._decode is None:
+            why = self.decode_unsupported()
+            if why is not None:
+                from awq.paper_decode import log_once
+
+                log_once(why)
+                return False
+            from awq.paper_decode import PaperDecode
+
+            self._decode = PaperDecode(self.base, self.thresholds, self.act_fn)
+        return True
 
     @classmethod
     def from_mlp(cls, mlp: nn.Module, layer_idx: int, config: SparsityConfig) -> "SparseMLP":
@@ -120,7 +151,15 @@ class SparseMLP(SwappedMLP):
             y = cb(y, raw=raw, layer_idx=self.layer_idx, x=x)
         return y
 
+    def _decode_step(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._decode(x)
+        if self.read_meter is not None:
+            self.read_meter.add(self.layer_idx, 1, 1.0, 1.0, self._decode.density())
+        return y.view(x.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._decode is not None and not self.observers and not self._codebooks and x.numel() == x.shape[-1]:
+            return self._decode_step(x)
         if self.observers:
             self._notify("input", x)
         g = self._post("gate_proj", self.gate_proj(x), x)

@@ -286,6 +286,51 @@ torch::Tensor neuron_sparse_swiglu(torch::Tensor x, torch::Tensor wg, torch::Ten
   return neuron_run<c10::BFloat16>(x, wg, wu, wd_t, idx, t_a, bias_g, bias_u, min_bytes_per_thread, counts);
 }
 
+// The paper's thresholded MLP at batch 1 in one call: [g; u] = W_gu x (+ bias), read in full;
+// g, u below their thresholds -> 0; h = silu(g) * u; y from the rows of wd_t of the nonzero h.
+// counts <- (nonzero h,).  (Down's output threshold saves no reads: the caller applies it.)
+template <typename S>
+static torch::Tensor threshold_run(const torch::Tensor& x, const torch::Tensor& wgu, const torch::Tensor& bias_gu,
+                                   const torch::Tensor& wd_t, double t_gate, double t_up, int64_t min_bytes,
+                                   torch::Tensor& counts) {
+  const int64_t H = x.numel(), F = wd_t.size(0);
+  std::vector<float> gu(2 * F);
+  gemv_par<S>(gu.data(), wgu.data_ptr<S>(), x.data_ptr<float>(), 2 * F, H, min_bytes);
+  const float* bp = bias_gu.numel() ? bias_gu.data_ptr<float>() : nullptr;
+  const float tg = static_cast<float>(t_gate), tu = static_cast<float>(t_up);
+  std::vector<int64_t> sel; std::vector<float> coef;
+  sel.reserve(F); coef.reserve(F);
+  for (int64_t n = 0; n < F; ++n) {
+    float g = gu[n], u = gu[F + n];
+    if (bp) { g += bp[n]; u += bp[F + n]; }
+    g = Ld<S>::rnd(g); u = Ld<S>::rnd(u);
+    if (std::fabs(g) < tg) g = 0.f;
+    if (std::fabs(u) < tu) u = 0.f;
+    const float h = Ld<S>::rnd(Ld<S>::rnd(silu(g)) * u);
+    if (h != 0.f) { sel.push_back(n); coef.push_back(h); }
+  }
+  auto out = torch::empty({H}, x.options().dtype(torch::kFloat));
+  gaxpy<S>(out.data_ptr<float>(), wd_t.data_ptr<S>(), H, sel.data(), coef.data(), (int64_t)sel.size(), min_bytes);
+  counts.data_ptr<int64_t>()[0] = (int64_t)sel.size();
+  return out;
+}
+
+torch::Tensor threshold_swiglu(torch::Tensor x, torch::Tensor wgu, torch::Tensor bias_gu, torch::Tensor wd_t,
+                               double t_gate, double t_up, int64_t min_bytes_per_thread, torch::Tensor counts) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [H]");
+  const int64_t H = x.numel();
+  TORCH_CHECK(wd_t.dim() == 2 && wd_t.size(1) == H && wd_t.is_contiguous(), "wd_t: contiguous [F, H]");
+  const int64_t F = wd_t.size(0);
+  TORCH_CHECK(wgu.dim() == 2 && wgu.size(0) == 2 * F && wgu.size(1) == H && wgu.is_contiguous() &&
+              wgu.scalar_type() == wd_t.scalar_type(), "wgu: contiguous [2F, H], same dtype as wd_t");
+  check_vec(bias_gu, 2 * F, "bias_gu");
+  TORCH_CHECK(counts.scalar_type() == torch::kLong && counts.numel() >= 1, "counts: int64 [1]");
+  if (wd_t.scalar_type() == torch::kFloat)
+    return threshold_run<float>(x, wgu, bias_gu, wd_t, t_gate, t_up, min_bytes_per_thread, counts);
+  TORCH_CHECK(wd_t.scalar_type() == torch::kBFloat16, "weights: float32 or bfloat16");
+  return threshold_run<c10::BFloat16>(x, wgu, bias_gu, wd_t, t_gate, t_up, min_bytes_per_thread, counts);
+}
+
 torch::Tensor down_gather(torch::Tensor h, torch::Tensor wd_t, int64_t min_bytes_per_thread, torch::Tensor counts) {
   TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && h.dim() == 1, "h: contiguous float32 [F]");
   TORCH_CHECK(wd_t.dim() == 2 && wd_t.size(0) == h.numel() && wd_t.is_contiguous(), "wd_t: contiguous [F, H]");
@@ -328,5 +373,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_sparse_swiglu", torch::wrap_pybind_function(neuron_sparse_swiglu), "neuron_sparse_swiglu");
   m.def("dense_gemv", torch::wrap_pybind_function(dense_gemv), "dense_gemv");
   m.def("down_gather", torch::wrap_pybind_function(down_gather), "down_gather");
+  m.def("threshold_swiglu", torch::wrap_pybind_function(threshold_swiglu), "threshold_swiglu");
   m.def("simd", &simd, "vector instruction path of this build");
 }

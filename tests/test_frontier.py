@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -170,3 +171,84 @@ def test_frontier_speed_added_to_done_points(tiny_model_dir, tiny_corpus, tmp_pa
     again = main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense", "teal", "cats"], speed=True,
                       speed_prompt_tokens=8, speed_new_tokens=4, speed_repeats=1))
     assert again["computed"] == 0
+
+
+def test_frontier_speed_for_paper_predictor_and_cluster_points(tiny_model_dir, tiny_corpus, tmp_path):
+    """--speed times every realizable point whose modules have a batch-1 kernel (the paper's variants and the
+    neuron predictor now); a point whose modules have none is reported "no batch-1 kernel", never timed on its
+    masked dense path; a rerun measures nothing."""
+    methods = ["dense", "paper", "paper_gate", "paper_down", "neuron_predictor", "cluster_thresh", "cluster_neuron",
+               "cluster_hthresh", "cluster_neuron_oracle"]
+    kw = dict(methods=methods, speed=True, speed_prompt_tokens=8, speed_new_tokens=4, speed_repeats=1)
+    res = main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, **kw))
+    pts = {p["method"]: p for p in res["points"]}
+    assert set(pts) == set(methods)
+    for m in ("paper", "paper_gate", "paper_down", "neuron_predictor"):
+        p = pts[m]
+        assert p["decode_tok_s"] > 0 and p["dense_decode_tok_s"] > 0, m
+        assert p["decode_status"] is None or "measurement error" in p["decode_status"], m
+        assert p["roofline"] >= 1.0 and 0 < p["decode_weight_read_fraction"] <= 1.0 + 1e-9, m
+    assert pts["paper"]["decode_weight_read_fraction"] > 2 / 3 - 1e-9  # gate and up read in full
+    for m in ("dense", "cluster_neuron_oracle"):  # dense and oracles: never timed
+        assert pts[m].get("decode_tok_s") is None and not pts[m].get("decode_status"), m
+    for m in ("cluster_thresh", "cluster_neuron", "cluster_hthresh"):  # timed if the module has a kernel, else said so
+        p = pts[m]
+        if p.get("decode_tok_s") is None:
+            assert p["decode_status"].startswith("no batch-1 kernel") and p["decode_speedup"] is None, m
+            assert p["roofline"] >= 1.0 and p["decode_module"].endswith("ClusterNeuronMLP"), m
+        else:
+            assert p["dense_decode_tok_s"] > 0 and (p["decode_status"] is None
+                                                    or "measurement error" in p["decode_status"]), m
+    table = (tmp_path / "fr" / "frontier.md").read_text()
+    for p in pts.values():
+        if (p.get("decode_status") or "").startswith("no batch-1 kernel"):
+            assert p["decode_status"].replace("|", "\\|") in table
+    rows = [ln for ln in table.splitlines() if ln.startswith("|")]
+    assert {len(re.findall(r"(?<!\\)\|", ln)) for ln in rows} == {10}  # a '|' in a status is escaped
+    again = main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, **kw))
+    assert again["computed"] == 0
+
+
+def test_measure_point_without_kernel_reports_status():
+    """A swapped module without a batch-1 kernel (here: the paper's MLP with a codebook) is not timed."""
+    from awq.decode_speed import measure_point
+    from awq.frontier_report import markdown
+    from awq.sparse_mlp import SparsityConfig
+    from awq.sparsify import sparsify_
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    class Keep(torch.nn.Module):
+        def forward(self, y, raw=None, layer_idx=None, x=None):
+            return y
+
+    model = tiny_model("llama", seed=3)
+    thr = {p: [0.05, 0.05] for p in ("gate_proj", "up_proj", "down_proj")}
+    sparsify_(model, SparsityConfig(thresholds=thr, codebooks={"up_proj": Keep()}))
+    out = measure_point(model, tiny_tokenizer(), None, prompt_tokens=8, new_tokens=4, repeats=1)
+    assert out["decode_status"].startswith("no batch-1 kernel") and "codebooks" in out["decode_status"]
+    assert out["decode_tok_s"] is None and out["decode_speedup"] is None and out["dense_decode_tok_s"] is None
+    assert out["decode_module"] == "awq.sparse_mlp.SparseMLP" and out["roofline"] > 1.0
+    row = {"method": "x", "param": 0.5, "weight_read_fraction": 0.8, "ppl": 3.0, "realizable": True, **out}
+    assert out["decode_status"] in markdown([row])
+    sparsify_(model, SparsityConfig(thresholds=thr))  # same thresholds, no codebook: timed on the kernel
+    out = measure_point(model, tiny_tokenizer(), None, prompt_tokens=8, new_tokens=4, repeats=1)
+    assert out["decode_tok_s"] > 0 and out["decode_module"] is None
+
+
+@pytest.mark.parametrize("status, module, want", [
+    (None, None, True),
+    ("above roofline: measurement error", None, True),
+    ("no batch-1 kernel (X has no prepare_decode)", "collections.OrderedDict", False),  # still none: skip
+    ("no batch-1 kernel (X has no prepare_decode)", "awq.sparse_mlp.SparseMLP", True),  # gained one: retry
+    ("no batch-1 kernel (X has no prepare_decode)", "no.such.module.Cls", False),
+    ("no batch-1 kernel (SparseMLP: centroid codebooks)", "awq.sparse_mlp.SparseMLP", False),  # declined: skip
+])
+def test_wants_speed_retries_only_gained_kernels(status, module, want):
+    from awq.frontier import Frontier
+    from awq.methods import get_method
+
+    point = {"decode_tok_s": None, "decode_status": status, "decode_module": module}
+    assert Frontier._wants_speed(get_method("paper"), point) is want
+    assert Frontier._wants_speed(get_method("paper"), {**point, "decode_tok_s": 1.0}) is False
+    assert Frontier._wants_speed(get_method("dense"), point) is False
+    assert Frontier._wants_speed(get_method("cluster_neuron_oracle"), point) is False

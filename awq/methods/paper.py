@@ -5,7 +5,9 @@ projections' thresholds and zero the others (``paper_gate``, ``paper_up``, ``pap
 ``paper_down``). Thresholds for density ``d`` are the shipped file for ``round(100 (1 - d))``%
 sparsity when one exists for the model, else calibrated on the train windows with
 :func:`awq.calibrate.calibrate` (exact streamed quantiles). ``SparseMLP`` meters itself: gate and up
-are read in full, down only for the nonzero ``h`` (thresholding down's output saves no reads).
+are read in full, down only for the nonzero ``h`` (thresholding down's output saves no reads). At
+batch 1 every variant runs the kernel of :mod:`awq.paper_decode` (``SparseMLP.prepare_decode``), which
+reads exactly that, so ``awq.frontier --speed`` times them all.
 """
 from __future__ import annotations
 
