@@ -66,6 +66,8 @@ class FrontierConfig:
     speed_prompt_tokens: int = opt(256, help="--speed: prompt tokens (default 256)", min=1)
     speed_new_tokens: int = opt(64, help="--speed: new tokens per timed run (default 64)", min=2)
     speed_repeats: int = opt(3, help="--speed: interleaved repeats, medians (default 3)", min=1)
+    speed_again: bool = opt(False, help="--speed: time again the points already timed (after a decoder or kernel "
+                            "change); perplexity and cost are kept")
     no_hub: bool = opt(False, help="never try the Hugging Face hub for the corpus")
 
 
@@ -123,6 +125,8 @@ class Frontier:
         if cfg.predictor and not Path(cfg.predictor).is_file():
             raise FrontierError(f"--predictor {cfg.predictor}: no such file")
         check_config(cfg)
+        if cfg.speed_again and not cfg.speed:
+            raise FrontierError("--speed_again needs --speed")
         self.measure = None
         if cfg.speed:
             from awq.decode_speed import measure_point  # real batch-1 decode speed, dense interleaved
@@ -206,11 +210,13 @@ class Frontier:
         return point
 
     @staticmethod
-    def _wants_speed(spec, point: dict) -> bool:
-        """Realizable, not dense, never timed; a point found without a batch-1 kernel only once the
-        module class it named then has a ``prepare_decode`` (it had none)."""
-        if not spec.realizable or spec.name == "dense" or point.get("decode_tok_s") is not None:
+    def _wants_speed(spec, point: dict, again: bool = False) -> bool:
+        """Realizable, not dense, never timed (or ``again``); a point found without a batch-1 kernel only
+        once the module class it named then has a ``prepare_decode`` (it had none)."""
+        if not spec.realizable or spec.name == "dense":
             return False
+        if point.get("decode_tok_s") is not None:
+            return again
         status = point.get("decode_status") or ""
         if status.startswith("no batch-1 kernel"):
             return "has no prepare_decode" in status and _has_prepare_decode(point.get("decode_module"))
@@ -242,7 +248,7 @@ class Frontier:
             path = pdir / _point_name(spec.name, d)
             if path.is_file():
                 old = json.loads(path.read_text())
-                if self.measure is not None and self._wants_speed(spec, old):
+                if self.measure is not None and self._wants_speed(spec, old, self.cfg.speed_again):
                     log.info("[%d/%d] %s at density %.3f: done, adding decode speed", k + 1, len(todo), spec.name, d)
                     atomic_write_json(path, self._speed_only(spec, d, old), "frontier point")
                     done += 1

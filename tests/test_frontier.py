@@ -100,7 +100,8 @@ def test_frontier_refuses_other_corpus(tiny_model_dir, tiny_corpus, tmp_path, ca
                                        (["--methods", "cluster_predicted"], "cluster_predicted needs a trained predictor"),
                                        (["--methods", "cluster_oracle"], "cluster_oracle needs centroid files"),
                                        (["--methods", "teal", "--predictor", "/nonexistent/p.safetensors"],
-                                        "no such file")])
+                                        "no such file"),
+                                       (["--methods", "teal", "--speed_again"], "--speed_again needs --speed")])
 def test_frontier_bad_input_one_line(args, msg, capsys):
     assert cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -250,5 +251,7 @@ def test_wants_speed_retries_only_gained_kernels(status, module, want):
     point = {"decode_tok_s": None, "decode_status": status, "decode_module": module}
     assert Frontier._wants_speed(get_method("paper"), point) is want
     assert Frontier._wants_speed(get_method("paper"), {**point, "decode_tok_s": 1.0}) is False
+    assert Frontier._wants_speed(get_method("paper"), {**point, "decode_tok_s": 1.0}, again=True) is True
+    assert Frontier._wants_speed(get_method("dense"), {**point, "decode_tok_s": 1.0}, again=True) is False
     assert Frontier._wants_speed(get_method("dense"), point) is False
     assert Frontier._wants_speed(get_method("cluster_neuron_oracle"), point) is False
