@@ -60,10 +60,13 @@ class EntryConfig:
                              help="oracle: mask = A AND C[label] with label from the true mask (paper); replace: "
                              "mask = C[label] over the unthresholded output (extension); --predictor implies "
                              "'predicted' (labels from the MLP input)")
-    predictor: Optional[str] = opt(None, help="cluster predictor file (safetensors, from `python -m awq.predictor "
-                                   "train`): labels come from the MLP input, mask = C[label] over the unthresholded "
-                                   "output; --centroids defaults to the predictor's training centroids (checked by "
-                                   "sha256)")
+    predictor: Optional[str] = opt(None, help="a bare --predictor (= cluster_thresh) or a routed cluster_<variant> "
+                                   "name: the issue-10 cluster-neuron predictor (router + neuron codebook, |silu(g)| "
+                                   "threshold inside), fitted once on the train part and cached; or a file from "
+                                   "`python -m awq.cluster_predictor` (same kind) or from `python -m awq.predictor "
+                                   "train` (the paper's: labels from the MLP input, mask = C[label] over the "
+                                   "unthresholded output; --centroids defaults to its training centroids, checked by "
+                                   "sha256); the kind is read from the file's metadata")
     sparse_compute: bool = opt(False, help="compute only the active neurons (gathered weights)")
     num_fewshot: int = opt(0, help="lm-eval few-shot count (default 0)", min=0)
     limit: Optional[float] = opt(None, help="lm-eval: limit examples per task", gt=0)
@@ -124,6 +127,10 @@ def main(cfg: EntryConfig) -> dict:
                          "compute never computes")
     if cfg.sparse_compute and cfg.dump_masks:
         raise ValueError("--sparse_compute cannot record masks (it never computes the inactive neurons)")
+    from awq.cluster_predictor import check_entry_options, names_cluster_predictor
+
+    if names_cluster_predictor(cfg.predictor):
+        check_entry_options(cfg)
 
     inputs = [cfg.model_path, cfg.data_path, cfg.thresholds, cfg.predictor]
     if cfg.centroids:
@@ -151,10 +158,15 @@ def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
     max_pos = info.extra.get("max_position_embeddings") or 0
     if "wikitext" in tasks and max_pos and cfg.seqlen > max_pos:
         raise ValueError(f"--seqlen {cfg.seqlen} exceeds the model's context of {max_pos} tokens")
-    thresholds, thr_path = resolve_thresholds(cfg, info.name, info.num_layers)
+    from awq.cluster_predictor import install_cluster_predictor, names_cluster_predictor
+
+    cluster = names_cluster_predictor(cfg.predictor)  # issue 10's cluster-neuron predictor (else the paper's)
+    thresholds, thr_path = (None, None) if cluster else resolve_thresholds(cfg, info.name, info.num_layers)
 
     codebooks, centroid_info, predictor_info = {}, None, None
-    if cfg.predictor:
+    if cluster:
+        predictor_info = install_cluster_predictor(cfg, model, tokenizer, info)
+    elif cfg.predictor:
         from awq.codebook import load_codebooks
         from awq.predictor import load_predictor
 
@@ -167,7 +179,9 @@ def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
         from awq.codebook import load_codebooks
 
         codebooks, centroid_info = load_codebooks(cfg.centroids, model, mode=cfg.centroid_mode)
-    if cfg.sparse_compute:
+    if cluster:
+        pass
+    elif cfg.sparse_compute:
         _install_sparse_compute(cfg, model, thresholds)
     else:
         sparsify_(model, SparsityConfig(thresholds=thresholds, codebooks=codebooks))
@@ -201,7 +215,7 @@ def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
         log.info("dataset %s (%s, split %s%s): %d windows of %d tokens%s", corpus.name, corpus.source, corpus.split,
                  ", offline substitute" if corpus.substitute else "", windows.size(0), cfg.seqlen,
                  "" if cfg.nsamples else " (all)")
-        meter_ctx = nullcontext(None) if cfg.sparse_compute else measure_sparsity(model, info.num_layers)
+        meter_ctx = nullcontext(None) if cfg.sparse_compute or cluster else measure_sparsity(model, info.num_layers)
         with meter_ctx as meter, metering(model) as reads:
             if cfg.dump_masks:
                 ppl = _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_path)
@@ -216,7 +230,7 @@ def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
             "dataset": corpus.as_dict(),
             "measured_sparsity": meter.summary() if meter is not None else {},
             # share of the MLP weight bytes a batch-1 step reads per token, from the masks applied (awq.cost)
-            "weight_read": reads.summary(),
+            "weight_read": reads.summary(predictor_info["router_read"] if cluster else 0.0),
             "tokens_per_s": ppl.tokens_per_s,
             "ppl_seconds": ppl.seconds,
         })
@@ -313,6 +327,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
 
     # a bare --dump_masks records into the documented default store (results/masks under the project root)
     argv = fill_bare_option(sys.argv[1:] if argv is None else argv, "--dump_masks", default_store())
+    argv = fill_bare_option(argv, "--predictor", "cluster_thresh")  # the default cluster-neuron predictor
     try:
         cfg, args = parse_config(EntryConfig, argv, build_parser())  # option ranges checked before any model loads
     except ConfigError as e:

@@ -9,6 +9,7 @@ from awq.methods import METHODS, CalibData, MethodError, extra_read
 from awq.methods.cluster_fit import coverage_weights, fit_centroids, train_router
 from awq.methods.cluster_neuron import ClusterNeuronConfig, ClusterVariant, calibrate_cluster_neuron
 from awq.methods.common import collect_mlp_inputs, mlp_of
+from awq.sparse_compute import cpp_kernel_available
 from awq.sparsify import decoder_layers, sparsify_, unsparsify_
 from tests.conftest import tiny_model
 
@@ -187,3 +188,80 @@ def test_bad_input_one_line_errors(tiny_calib):
     cfg.top_m = 5
     with pytest.raises(MethodError, match="top_m"):
         sparsify_(model, cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# batch-1 decode kernel (routed "gate" / "none"): equals the masked dense path, reads included
+# ------------------------------------------------------------------------------------------------
+def _routed_cfg(model, within, top_m, hot, t, seed=6):
+    from awq.methods.common import mlp_dims
+
+    hidden, inter = mlp_dims(model)
+    n = len(decoder_layers(model))
+    g = torch.Generator().manual_seed(seed)
+    cfg = ClusterNeuronConfig(centroids=[torch.rand(6, inter, generator=g) < 0.4 for _ in range(n)],
+                              hot=[(torch.rand(inter, generator=g) < 0.15) & hot for _ in range(n)],
+                              router_w=[torch.randn(6, hidden, generator=g) for _ in range(n)],
+                              router_b=[torch.randn(6, generator=g) for _ in range(n)], top_m=top_m, within=within,
+                              thresholds=[t] * n if within != "none" else [])
+    for c in cfg.centroids:
+        c[:, 0] = True  # never an empty centroid
+    return cfg
+
+
+@pytest.mark.skipif(not cpp_kernel_available(), reason="no C++ compiler")
+@pytest.mark.parametrize("within,top_m,hot,t", [("gate", 1, False, 0.02), ("gate", 2, True, 0.05),
+                                                ("gate", 1, False, 0.0), ("gate", 1, False, 1e9),
+                                                ("none", 1, False, 0.0), ("none", 2, True, 0.0)])
+def test_decode_kernel_equals_masked_path(within, top_m, hot, t):
+    from awq.dynamic_sparse import prepare_decode_
+    from awq.sparsify import swapped_mlps
+
+    model = tiny_model(layers=2, hidden=64, inter=160)
+    sparsify_(model, _routed_cfg(model, within, top_m, hot, t))
+    xs = torch.randn(4, 1, 1, 64, generator=torch.Generator().manual_seed(7))
+    mods = swapped_mlps(model)
+    want, want_read = [], []
+    for m in mods:  # masked dense path, token by token
+        with metering(model) as meter:
+            want.append([m(x) for x in xs])
+        want_read.append(meter.per_projection())
+    assert prepare_decode_(model) == len(mods)
+    for m, ws, wr in zip(mods, want, want_read):
+        with metering(model) as meter:
+            got = [m(x) for x in xs]
+        for y, w in zip(got, ws):
+            torch.testing.assert_close(y, w, rtol=1e-4, atol=1e-5)
+        for p, v in meter.per_projection().items():
+            assert v == pytest.approx(wr[p], abs=1e-12), p
+    if t > 1e6:  # nothing survives: up and down not read, output zero
+        assert want_read[0]["up_proj"] == 0.0 and not any(bool(y.any()) for y in got)
+    many = torch.randn(1, 3, 64)  # several tokens never take the kernel
+    m = mods[0]
+    m._decode, saved = None, m._decode
+    ref = m(many)
+    m._decode = saved
+    torch.testing.assert_close(m(many), ref)
+
+
+@pytest.mark.parametrize("routed,within", [(False, "gate"), (True, "h"), (False, "ideal"), (False, "none")])
+def test_decode_kernel_refused_where_semantics_differ(routed, within):
+    from awq.sparsify import swapped_mlps
+
+    model = tiny_model(layers=1, hidden=16, inter=24)
+    cfg = _routed_cfg(model, within, 1, False, 0.01)
+    if not routed:
+        cfg.router_w, cfg.router_b = [], []
+    sparsify_(model, cfg)
+    m = swapped_mlps(model)[0]
+    assert m.decode_unsupported() is not None and m.prepare_decode() is False
+
+
+@pytest.mark.parametrize("within", ["gate", "none"])
+def test_routed_calibration_deterministic_for_a_seed(tiny_calib, within):
+    model, _, xs = tiny_calib
+    v = ClusterVariant(k=8, within=within, **FAST)
+    a, b = calibrate_cluster_neuron(model, xs, 0.4, v, seed=5), calibrate_cluster_neuron(model, xs, 0.4, v, seed=5)
+    for name in ("centroids", "router_w", "router_b"):
+        assert all(torch.equal(p, q) for p, q in zip(getattr(a, name), getattr(b, name)))
+    assert a.thresholds == b.thresholds

@@ -138,6 +138,10 @@ CLUSTER_NEURON = {
     "cluster_ideal_oracle": (dict(routed=False, k=1, within="ideal"),
                              "bound of any neuron mask: per-token |h| threshold, all three projections masked"),
 }
+for _k in (128, 256):  # K sweep (issue 10): the same variants with K centroids per layer
+    for _base in ("cluster_thresh", "cluster_thresh_oracle", "cluster_neuron", "cluster_neuron_oracle"):
+        CLUSTER_NEURON[f"{_base}_k{_k}"] = ({**CLUSTER_NEURON[_base][0], "k": _k},
+                                            CLUSTER_NEURON[_base][1].replace("K=64 ", "") + f", K={_k}")
 for _name, (_kw, _about) in CLUSTER_NEURON.items():
     METHODS[_name] = MethodSpec(_name, _cluster_neuron(**_kw), (0.3, 0.5), realizable=_kw.get("routed", True),
                                 about=_about)

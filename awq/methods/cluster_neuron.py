@@ -21,6 +21,13 @@ computed), then, with ``within``:
   kept. Needs ``h``, so an oracle: the bound of *any* per-token neuron mask at that density.
 
 ``y = down((act(gate(x)) * up(x)) * keep)``; the meter is fed from ``M`` and ``keep`` as applied.
+
+**Batch-1 decode** (:meth:`ClusterNeuronMLP.prepare_decode`, routed ``"gate"`` and ``"none"`` only): the
+router picks ``M`` from ``x``, then one call of the row-gathered kernel
+(:class:`awq.dynamic_sparse.NeuronSparseDecode`) reads the gate rows of ``M``, keeps ``|silu(g)| >= t_l``
+(``"gate"``; ``"none"``: all of ``M``) and reads up rows and ``W_down^T`` rows of the kept neurons only;
+the meter gets the same reads as the masked path. ``"h"`` thresholds ``|h|`` (needs the up rows of all
+of ``M`` before deciding), ``"ideal"`` and oracle picks need the dense ``h``: they keep the masked path.
 The frontier's ``param`` for every ``cluster_<variant>`` is the nominal read fraction ``r``; the
 measured one (plus the router) is what is plotted. How ``r`` splits into centroid size and
 threshold density is :meth:`ClusterVariant.sizes`.
@@ -35,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from awq.dynamic_sparse import is_decode_step, neuron_decode_for
 from awq.methods.cluster_fit import coverage_weights, covered_fraction, fit_centroids, train_router
 from awq.methods.common import MethodError, check_density, dense_h, keep_threshold, mlp_dims, mlp_of, token_density
 from awq.methods.teal import _check_layers
@@ -104,6 +112,46 @@ class ClusterNeuronMLP(SwappedMLP):
         self.router_b = cfg.router_b[i].to(dev, dt) if cfg.routed else None
         self.top_m, self.within = cfg.top_m, cfg.within
         self.t = float(cfg.thresholds[i]) if cfg.within != "none" else 0.0
+        self._decode = None
+        self._cidx: Optional[list[torch.Tensor]] = None
+
+    @property
+    def extra_bytes(self) -> int:
+        """Weight bytes of the router, read per token besides the MLP's (0 for an oracle pick)."""
+        if self.router_w is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.router_w, self.router_b))
+
+    def decode_unsupported(self) -> Optional[str]:
+        """Why this variant has no batch-1 kernel (None: it has one)."""
+        if self.router_w is None:
+            return "oracle pick needs the dense h"
+        if self.within not in ("gate", "none"):
+            return f"within={self.within!r} thresholds |h| (the kernel thresholds |silu(g)| only)"
+        return None
+
+    def prepare_decode(self) -> bool:
+        """Make the batch-1 row-gathered kernel (:mod:`awq.dynamic_sparse`; a transposed copy of
+        ``W_down``) used for single-token calls from now on.  False if it cannot run here."""
+        if self._decode is None and self.decode_unsupported() is None:
+            self._decode = neuron_decode_for(self, self.t if self.within == "gate" else 0.0)
+            if self._decode is not None and self.top_m == 1 and not bool(self.hot.any()):
+                self._cidx = [c.nonzero().reshape(-1).cpu() for c in self.centroids]
+        return self._decode is not None
+
+    def _decode_step(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = x.reshape(1, -1)
+        top = F.linear(x1, self.router_w, self.router_b)[0].topk(self.top_m).indices
+        if self._cidx is not None:
+            idx = self._cidx[int(top[0])]
+        else:
+            idx = (self.centroids[top].any(0) | self.hot).nonzero().reshape(-1).cpu()
+        y = self._decode(x1, idx)
+        if self.read_meter is not None:
+            dm = idx.numel() / self._decode.F
+            dk = self._decode.density() if self.within == "gate" else dm
+            self.read_meter.add(self.layer_idx, 1, dm, dk, dk)
+        return y.to(x.dtype).view(x.shape)
 
     def select(self, x: torch.Tensor, habs: Optional[torch.Tensor]) -> torch.Tensor:
         """Union of the token's ``top_m`` centroids and the hot set -> ``[N, F]`` bool."""
@@ -115,6 +163,8 @@ class ClusterNeuronMLP(SwappedMLP):
         return self.centroids[idx].any(1) | self.hot
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_decode_step(self, x):
+            return self._decode_step(x)
         if self.observers:
             self._notify("input", x)
         shape = x.shape
