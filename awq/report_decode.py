@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-DECODE_REFS = ("decode_smollm2", "decode_qwen")
+DECODE_REFS = ("decode_smollm2", "decode_qwen", "decode_smollm2_avx2")  # _avx2: AWQ_HW_FLAGS + AVX2 llama.cpp
 _SUFFIX = " per token"
 
 
@@ -41,6 +41,11 @@ def decode_table(data: dict) -> str:
             f"{sysinfo['torch']}; load average {sysinfo.get('loadavg')} at start, "
             f"{sysinfo.get('loadavg_end')} at the end; {cfg['prompt_tokens']}-token prompt, {cfg['new_tokens']} new "
             f"tokens, {cfg['repeats']} interleaved repeats, medians [min - max]:\n\n")
+    builds = [ln for ln in data.get("lines", [])  # what each side was built for (bench_decode header lines)
+              if (ln.startswith("CPU ") and "this project's kernels" in ln)
+              or (ln.startswith("llama.cpp ") and "built for" in ln)]
+    if builds:
+        head += "".join(f"* {ln}\n" for ln in builds) + "\n"
     lines = ["| row | MLP weight read | tok/s [min - max] | ms/token | weight MB/token | vs fastest dense (roofline) "
              "| vs lean dense, same decoder (roofline) |", "|---|---|---|---|---|---|---|"]
     dense = [k for k in ("lean dense", "llama.cpp F32", "lean dense-kernel") if k in rows]
@@ -80,7 +85,7 @@ def decode_table(data: dict) -> str:
 
 def _args(cfg: dict) -> str:
     parts = []
-    for k in ("model_path", "threads", "densities", "methods", "prompt_tokens", "new_tokens", "repeats"):
+    for k in ("model_path", "threads", "densities", "methods", "prompt_tokens", "new_tokens", "repeats", "llama_cpp_path"):
         v = cfg.get(k)
         if v is not None:
             parts.append(f" --{k} {v}")
