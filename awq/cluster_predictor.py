@@ -113,23 +113,13 @@ def save_cluster_predictor(cfg, path: str | Path, meta: dict) -> Path:
 
 def load_cluster_predictor(path: str | Path, model: nn.Module):
     """-> ``(ClusterNeuronConfig, meta)``; one-line :class:`ClusterPredictorError` when it does not fit ``model``."""
-    from safetensors import SafetensorError, safe_open
-
+    from awq.io import read_safetensors
     from awq.methods.cluster_neuron import ClusterNeuronConfig
     from awq.methods.common import mlp_dims
     from awq.sparsify import decoder_layers
 
     path = Path(path)
-    if not path.is_file():
-        raise ClusterPredictorError(f"cluster predictor file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            md = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ClusterPredictorError(f"{path} is not a readable safetensors file: {e}") from None
-    if md.get("format") != FORMAT:
-        raise ClusterPredictorError(f"{path} is not a cluster-neuron predictor (format={md.get('format')!r})")
+    md, tensors = read_safetensors(path, FORMAT, "cluster-neuron predictor", ClusterPredictorError)
     try:
         meta = json.loads(md.get("awq_cluster_neuron", ""))
         n, within, top_m = int(meta["num_layers"]), str(meta["within"]), int(meta["top_m"])

@@ -208,6 +208,25 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: Optional[
     return Path(path)
 
 
+def read_safetensors(path: str | Path, fmt: str, what: str, error: type = ValueError) -> tuple[dict, dict]:
+    """``(metadata, tensors)`` of a safetensors file whose metadata ``format`` is ``fmt``; ``error(one line)``
+    for a missing, unreadable or other-format file (``what`` names the kind in the message)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            md = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{what} file {path} is not a readable safetensors file: {e}") from None
+    if md.get("format") != fmt:
+        raise error(f"{path} is not a {what} file (metadata format={md.get('format')!r})")
+    return md, tensors
+
+
 def atomic_write_with(path: str | Path, writer: Callable[[Path], None], what: str = "output") -> Path:
     """Atomic write through any ``writer(tmp_path)`` callable."""
     with atomic_path(path, what) as tmp:

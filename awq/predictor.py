@@ -159,19 +159,10 @@ class ClusterPredictor:
     # -- io -------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> "ClusterPredictor":
-        from safetensors import SafetensorError, safe_open
+        from awq.io import read_safetensors
 
         path = Path(path)
-        if not path.is_file():
-            raise PredictorError(f"predictor file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                md = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise PredictorError(f"predictor file {path} is not a readable safetensors file: {e}") from None
-        if md.get("format") != FORMAT:
-            raise PredictorError(f"{path} is not a cluster predictor file (metadata format={md.get('format')!r})")
+        md, tensors = read_safetensors(path, FORMAT, "cluster predictor", PredictorError)
         try:
             meta = json.loads(md.get("awq_predictor", ""))
         except json.JSONDecodeError as e:
