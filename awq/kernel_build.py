@@ -67,16 +67,18 @@ def _last_line(e: BaseException) -> str:
 
 
 def march_flag() -> str:
-    """``-march=native``, or, when ``$AWQ_HW_FLAGS`` hides AVX-512 (``awq.hw``: emulate an AVX2-only CPU),
-    ``-march=haswell`` (AVX2 + FMA) so the kernels are built and measured as on such a CPU."""
-    import os
-
+    """The ``-march`` of every C++ kernel: ``-march=native``, or, when ``$AWQ_HW_FLAGS`` (``awq.hw``) hides
+    AVX-512 on an x86 CPU to emulate an older one, the instruction set those flags name:
+    ``-march=haswell`` (AVX2, FMA, POPCNT, BMI2: an AVX2-only CPU) or the generic ``-march=x86-64``, so the
+    kernels are built and measured as on such a CPU (under their own build key)."""
     from awq.hw import cpu_flags
 
+    if os.environ.get("AWQ_HW_FLAGS") is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return "-march=native"
     flags = set(cpu_flags())
-    if os.environ.get("AWQ_HW_FLAGS") is not None and "avx512f" not in flags:
-        return "-march=haswell" if {"avx2", "fma"} <= flags else "-march=x86-64"
-    return "-march=native"
+    if "avx512f" in flags:
+        return "-march=native"
+    return "-march=haswell" if {"avx2", "fma"} <= flags else "-march=x86-64"
 
 
 def source_text(srcs: Sequence[Path]) -> str:

@@ -7,10 +7,9 @@ counts (byte counters on the packed words) and the centroid update in one call. 
 bit-identical to the torch path (same labels, objective and centroids; the update calls the same ATen
 ops).  It covers one CPU process (no torch.distributed); other cases use the torch path.
 
-Build flags follow :func:`awq.hw.cpu_flags` (so ``AWQ_HW_FLAGS="avx2 fma"`` gives a real AVX2-only
-build on any x86 CPU, under its own build key): ``-march=native`` when the CPU's AVX-512 is in use,
-``-march=haswell`` (AVX2, FMA, POPCNT, BMI2: the AVX2-only instruction set) when the flags stop at AVX2,
-else the compiler's generic target.
+Build flags: ``-march`` as every C++ kernel of the project (:func:`awq.kernel_build.march_flag`:
+native, or with ``AWQ_HW_FLAGS="avx2 fma"`` a real AVX2-only ``-march=haswell`` build on any x86 CPU,
+under its own build key).
 
 Which iteration AWC runs (:func:`awc_kernel`): ``kernel=`` / ``$AWQ_KERNEL_AWC`` (``popcount`` or
 ``gemm``); ``int8`` / ``fp32`` name the torch path with that distance GEMM; otherwise, when the
@@ -21,14 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 from types import ModuleType
 from typing import Callable, Optional
 
 import torch
 
 from awq import hw
-from awq.kernel_build import load_cpp_extension
+from awq.kernel_build import load_cpp_extension, march_flag
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +37,9 @@ _by_env: dict[Optional[str], Optional[ModuleType]] = {}  # $AWQ_HW_FLAGS -> modu
 
 
 def build_flags() -> list[str]:
-    """Compiler flags for this process's view of the CPU (``awq.hw.cpu_flags``)."""
-    flags = set(hw.cpu_flags())
-    base = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return base + ["-march=native"] if flags else base
-    if "avx512f" in flags and "avx512f" in hw._static_info()["flags"]:
-        return base + ["-march=native"]
-    if "avx2" in flags and "fma" in flags:
-        return base + ["-march=haswell", "-mtune=generic"]  # AVX2 + FMA + POPCNT + BMI2, nothing newer
-    return base  # generic x86-64: __builtin_popcountll without the popcnt instruction
+    """Compiler flags for this process's view of the CPU (``-march`` by :func:`awq.kernel_build.march_flag`);
+    no FMA contraction: the update's float arithmetic must round like torch's."""
+    return ["-O3", "-fopenmp", "-ffp-contract=off", march_flag()]
 
 
 def kernel() -> Optional[ModuleType]:
