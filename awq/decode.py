@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from awq.dynamic_sparse import bias_of as _bias
 from awq.sparsify import base_mlp, decoder_layers, is_swapped
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,6 @@ class DecodeStats:
     @property
     def decode_tok_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
-
-
-def _bias(lin: nn.Module) -> Optional[torch.Tensor]:
-    b = getattr(lin, "bias", None)
-    return None if b is None else b.detach()
 
 
 def _cat_bias(lins: Sequence[nn.Module], sizes: Sequence[int], like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -364,13 +360,13 @@ class LeanDecoder:
         if p == 0:
             raise DecodeError("call prefill() before step()")
         self._ensure(p + 1)
+        h = self.embed[token:token + 1].clone()
+        if self.fused_attn:
+            return self._fused_step(h, p)
         nh, nkv, hd = self.nh, self.nkv, self.hd
         g, qk_end = nh // nkv, (nh + nkv) * hd
         fr = self.freqs[p]
-        h = self.embed[token:token + 1].clone()
         L = p + 1
-        if self.fused_attn:
-            return self._fused_step(h, p)
         for ly in self.layers:
             n = self._rms1(h, ly.ln1)
             qkv = self._lin(n, ly.wqkv, ly.bqkv)[0]

@@ -43,29 +43,40 @@ def _f32(t: Optional[torch.Tensor]) -> torch.Tensor:
     return _EMPTY if t is None else t.detach().float().contiguous().view(-1)
 
 
-def _bias(lin: nn.Module) -> Optional[torch.Tensor]:
+def bias_of(lin: nn.Module) -> Optional[torch.Tensor]:
+    """A linear layer's bias (detached) or None."""
     b = getattr(lin, "bias", None)
     return None if b is None else b.detach()
 
 
-def unsupported(mlp: nn.Module) -> Optional[str]:
-    """Why the decode kernels cannot run this base MLP (None: they can)."""
-    w = mlp.gate_proj.weight
-    if w.device.type != "cpu":
+def gu_bias(bias_g: Optional[torch.Tensor], bias_u: Optional[torch.Tensor], F: int) -> torch.Tensor:
+    """The ``[gate; up]`` bias [2F] float32 (a missing one as zeros), or empty when both are None."""
+    if bias_g is None and bias_u is None:
+        return _EMPTY
+    z = torch.zeros(F)
+    return torch.cat([_f32(bias_g) if bias_g is not None else z, _f32(bias_u) if bias_u is not None else z]).contiguous()
+
+
+def unsupported(mlp: nn.Module, silu_only: bool = True) -> Optional[str]:
+    """Why the decode kernels cannot run this base MLP (None: they can); ``silu_only=False`` for a kernel
+    whose activation may run in torch (the paper's)."""
+    ws = [getattr(mlp, p).weight for p in ("gate_proj", "up_proj", "down_proj")]
+    w = ws[0]
+    if any(v.device.type != "cpu" for v in ws):
         return f"weights on {w.device.type}"
-    if w.dtype not in (torch.float32, torch.bfloat16):
+    if any(v.dtype not in (torch.float32, torch.bfloat16) for v in ws) or len({v.dtype for v in ws}) != 1:
         return f"{w.dtype} weights (float32 or bfloat16 only)"
-    if not is_silu(mlp.act_fn):
+    if silu_only and not is_silu(mlp.act_fn):
         return "activation is not SiLU"
     if cpp_kernel() is None:
         return "the C++ sparse MLP kernel is unavailable"
     return None
 
 
-def _log_once(why: str) -> None:
+def log_once(why: str, kernel: str = "dynamic sparse decode kernel") -> None:
     if why not in _warned:
         _warned.add(why)
-        log.warning("dynamic sparse decode kernel not used (%s): masked dense path", why)
+        log.warning("%s not used (%s): masked dense path", kernel, why)
 
 
 def _as_row(x: torch.Tensor) -> torch.Tensor:
@@ -83,12 +94,7 @@ class InputSparseDecode:
             self.wgu_t = torch.cat([w_gate.detach(), w_up.detach()]).t().contiguous()  # [H, 2F]
             self.wd_t = w_down.detach().t().contiguous()  # [F, H]
         self.F, self.H = w_gate.shape
-        if bias_g is not None or bias_u is not None:
-            z = torch.zeros(self.F)
-            self.bias_gu = torch.cat([_f32(bias_g) if bias_g is not None else z,
-                                      _f32(bias_u) if bias_u is not None else z]).contiguous()
-        else:
-            self.bias_gu = _EMPTY
+        self.bias_gu = gu_bias(bias_g, bias_u, self.F)
         self.bias_d = None if bias_d is None else bias_d.detach().float()
         self.t_x, self.t_h = float(t_x), float(t_h)
         self.x_scale, self.h_scale = _f32(x_scale), _f32(h_scale)
@@ -145,22 +151,22 @@ def input_decode_for(mod: nn.Module, w_gate: torch.Tensor, w_up: torch.Tensor, t
     """The kernel for an input-sparse method module (its base MLP's biases), or None (reason logged once)."""
     why = unsupported(mod.base)
     if why is not None:
-        _log_once(why)
+        log_once(why)
         return None
     b = mod.base
-    return InputSparseDecode(w_gate, w_up, b.down_proj.weight, t_x, t_h, _bias(b.gate_proj), _bias(b.up_proj),
-                             _bias(b.down_proj), x_scale, h_scale)
+    return InputSparseDecode(w_gate, w_up, b.down_proj.weight, t_x, t_h, bias_of(b.gate_proj), bias_of(b.up_proj),
+                             bias_of(b.down_proj), x_scale, h_scale)
 
 
 def neuron_decode_for(mod: nn.Module, t_a: float = 0.0) -> Optional[NeuronSparseDecode]:
     """The kernel for a neuron-sparse method module, or None (reason logged once)."""
     why = unsupported(mod.base)
     if why is not None:
-        _log_once(why)
+        log_once(why)
         return None
     b = mod.base
-    return NeuronSparseDecode(b.gate_proj.weight, b.up_proj.weight, b.down_proj.weight, t_a, _bias(b.gate_proj),
-                              _bias(b.up_proj), _bias(b.down_proj))
+    return NeuronSparseDecode(b.gate_proj.weight, b.up_proj.weight, b.down_proj.weight, t_a, bias_of(b.gate_proj),
+                              bias_of(b.up_proj), bias_of(b.down_proj))
 
 
 def is_decode_step(mod: nn.Module, x: torch.Tensor) -> bool:

@@ -21,42 +21,24 @@ weights and the masked dense path.
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 from torch import nn
 
+from awq.dynamic_sparse import _as_row, bias_of, gu_bias
+from awq.dynamic_sparse import log_once as _log_once
+from awq.dynamic_sparse import unsupported as _unsupported
 from awq.sparse_mlp import _threshold
-
-log = logging.getLogger(__name__)
-
-_warned: set[str] = set()
-
-
-def _bias(lin: nn.Module) -> Optional[torch.Tensor]:
-    b = getattr(lin, "bias", None)
-    return None if b is None else b.detach().float()
 
 
 def unsupported(mlp: nn.Module) -> Optional[str]:
-    """Why the kernel cannot run this base MLP (None: it can)."""
-    from awq.sparse_compute import cpp_kernel
-
-    ws = [getattr(mlp, p).weight for p in ("gate_proj", "up_proj", "down_proj")]
-    if any(w.device.type != "cpu" for w in ws):
-        return f"weights on {ws[0].device.type}"
-    if any(w.dtype not in (torch.float32, torch.bfloat16) for w in ws) or len({w.dtype for w in ws}) != 1:
-        return f"{ws[0].dtype} weights (float32 or bfloat16 only)"
-    if cpp_kernel() is None:
-        return "the C++ sparse MLP kernel is unavailable"
-    return None
+    """Why the kernel cannot run this base MLP (None: it can); any activation (it runs in torch off SiLU)."""
+    return _unsupported(mlp, silu_only=False)
 
 
 def log_once(why: str) -> None:
-    if why not in _warned:
-        _warned.add(why)
-        log.warning("paper decode kernel not used (%s): masked dense path", why)
+    _log_once(why, "paper decode kernel")
 
 
 def down_gather_torch(h: torch.Tensor, wd_t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -77,13 +59,9 @@ class PaperDecode:
             self.wgu = torch.cat([wg, wu]).contiguous()  # [2F, H]
             self.wd_t = base.down_proj.weight.detach().t().contiguous()  # [F, H]
         self.F, self.H = wg.shape
-        bg, bu = _bias(base.gate_proj), _bias(base.up_proj)
-        if bg is None and bu is None:
-            self.bias_gu = None
-        else:
-            z = torch.zeros(self.F)
-            self.bias_gu = torch.cat([z if bg is None else bg, z if bu is None else bu])
-        self.bias_d = _bias(base.down_proj)
+        self.bias_gu = gu_bias(bias_of(base.gate_proj), bias_of(base.up_proj), self.F)  # empty: none
+        bd = bias_of(base.down_proj)
+        self.bias_d = None if bd is None else bd.float()
         self.t = thresholds  # the module's own dict: a changed threshold applies here too
         self.act_fn = act_fn
         self.kern = cpp_kernel()
@@ -96,16 +74,14 @@ class PaperDecode:
 
         # SiLU: the whole step (GEMV, thresholds, activation, gather) in one C++ call
         self.fused = getattr(self.kern, "threshold_swiglu", None) if is_silu(act_fn) else None
-        self._empty = torch.empty(0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """One token -> ``y`` [H] in ``x.dtype`` (down threshold applied); ``self.counts[0]`` = nonzero
         ``h`` (rows of W_down read)."""
         if self.fused is None:
             return self.parts(x)[0]
-        y = self.fused(x.detach().reshape(-1).float().contiguous(), self.wgu,
-                       self._empty if self.bias_gu is None else self.bias_gu, self.wd_t, self.t["gate_proj"],
-                       self.t["up_proj"], self.min_bytes, self.counts)
+        y = self.fused(_as_row(x), self.wgu, self.bias_gu, self.wd_t, self.t["gate_proj"], self.t["up_proj"],
+                       self.min_bytes, self.counts)
         if self.bias_d is not None:
             y = y + self.bias_d
         return _threshold(y.to(x.dtype), self.t["down_proj"])
@@ -113,8 +89,8 @@ class PaperDecode:
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step in torch around ``dense_gemv`` and ``down_gather`` (any activation) -> ``(y, g, u, h)``:
         ``y`` as :meth:`__call__`, the thresholded ``g``, ``u`` and ``h`` [F]."""
-        gu = self.kern.dense_gemv(x.detach().reshape(-1).float().contiguous(), self.wgu, self.min_bytes)
-        if self.bias_gu is not None:
+        gu = self.kern.dense_gemv(_as_row(x), self.wgu, self.min_bytes)
+        if self.bias_gu.numel():
             gu = gu + self.bias_gu
         gu = gu.to(x.dtype)
         g = _threshold(gu[: self.F], self.t["gate_proj"])

@@ -148,7 +148,7 @@ def test_torch_gather_fallback_and_multi_token_path_unchanged():
 
 
 def test_codebooks_and_unsupported_weights_keep_masked_path(caplog):
-    import awq.paper_decode as pd
+    import awq.dynamic_sparse as ds
     from awq.sparse_mlp import SparsityConfig
 
     class Keep(torch.nn.Module):
@@ -164,7 +164,7 @@ def test_codebooks_and_unsupported_weights_keep_masked_path(caplog):
     unsparsify_(model)
     model.half()
     sparsify_(model, paper_config(thr))
-    pd._warned.clear()
+    ds._warned.clear()  # the once-per-reason log (shared with awq.dynamic_sparse)
     assert not swapped_mlps(model)[0].prepare_decode()
     assert "float16 weights" in caplog.text
 
