@@ -13,10 +13,10 @@ setup(
                 "(re-implementation of Dhar et al., Euro-Par 2025)",
     python_requires=">=3.10",
     packages=find_packages(include=["awq", "awq.*", "clustering", "clustering.*"]) + ["awq.csrc"],
-    package_dir={"awq.csrc": "csrc"},  # the C++ kernel sources ship as awq/csrc/*.cpp (awq/kernel_build.py)
+    package_dir={"awq.csrc": "csrc"},  # the C++ kernel sources ship as awq/csrc/*.cpp (awq/kernels/build.py)
     package_data={"awq.csrc": ["*.cpp", "*.h"]},
     install_requires=reqs,
     # optional: llama.cpp as the yardstick of bench/bench_decode.py (builds C++ from source); never needed by make test
     extras_require={"bench": ["llama-cpp-python==0.3.36"]},
-    entry_points={"console_scripts": ["awq-entry=awq.entry:cli", "awq-calibrate=awq.calibrate:cli"]},
+    entry_points={"console_scripts": ["awq-entry=awq.entry:cli", "awq-calibrate=awq.methods.calibration:cli"]},
 )

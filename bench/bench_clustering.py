@@ -10,7 +10,7 @@ same starting centroids and the same thread count; ``KMeans(max_iter=1).fit`` (t
 which adds input checks and a second labelling pass) is timed beside it.  Our iteration runs on both
 paths: the compiled popcount iteration (``csrc/cluster_kernels.cpp``, :mod:`clustering.cluster_kernel`)
 and the torch iteration, whose distance GEMM (int8 ``torch._int_mm`` or fp32) is the one
-:func:`awq.hw.overlap_kernel` picks here; "ours" is the path AWC itself takes
+:func:`awq.kernels.hw.overlap_kernel` picks here; "ours" is the path AWC itself takes
 (:func:`clustering.cluster_kernel.awc_kernel`: ``--kernel`` or a cached one-time measurement; printed),
 and the two paths are checked to give identical centroids.  ``AWQ_HW_FLAGS="avx2 fma"`` makes every
 choice and the compiled kernel's build (``-march=haswell``) those of an AVX2-only CPU.  The distance step's
@@ -32,11 +32,13 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from awq.hw import SMALL_BLOCK, cpu_flags, overlap_kernel, overlap_reason, threads_for  # noqa: E402
+from awq.kernels.cluster import awc_block, build_flags  # noqa: E402
+from awq.kernels.cluster import kernel as compiled_kernel
+from awq.kernels.hw import SMALL_BLOCK, cpu_flags, overlap_kernel, overlap_reason, threads_for  # noqa: E402
 from bench.common import Report, Timing, interleaved, parse_args, run_cli  # noqa: E402
-from clustering.activation_aware_clustering import awc_update, member_sums  # noqa: E402
 from clustering.assignment import global_balanced_assign, greedy_balanced_assign  # noqa: E402
-from clustering.cluster_kernel import awc_block, awc_kernel, build_flags, kernel as compiled_kernel  # noqa: E402
+from clustering.awc_iteration import awc_update, member_sums  # noqa: E402
+from clustering.cluster_kernel import awc_kernel  # noqa: E402
 from clustering.distance import block_distance  # noqa: E402
 
 
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AWC's path: auto (default: the compiled popcount iteration or the torch one, as AWC picks "
                         "here, printed), popcount (compiled), int8 or fp32 (torch iteration with that distance GEMM)")
     p.add_argument("--block_threads", choices=("auto", "1", "all"), default="auto",
-                   help="threads of our iteration on blocks under 2M values: auto (default: awq.hw's cached choice), "
+                   help="threads of our iteration on blocks under 2M values: auto (default: awq.kernels.hw's cached choice), "
                         "1 or all")
     p.add_argument("--output", type=Path, default=None, help="also write the figures and config as JSON")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and scikit-learn (default: torch's)")
@@ -143,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     if not (0 < a.density <= 1 and 0 <= a.sparsity < 1):
         raise ValueError("--density must be in (0, 1] and --sparsity in [0, 1)")
     if a.output is not None:
-        from awq.io import check_output_path
+        from awq.util.io import check_output_path
 
         check_output_path(a.output)
     if a.threads:
@@ -173,13 +175,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     rep.figure("baseline_isa_env", libs)
     rep.emit("compiled AWC kernel: " + (f"{mod.simd()} build ({' '.join(build_flags())})" if mod else "unavailable"))
     why_path = "forced by --kernel" if a.kernel != "auto" else \
-        "awq.hw.choose: cached one-time measurement or AWQ_KERNEL_AWC"
+        "awq.kernels.hw.choose: cached one-time measurement or AWQ_KERNEL_AWC"
     rep.emit(f"AWC iteration path: {path} ({why_path})")
     rep.emit(f"torch path's distance GEMM: {overlap_reason(gemm_arg, width)}")
     nthreads = torch.get_num_threads()
     with threads_for(X.numel(), a.block_threads) as used:
         why = "all: block >= 2M values" if n * width >= SMALL_BLOCK and a.block_threads == "auto" else \
-            "awq.hw.threads_for: " + ("forced by --block_threads" if a.block_threads != "auto" else "cached one-time measurement")
+            "awq.kernels.hw.threads_for: " + ("forced by --block_threads" if a.block_threads != "auto" else "cached one-time measurement")
         rep.emit(f"threads of our iteration on this block ({n * width} values): {used} of {nthreads} ({why})")
     rep.figure("block_threads", used)
     rep.figure("distance_kernel", kern)

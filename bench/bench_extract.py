@@ -1,7 +1,7 @@
 """Benchmark the pattern store: recording overhead, store size, streaming read throughput and peak RSS.
 
     python bench/bench_extract.py                         # random SmolLM2-135M-shaped Llama, 3 windows of 2048
-    python bench/bench_extract.py --model_path PATH       # a real model through awq.models.load_model
+    python bench/bench_extract.py --model_path PATH       # a real model through awq.load.models.load_model
 
 Prints: tokens/s of the thresholded model with and without mask recording (ratio, target >= 0.8),
 store bytes vs n_tokens x layers x sum(ceil(width/8)) (ratio, target <= 1.02), and for a full
@@ -26,12 +26,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from awq.bitpack import unpack
-from awq.pattern_store import PatternStore, StoreWriter
-from awq.recording import record_masks
-from awq.sparse_mlp import (
-    PROJS, SparsityConfig, add_observer, decoder_layers, load_thresholds, remove_observer, sparsify_,
-)
+from awq.load.arch import PROJS, decoder_layers
+from awq.methods.base import sparsify_
+from awq.methods.paper_mlp import SparsityConfig
+from awq.methods.recording import add_observer, record_masks, remove_observer
+from awq.store.bitpack import unpack
+from awq.store.pattern_store import PatternStore, StoreWriter
+from awq.store.thresholds import load_thresholds
 
 log = logging.getLogger("bench_extract")
 
@@ -207,7 +208,7 @@ def main(
         torch.set_num_threads(threads)
     tok = None
     if model_path or default_model:
-        from awq.models import load_model
+        from awq.load.models import load_model
 
         model, tok, info = load_model(model_path, device="cpu")
         vocab = model.config.vocab_size
@@ -226,7 +227,7 @@ def main(
     if corpus:
         if tok is None:
             raise ValueError("--corpus needs a real model (--default_model or --model_path) for its tokenizer")
-        from awq.data import load_corpus, tokenize_windows
+        from awq.load.data import load_corpus, tokenize_windows
 
         text = load_corpus("test")
         data = tokenize_windows(tok, text.text, seqlen)
@@ -280,12 +281,12 @@ def main(
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Pattern-store benchmark (recording overhead, size, read throughput)")
-    ap.add_argument("--model_path", default=None, help="real model for awq.models.load_model (default: random Llama)")
+    ap.add_argument("--model_path", default=None, help="real model for awq.load.models.load_model (default: random Llama)")
     ap.add_argument("--default_model", action="store_true", help="use the project's default model (embedded GGUF)")
     ap.add_argument("--thresholds", default=None,
                     help="thresholds JSON for the model (default: per-layer median |output| on random tokens)")
     ap.add_argument("--corpus", action="store_true",
-                    help="time windows of the test corpus (awq.data.load_corpus) instead of random tokens")
+                    help="time windows of the test corpus (awq.load.data.load_corpus) instead of random tokens")
     ap.add_argument("--hidden", type=int, default=576, help="random model hidden size (SmolLM2-135M: 576)")
     ap.add_argument("--intermediate", type=int, default=1536, help="random model MLP width (SmolLM2-135M: 1536)")
     ap.add_argument("--layers", type=int, default=30, help="random model decoder layers (SmolLM2-135M: 30)")

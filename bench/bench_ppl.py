@@ -50,19 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
-    from awq.codebook import CentroidCodebook
-    from awq.data import load_corpus, tokenize_windows
-    from awq.entry import EntryConfig, resolve_thresholds
-    from awq.eval import perplexity
-    from awq.models import load_model
-    from awq.sparse_mlp import PROJS, SparsityConfig, decoder_layers, sparsify_
+    from awq.experiments.entry import EntryConfig, resolve_thresholds
+    from awq.experiments.eval import perplexity
+    from awq.load.arch import PROJS, decoder_layers
+    from awq.load.data import load_corpus, tokenize_windows
+    from awq.load.models import load_model
+    from awq.methods.base import sparsify_
+    from awq.methods.codebook import CentroidCodebook
+    from awq.methods.paper_mlp import SparsityConfig
 
     p = build_parser()
     a = parse_args(p, argv, nsamples=1, seqlen=64, k=64, repeats=2, warmup=1)  # --quick: new defaults; explicit options win
     if min(a.nsamples, a.seqlen, a.k, a.repeats) < 1 or a.warmup < 0 or (a.threads is not None and a.threads < 1):
         raise ValueError("--nsamples, --seqlen, --k, --repeats and --threads must be >= 1, --warmup >= 0")
     if a.output is not None:
-        from awq.io import check_output_path
+        from awq.util.io import check_output_path
 
         check_output_path(a.output)
     if a.threads:
@@ -118,8 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    from awq.data import DataError
-    from awq.thresholds import ThresholdsError
+    from awq.load.data import DataError
+    from awq.store.thresholds import ThresholdsError
 
     return run_cli(main, argv, errors=(ValueError, OSError, DataError, ThresholdsError))
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from awq.predictor import ClusterPredictor, auto_rank, predictor_cost  # noqa: E402
-from awq.sparse_mlp import PROJS  # noqa: E402
+from awq.load.arch import PROJS  # noqa: E402
+from awq.methods.label_predictor import ClusterPredictor, auto_rank, predictor_cost  # noqa: E402
 from bench.common import Report, best_dense, interleaved, parse_args, run_cli, swiglu_bytes  # noqa: E402
 
 log = logging.getLogger("bench_predictor")
@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     if not 0 < a.budget < 1:
         raise ValueError(f"--budget must be in (0, 1), got {a.budget}")
     if a.output is not None:
-        from awq.io import check_output_path
+        from awq.util.io import check_output_path
 
         check_output_path(a.output)
     if a.threads:

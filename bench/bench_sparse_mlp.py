@@ -43,9 +43,20 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from awq.sparse_compute import GatheredSparseMLP, cpp_kernel_available  # noqa: E402
-from bench.common import (FusedDenseMLP, Report, Timing, best_dense, interleaved, roofline_speedup,  # noqa: E402
-                          parse_args, run_cli, stream_bandwidth_gbs, swiglu_bytes)
+from awq.kernels.mlp import cpp_kernel_available
+from awq.methods.gathered import GatheredSparseMLP  # noqa: E402
+from bench.common import (  # noqa: E402
+    FusedDenseMLP,
+    Report,
+    Timing,
+    best_dense,
+    interleaved,
+    parse_args,
+    roofline_speedup,
+    run_cli,
+    stream_bandwidth_gbs,
+    swiglu_bytes,
+)
 
 log = logging.getLogger("bench_sparse_mlp")
 
@@ -256,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     if min(a.threads, a.mlp_repeats, a.step_repeats, a.ctx, a.mistral_layers, a.bandwidth_mb) < 1:
         raise ValueError("--threads, --repeats, --ctx, --mistral_layers and --bandwidth_mb must be >= 1")
     if a.output is not None:
-        from awq.io import check_output_path
+        from awq.util.io import check_output_path
 
         check_output_path(a.output)
     t_start = time.perf_counter()

@@ -13,7 +13,7 @@ can quietly lie:
   timings with their spread and effective GB/s (so a slow dense baseline is visible), and each
   speedup next to its roofline.  A ratio above its roofline is never presented as a result: it is
   printed and stored as ``ABOVE ROOFLINE: measurement error`` (``"speedup": null``, ``"valid": false``
-  in the JSON).  :meth:`Report.write` stores everything plus the config atomically (``awq.io``).
+  in the JSON).  :meth:`Report.write` stores everything plus the config atomically (``awq.util.io``).
 * :class:`FusedDenseMLP` / :func:`best_dense` -- the dense SwiGLU baseline to beat: ``F.linear`` on
   contiguous weights with one fused ``[2F, H]`` gate+up matmul; time it beside the HF module and
   use the faster one as *the* dense baseline.
@@ -156,8 +156,8 @@ def check_ratio(measured: float, roofline: Optional[float], tol: float = 0.0) ->
 # system description
 # --------------------------------------------------------------------------------------------
 def system_info() -> dict[str, Any]:
-    """CPU model, the SIMD flags that matter here, core and thread counts, load, torch build (from awq.hw)."""
-    from awq.hw import cpu_info
+    """CPU model, the SIMD flags that matter here, core and thread counts, load, torch build (from awq.kernels.hw)."""
+    from awq.kernels.hw import cpu_info
 
     c = cpu_info()
     return {"cpu": c["model"], "flags": c["flags"], "cpus": c["cores"], "torch_threads": c["threads"],
@@ -249,7 +249,7 @@ class Report:
         """Write the JSON (atomically) if ``path`` is given."""
         if path is None:
             return
-        from awq.io import atomic_write_json
+        from awq.util.io import atomic_write_json
 
         self.data["system"]["loadavg_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
         atomic_write_json(path, self.data)
@@ -300,7 +300,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
     """Run a bench ``main(argv)``; bad input -> one ``error: ...`` line on stderr and exit code 2."""
     import sys
 
-    from awq.cli import setup_logging
+    from awq.util.cli import setup_logging
 
     setup_logging(level, fmt="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -6,7 +6,7 @@ centroids ``C``:
 1. distances ``D = |x| - X C^T`` (active-only: active neurons the centroid misses), exact: on one CPU
    process the compiled popcount iteration (:mod:`clustering.cluster_kernel`, ``csrc/cluster_kernels.cpp``:
    all three steps in C++, bit-identical) where a cached one-time measurement finds it faster, else one
-   GEMM, int8 or fp32 as :mod:`clustering.distance` / :func:`awq.hw.overlap_kernel` pick for this machine;
+   GEMM, int8 or fp32 as :mod:`clustering.distance` / :func:`awq.kernels.hw.overlap_kernel` pick for this machine;
 2. balanced assignment with cap ``m = floor(n_block0 / k)`` rows per centroid:
    * ``greedy`` (artifact): for centroid ``i = 0..k-1`` in index order, the ``m`` still-unassigned
      rows with the smallest ``D[:, i]`` (stable: ties -> lower row) get label ``i``;
@@ -38,100 +38,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
-from awq.centroids import assign_active_only
-from awq.hw import SMALL_BLOCK, threads_for
+from awq.kernels.cluster import awc_block
+from awq.kernels.hw import SMALL_BLOCK, threads_for
+from awq.load.arch import PROJS
+from awq.store.centroids import CentroidError, assign_active_only
+from awq.util import paths
 from clustering import ClusteringError
-from clustering.assignment import global_balanced_assign, greedy_balanced_assign
-from clustering.cluster_kernel import awc_block, awc_kernel
+from clustering.awc_iteration import torch_block
 from clustering.base import BinaryClusterer, checkpoint_path
-from clustering.cli import FitOptions, check_config, check_device, make_source, opt, run, write_result
-from clustering.distance import block_distance
-from clustering.distributed import all_reduce_, dist_info, gather_slices, init_distributed, slice_bounds
-from clustering.sources import Source
+from clustering.cli import FitOptions, check_config, check_device, make_source, opt, run, setup_logging, write_result
+from clustering.cluster_kernel import awc_kernel
+from clustering.distributed import dist_info, init_distributed
+from clustering.select_centroids import select_kmeanspp, select_random_rows
+from clustering.sources import Source, StoreSource
 
 log = logging.getLogger("clustering.awc")
 
-__all__ = ["ActivationAwareClustering", "AWCConfig", "awc_update", "global_balanced_assign", "greedy_balanced_assign",
-           "member_sums", "row_quantile", "main", "cli"]  # the assignments live in clustering.assignment
-
-
-# --------------------------------------------------------------------------------------------
-# centroid update
-# --------------------------------------------------------------------------------------------
-def member_sums(X: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """``S[i] = sum of the rows labelled i`` (rows labelled -1 are skipped), float32 ``[k, F]``."""
-    S = torch.zeros(k, X.shape[1], dtype=torch.float32, device=X.device)
-    ok = labels >= 0
-    if bool(ok.all()):
-        return S.index_add_(0, labels, X.float())
-    keep = torch.nonzero(ok).flatten()
-    return S.index_add_(0, labels[keep], X.index_select(0, keep).float())
-
-
-def row_quantile(s: torch.Tensor, p: float) -> torch.Tensor:
-    """Per-row quantile with linear interpolation, bit-identical to ``torch.quantile(s, p, dim=1)``
-    (which refuses inputs above 16M elements).  Only the two order statistics at the interpolation
-    ranks are needed: on the CPU they come from ``numpy.partition`` (linear time, the same values as
-    a full sort), elsewhere from a sort."""
-    q = torch.tensor(p, dtype=s.dtype, device=s.device)
-    ranks = q * (s.shape[1] - 1)  # in s.dtype, as torch.quantile computes them
-    below = ranks.long()
-    above = ranks.ceil().long()
-    w = ranks - below
-    if s.device.type == "cpu" and s.numel() and s.dtype in (torch.float32, torch.float64):
-        b, a = int(below), int(above)
-        part = np.partition(s.detach().numpy(), [b, a] if a != b else [b], axis=1)
-        vb = torch.from_numpy(np.ascontiguousarray(part[:, b]))
-        va = torch.from_numpy(np.ascontiguousarray(part[:, a]))
-    else:
-        srt = s.sort(dim=1).values
-        vb = srt[:, below]
-        va = srt[:, above]
-    return vb.lerp(va, w)
-
-
-def awc_update(
-    C: torch.Tensor, S: torch.Tensor, counts: torch.Tensor, t: int, cap: int, p: float, chunk: int = 2048
-) -> torch.Tensor:
-    """``C_i <- [s > quantile_p(s)]`` with ``s = (t*cap*C_i + cap*mean_i) / (t*cap + cap)`` for clusters
-    with members (``S`` = member sums, ``counts`` = member counts); others keep ``C_i``."""
-    out = C.clone()
-    idx = torch.nonzero(counts > 0).flatten()
-    w_hist, w_cur = t * cap, cap
-    for s0 in range(0, idx.numel(), chunk):  # bounds the [chunk, F] sort buffer
-        j = idx[s0 : s0 + chunk]
-        mu = S[j] / counts[j].to(S.dtype)[:, None]
-        s = (w_hist * C[j] + w_cur * mu) / (w_hist + w_cur)
-        q = row_quantile(s, p)
-        out[j] = (s > q[:, None]).to(C.dtype)
-    return out
-
-
-def torch_block(Xs: torch.Tensor, C: torch.Tensor, cap: int, greedy: bool, nearest: bool, t: int, p: float,
-                kernel: Optional[str] = None, rows: Optional[tuple[int, int, int]] = None):
-    """One AWC block on torch ops: ``(C', labels, objective, unassigned, empty clusters)``.  ``Xs`` is this
-    rank's slice ``rows = (lo, hi, n)`` of the block (default: the whole block, one process); the distances
-    are gathered and the member sums all-reduced across ranks."""
-    lo, hi, n = rows if rows is not None else (0, Xs.shape[0], Xs.shape[0])
-    rank, world = dist_info()
-    k = C.shape[0]
-    Ds = block_distance(Xs, C, kernel)  # this rank's rows [hi-lo, k]
-    D = gather_slices(Ds, [e - s for s, e in slice_bounds(n, rank, world)])  # full block, identical on every rank
-    lab = (greedy_balanced_assign if greedy else global_balanced_assign)(D, cap)
-    miss = lab < 0
-    if nearest and bool(miss.any()):
-        lab[miss] = D[miss].argmin(1)
-    ok = lab >= 0
-    objective = float(D.gather(1, lab.clamp_min(0)[:, None])[ok].double().sum().item())  # exact
-    # member sums over this rank's rows, all-reduced (exact integer counts in fp32)
-    S = member_sums(Xs, lab[lo:hi], k)
-    all_reduce_(S)
-    counts = torch.bincount(lab[ok], minlength=k)
-    C = awc_update(C, S, counts, t, cap, p)
-    return C, lab, objective, int((~ok).sum().item()), int((counts == 0).sum().item())
+__all__ = ["ActivationAwareClustering", "AWCConfig", "ArtifactSettings", "SETTINGS", "main", "cli", "run_defaults",
+           "artifact_cli"]  # the iteration: clustering.awc_iteration; the assignments: clustering.assignment
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +100,7 @@ class ActivationAwareClustering(BinaryClusterer):
         self.init = init
         self.min_sparsity = min_sparsity
         self.kernel = kernel  # CPU iteration: None/"auto" (measured once), "popcount", "int8", "fp32"; same result
-        self.threads = threads  # small CPU blocks: None/"auto" (awq.hw decides), "1" or "all"; same result
+        self.threads = threads  # small CPU blocks: None/"auto" (awq.kernels.hw decides), "1" or "all"; same result
 
     def _leftovers(self) -> str:
         return self.leftovers or ("drop" if self.assign == "greedy" else "nearest")
@@ -199,8 +125,6 @@ class ActivationAwareClustering(BinaryClusterer):
             )
 
     def _init_centroids(self, src: Source) -> torch.Tensor:
-        from clustering.select_centroids import select_kmeanspp, select_random_rows
-
         if self.init == "kmeanspp":
             return select_kmeanspp(src, self.n_clusters, seed=self.random_state, min_sparsity=self.min_sparsity)
         if self.init == "random":
@@ -217,7 +141,7 @@ class ActivationAwareClustering(BinaryClusterer):
         for b, (start, stop, lo, hi, Xs) in enumerate(
             src.iter_blocks(self.block_rows, self.device, desc=f"awc it {it}", progress=self.progress), start=1
         ):
-            # small blocks may run faster on one thread (awq.hw.threads_for: measured once, cached)
+            # small blocks may run faster on one thread (awq.kernels.hw.threads_for: measured once, cached)
             with threads_for(Xs.numel() if Xs.device.type == "cpu" else SMALL_BLOCK, self.threads):
                 if compiled:  # csrc/cluster_kernels.cpp: bit-identical to torch_block
                     C, lab, obj, miss, emp = awc_block(Xs, C, cap, greedy, nearest, it * b, self.sparsity)
@@ -283,15 +207,90 @@ def main(cfg: AWCConfig) -> dict:
     return meta
 
 
+# --------------------------------------------------------------------------------------------
+# the artifact's no-configuration run
+# --------------------------------------------------------------------------------------------
+# The artifact's no-configuration clustering step: ``python clustering/activation_aware_clustering.py``.
+# 
+# With no arguments the AWC script reads the default pattern store (:func:`awq.util.paths.default_store`,
+# written by ``python -m awq.entry --dump_masks``), clusters gate_proj, up_proj and down_proj with
+# the paper's settings (K = 2048, centroid sparsity 0.4 = "the top 60% of features", the artifact's
+# seed 42) on a deterministic row budget, and writes one directory of centroids
+# (:func:`awq.util.paths.default_centroid_dir`) that ``python -m awq.entry --centroids DIR`` reads.
+# Locations resolve against the project root, so it runs the same from the repository root, from
+# inside ``clustering/`` and as ``python -m clustering.activation_aware_clustering``.
+# 
+# Row budget: 61,440 rows per projection (one 2048-token window x 30 layers, the artifact's chunk)
+# and 10 iterations (the artifact's): 4.6 minutes for all three projections measured on 2 CPU cores
+# shared with other jobs (load ~8).
+@dataclass(frozen=True)
+class ArtifactSettings:
+    """The paper's clustering settings with a CPU-sized row budget."""
+
+    k: int = 2048  # clusters per projection (paper, section 5.1 / Fig. 4a)
+    sparsity: float = 0.4  # centroid keeps the top 60% of features (paper, section 4)
+    max_rows: Optional[int] = 61440  # one 2048-token window x 30 layers (the artifact's chunk)
+    max_iter: int = 10  # the artifact's iterations
+    seed: int = 42  # the artifact's seed
+    device: str = "cpu"
+
+
+SETTINGS = ArtifactSettings()
+
+
+def no_store_message(store: Path, root: Optional[Path] = None) -> str:
+    return (f"no pattern store at {store}: make one first with `python -m awq.entry --dump_masks` "
+            f"(all test windows, ~10 min on 2 cores; add --nsamples 2 for a quick one)")
+
+
+def run_defaults(root: Optional[Path] = None, settings: ArtifactSettings = SETTINGS) -> Path:
+    """Cluster all three projections of the default store into the default centroid directory; -> that directory.
+
+    ``root`` overrides the project root (else ``$AWQ_PROJECT_ROOT`` / the checkout).  Raises
+    :class:`ClusteringError` (one line) when the store is missing or unusable.
+    """
+    store = paths.default_store(root)
+    if not (store / "meta.json").is_file():
+        raise ClusteringError(no_store_message(store, root))
+    out_dir = paths.default_centroid_dir(root)
+    for proj in PROJS:
+        src = StoreSource(store, proj, max_rows=settings.max_rows, seed=settings.seed)
+        s0, e0 = src.blocks()[0]
+        block, k = e0 - s0, settings.k
+        if k > block:
+            log.warning("K=%d exceeds the %d rows of one block of this store: using K=%d", k, block, block)
+            k = block
+        out = out_dir / f"{proj}.pt"
+        cfg = AWCConfig(masks=store, proj=proj, k=k, output=out, sparsity=settings.sparsity,
+                        max_rows=settings.max_rows, max_iter=settings.max_iter, seed=settings.seed,
+                        device=settings.device, progress=False)
+        log.info("clustering %s: K=%d, sparsity %.2f, %s rows, %d iterations -> %s", proj, k, settings.sparsity,
+                 settings.max_rows or "all", settings.max_iter, paths.display(out, root))
+        main(cfg)
+        checkpoint_path(out).unlink(missing_ok=True)  # finished: only the centroid files stay in the directory
+    return out_dir
+
+
+def artifact_cli(root: Optional[Path] = None, settings: ArtifactSettings = SETTINGS) -> int:
+    """The no-argument command: one result line on stdout, one error line on stderr (exit 2)."""
+    setup_logging(False)
+    try:
+        out_dir = run_defaults(root, settings)
+    except (ClusteringError, CentroidError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"centroids for {', '.join(PROJS)} written to {out_dir}; next: python -m awq.entry --centroids {out_dir}")
+    return 0
+
+
 NO_ARGS_HELP = ("With no arguments (the artifact's step 2): reads the default pattern store results/masks, clusters "
                 "gate/up/down with K=2048 and sparsity 0.4 on 61,440 rows each and writes results/centroids/awc "
-                "(paths relative to the project root; see clustering/artifact_defaults.py).")
+                "(paths relative to the project root; see ArtifactSettings).")
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # the artifact's "no additional configuration" run
-        from clustering.artifact_defaults import cli as artifact_cli
 
         return artifact_cli()
     return run(AWCConfig, main, argv, description=__doc__.split("\n\n")[0] + " " + NO_ARGS_HELP)

@@ -3,13 +3,11 @@
 :class:`BinaryClusterer` is sklearn-style (``__init__`` stores, ``fit`` learns) and drives the
 iterations of a subclass (``_init_centroids``, ``_iteration``, ``_finalize``, ``_predict_block``)
 over a :class:`~clustering.sources.Source`.  With ``checkpoint`` set, rank 0 saves the state after
-every iteration (atomically, ``awq.io``); ``resume=True`` continues from it when its fingerprint
+every iteration (atomically, ``awq.util.io``); ``resume=True`` continues from it when its fingerprint
 (the configuration minus ``max_iter``) matches, so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -18,17 +16,14 @@ from typing import Any, Optional
 
 import torch
 
-from awq.centroids import CentroidError, load_centroids, validate_centroids
-from awq.io import atomic_torch_save
+from awq.store.centroids import CentroidError, load_centroids, validate_centroids
+from awq.util.fingerprint import config_fingerprint
+from awq.util.io import atomic_torch_save
 from clustering import ClusteringError
 from clustering.distributed import dist_info
 from clustering.sources import Source, as_source
 
 log = logging.getLogger("clustering")
-
-
-def config_hash(cfg: dict) -> str:
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def memory_budget(device: str) -> int:
@@ -170,7 +165,7 @@ class BinaryClusterer:
             "source": src.describe(),
         }
         self.config_ = cfg
-        fp = config_hash({k: v for k, v in cfg.items() if k != "max_iter"})  # a run may be extended
+        fp = config_fingerprint({k: v for k, v in cfg.items() if k != "max_iter"})  # a run may be extended
         ck = Path(self.checkpoint) if self.checkpoint else None
         state = None
         if ck is not None and self.resume and ck.is_file():

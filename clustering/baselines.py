@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from awq.centroids import overlap
+from awq.store.centroids import overlap
 from clustering import ClusteringError
 from clustering.base import BinaryClusterer, checkpoint_path
 from clustering.cli import FitOptions, check_config, make_source, opt, write_result

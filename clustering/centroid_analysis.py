@@ -10,9 +10,9 @@ from typing import Optional
 
 import torch
 
-from awq.centroids import load_centroids
-from awq.cli import check_config, opt
-from awq.io import atomic_write_json
+from awq.store.centroids import load_centroids
+from awq.util.cli import check_config, opt
+from awq.util.io import atomic_write_json
 from clustering.cli import run
 
 

@@ -1,5 +1,5 @@
 """Command-line plumbing shared by the clustering tools: the common options (declared once, as
-config dataclasses, see :mod:`awq.cli`), the source they describe, result files and ``run``.
+config dataclasses, see :mod:`awq.util.cli`), the source they describe, result files and ``run``.
 
 Every tool defines ``Config`` (a subclass of :class:`StoreOptions` / :class:`FitOptions` or its
 own), a typed ``main(cfg) -> result`` and ``cli(argv) -> int`` = ``run(Config, main, argv, doc)``.
@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
-from awq.cli import setup_logging as awq_setup_logging
-from awq.centroids import CentroidError, save_centroids
-from awq.cli import ConfigError, build_parser, check_config, opt, parse_config
-from awq.io import atomic_write_json, check_not_input, check_output_path, output_lock
-from awq.sparsify import PROJS
+from awq.load.arch import PROJS
+from awq.store.centroids import CentroidError, save_centroids
+from awq.util.cli import ConfigError, build_parser, check_config, opt, parse_config
+from awq.util.cli import setup_logging as awq_setup_logging
+from awq.util.io import atomic_write_json, check_not_input, check_output_path, output_lock
 from clustering import ClusteringError
 from clustering.base import BinaryClusterer, checkpoint_path
 from clustering.distributed import dist_info, shutdown_distributed
@@ -129,7 +129,7 @@ def output_files(cfg: Any) -> list[Path]:
 
 def check_outputs(cfg: Any) -> list[Path]:
     """Before any work: every output is writable, no output is (or lies inside) an input or a pattern
-    store, and no two outputs coincide.  One-line :class:`awq.io.OutputError` / ClusteringError."""
+    store, and no two outputs coincide.  One-line :class:`awq.util.io.OutputError` / ClusteringError."""
     inputs = _inputs(cfg)
     if getattr(cfg, "output", None) is None:
         return []

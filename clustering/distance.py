@@ -1,11 +1,11 @@
 """The active-only distance of AWC for a whole block, on the kernel this machine runs fastest.
 
 ``D[n, K] = |a| - <a, c>`` for {0,1} rows ``a`` of ``X`` and centroids ``c`` of ``C``, exact float32,
-equal element for element to :func:`awq.centroids.active_only_distance`.  One GEMM gives both terms:
+equal element for element to :func:`awq.store.centroids.active_only_distance`.  One GEMM gives both terms:
 the centroids are extended by a row of ones, so column ``K`` of ``X [C; 1]^T`` is the row sum
 ``|a|`` (no separate pass over ``X``).  On the CPU the GEMM is int8 (``torch._int_mm``, int32
 accumulation) or fp32 (0/1 products, exact while sums stay below 2**24: guarded), as
-:func:`awq.hw.overlap_kernel` picks by capability or a cached one-time measurement (``kernel=`` /
+:func:`awq.kernels.hw.overlap_kernel` picks by capability or a cached one-time measurement (``kernel=`` /
 ``$AWQ_KERNEL_OVERLAP`` override), or with ``kernel="popcount"`` the compiled kernel's
 ``popcount(a AND NOT c)`` on bit-packed rows (:mod:`clustering.cluster_kernel`).  Elsewhere the fp32 GEMM.
 """
@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from awq.hw import check_fp32_exact, overlap_kernel
+from awq.kernels.cluster import kernel as compiled
+from awq.kernels.hw import check_fp32_exact, overlap_kernel
 
 
 def augmented_centroids(C: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -33,7 +34,6 @@ def block_distance(X: torch.Tensor, C: torch.Tensor, kernel: Optional[str] = Non
     if n == 0 or k == 0:
         return torch.zeros(n, k, dtype=torch.float32, device=X.device)
     if kernel == "popcount" and X.device.type == "cpu":  # the compiled kernel's distance (bit-packed rows)
-        from clustering.cluster_kernel import kernel as compiled
 
         mod = compiled()
         if mod is None:

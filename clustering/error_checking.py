@@ -23,8 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from awq.centroids import CentroidError, load_centroids, metrics_from_counts, overlap
-from awq.io import atomic_write_json
+from awq.store.centroids import CentroidError, load_centroids, metrics_from_counts, overlap
+from awq.util.io import atomic_write_json
 from clustering.cli import StoreOptions, check_config, make_source, opt, run
 from clustering.sources import Source, as_source
 

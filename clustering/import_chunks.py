@@ -13,17 +13,16 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from awq.pattern_store import StoreError, StoreWriter, pack
-from awq.sparse_mlp import PROJS
-from dataclasses import dataclass
-
-from awq.cli import opt, run_cli
+from awq.load.arch import PROJS
+from awq.store.pattern_store import StoreError, StoreWriter, pack
+from awq.util.cli import opt, run_cli
 
 log = logging.getLogger("import_chunks")
 _CHUNK_RE = re.compile(r"chunk_(\d+)\.pt$")

@@ -13,9 +13,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from awq.centroids import load_centroids, save_centroids
-from awq.cli import check_config, opt
-from awq.sparsify import PROJS
+from awq.load.arch import PROJS
+from awq.store.centroids import load_centroids, save_centroids
+from awq.util.cli import check_config, opt
 from clustering import ClusteringError
 from clustering.cli import run
 from clustering.sources import StoreSource

@@ -6,8 +6,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from awq.centroids import overlap
-from awq.hw import overlap_kernel
+from awq.kernels.hw import overlap_kernel
+from awq.store.centroids import overlap
 from clustering.sources import Source
 
 
@@ -54,7 +54,7 @@ def d1_seeding(
     """
     X = X.float()
     nrm = X.sum(1)
-    # overlap() operand in the dtype of the CPU kernel awq.hw picks (int8 or fp32), converted once
+    # overlap() operand in the dtype of the CPU kernel awq.kernels.hw picks (int8 or fp32), converted once
     Xo = X.to(torch.int8) if X.device.type == "cpu" and overlap_kernel(None, X.shape[1]) == "int8" else X
     C = [first.float().to(X.device)]
     dmin = (nrm[:, None] + C[0].sum(1)[None, :] - 2 * overlap(Xo, C[0])).min(1).values.clamp_min(0)

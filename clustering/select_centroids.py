@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from awq.centroids import save_centroids
+from awq.store.centroids import save_centroids
 from clustering import ClusteringError
 from clustering.cli import StoreOptions, check_config, make_source, opt, run
 from clustering.seeding import d1_seeding, seeding_sample

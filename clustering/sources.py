@@ -1,7 +1,7 @@
 """Data sources: the {0,1} rows an estimator fits, read block by block.
 
 :class:`TensorSource` is an in-memory tensor (tests, library use); :class:`StoreSource` is one
-projection of a bit-packed pattern store (:class:`awq.pattern_store.PatternStore`, written by
+projection of a bit-packed pattern store (:class:`awq.store.pattern_store.PatternStore`, written by
 ``python -m awq.entry --dump_masks``), pooled over all layers or one layer, optionally
 subsampled to ``max_rows``.  Rows have a *canonical order*: window-major (``token // seqlen``),
 then layer, then token -- so consecutive blocks of ``seqlen * num_layers`` rows are exactly the
@@ -18,8 +18,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from awq.pattern_store import PatternStore
-from awq.sparsify import PROJS
+from awq.load.arch import PROJS
+from awq.store.pattern_store import PatternStore
 from clustering import ClusteringError
 from clustering.distributed import dist_info, slice_bounds
 
@@ -78,10 +78,10 @@ class TensorSource(Source):
         self.X = Xu.to("cpu", torch.uint8).contiguous()
         self.n_rows, self.width = int(X.shape[0]), int(X.shape[1])
         self.default_block_rows = int(block_rows or min(self.n_rows, 65536))
-        self._sha = hashlib.sha1(self.X.numpy().tobytes()).hexdigest()[:16]
+        self._sha = hashlib.sha256(self.X.numpy().tobytes()).hexdigest()[:16]
 
     def describe(self) -> dict:
-        return {"kind": "tensor", "n_rows": self.n_rows, "width": self.width, "sha1": self._sha}
+        return {"kind": "tensor", "n_rows": self.n_rows, "width": self.width, "sha256": self._sha}
 
     def read(self, positions: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
         return self.X[torch.from_numpy(np.asarray(positions, dtype=np.int64))].to(device=device, dtype=torch.float32)
@@ -92,7 +92,7 @@ class TensorSource(Source):
 
 class StoreSource(Source):
     """Rows of one projection of a pattern store, pooled over layers (or one ``layer``), in the
-    store's canonical order (:meth:`awq.pattern_store.PatternStore.rows`), optionally subsampled."""
+    store's canonical order (:meth:`awq.store.pattern_store.PatternStore.rows`), optionally subsampled."""
 
     def __init__(
         self,

@@ -78,7 +78,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_thresholds(tiny_model_dir, tiny_corpus, tmp_path_factory) -> Path:
     """50% thresholds for the tiny model, made by `python -m awq.calibrate` on the tiny corpus's train part."""
-    from awq.calibrate import cli
+    from awq.methods.calibration import cli
 
     out = tmp_path_factory.mktemp("thr") / "thresholds_50_percent_sparsity.json"
     assert cli(["--sparsity", "0.5", "--model_path", str(tiny_model_dir), "--data_path", str(tiny_corpus),

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from awq import artifact, paths
+from awq.report import artifact
+from awq.util import paths
 
 REPO = Path(__file__).resolve().parent.parent
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -108,7 +109,7 @@ def test_missing_evidence_is_a_fail_not_a_crash():
 # no-argument clustering on a tiny store under a temporary project root
 # ------------------------------------------------------------------------------------------
 def make_store(path, L=2, windows=2, seqlen=40, seed=0):
-    from awq.pattern_store import StoreWriter, pack
+    from awq.store.pattern_store import StoreWriter, pack
 
     widths = {"gate_proj": 48, "up_proj": 48, "down_proj": 24}
     g = torch.Generator().manual_seed(seed)
@@ -134,9 +135,8 @@ def test_paths_resolve_against_the_root(tmp_path, monkeypatch):
 
 
 def test_defaults_equal_an_explicit_run(tmp_path):
-    from awq.codebook import parse_centroid_spec
-    from clustering.activation_aware_clustering import AWCConfig, main
-    from clustering.artifact_defaults import ArtifactSettings, run_defaults
+    from awq.methods.codebook import parse_centroid_spec
+    from clustering.activation_aware_clustering import ArtifactSettings, AWCConfig, main, run_defaults
 
     make_store(tmp_path / "results" / "masks")
     st = ArtifactSettings(k=6, max_rows=None, max_iter=2)

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from awq import artifact, report
-from awq.artifact_run import predictor_steps, with_checked_in
-from awq.report_import import RunOutputError, import_predictor, import_sparse_mlp
+from awq.report import artifact
+from awq.report import generate as report
+from awq.report.artifact_run import predictor_steps, with_checked_in
+from awq.report.importers import RunOutputError, import_predictor, import_sparse_mlp
 
 REPO = Path(__file__).resolve().parent.parent
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -66,7 +67,7 @@ def test_sparse_mlp_import_rejects_other_json(tmp_path):
 
 def eval_json(recall_pred: float = 0.7) -> dict:
     """An evaluate() result whose 'overall' comes from EvalCounts on a tiny random case."""
-    from awq.predictor_eval import EvalCounts
+    from awq.predictor.evaluate import EvalCounts
 
     g = torch.Generator().manual_seed(0)
     A = (torch.rand(64, 24, generator=g) < 0.4).float()
@@ -110,15 +111,15 @@ def test_predictor_import_refuses_a_failed_chain(tmp_path):
 
 def test_predictor_chain_commands_parse(tmp_path):
     """Every step of `python -m awq.artifact --predictor` is a valid command line of its tool."""
-    from awq.cli import build_parser as config_parser
-    from awq.entry import build_parser as entry_parser
-    from awq.predictor import build_parser as predictor_parser
+    from awq.experiments.entry import build_parser as entry_parser
+    from awq.predictor.__main__ import build_parser as predictor_parser
+    from awq.util.cli import build_parser as config_parser
     from clustering.activation_aware_clustering import AWCConfig
 
     steps = predictor_steps(tmp_path)
     assert [s[0] for s in steps] == ["train_store", "test_store", "cluster_gate", "cluster_up", "cluster_down",
                                      "train", "evaluate"]
-    parsers = {"awq.entry": entry_parser(), "awq.predictor": predictor_parser(),
+    parsers = {"awq.entry": entry_parser(), "awq.methods.label_predictor": predictor_parser(),
                "clustering.activation_aware_clustering": config_parser(AWCConfig)}
     outputs = set()
     for name, argv, cwd, done in steps:
@@ -183,7 +184,7 @@ def test_bench_notes_state_a_loaded_machine():
 def test_predictor_eval_records_machine_and_load(monkeypatch):
     import os
 
-    from awq.predictor_eval import machine_notes
+    from awq.predictor.evaluate import machine_notes
 
     monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 0.0, 0.0))
     info, notes = machine_notes(["given"])

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from awq.centroids import load_centroids, save_centroids
-from awq.io import output_lock
+from awq.store.centroids import load_centroids, save_centroids
+from awq.util.io import output_lock
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.test_clustering import make_store
 
@@ -52,7 +52,7 @@ def refused(capsys, rc: int, *words: str) -> str:
 
 
 def entry(*args) -> int:
-    from awq.entry import cli
+    from awq.experiments.entry import cli
 
     return cli([str(a) for a in args])
 
@@ -110,7 +110,7 @@ def test_store_of_another_model_with_the_same_name_is_refused(two_models, tiny_c
 
 
 def reproduce(*args) -> int:
-    from awq.reproduce import cli
+    from awq.experiments.reproduce import cli
 
     return cli([str(a) for a in args])
 
@@ -159,11 +159,13 @@ def predictor(tiny_model_dir, tmp_path_factory):
     """A predictor trained on the tiny model's masks, with its centroid files."""
     from transformers import AutoModelForCausalLM
 
-    from awq import predictor_train as PT
-    from awq.bitpack import unpack
-    from awq.pattern_store import PatternStore
-    from awq.recording import record_masks
-    from awq.sparse_mlp import PROJS, SparsityConfig, sparsify_
+    from awq.load.arch import PROJS
+    from awq.methods.base import sparsify_
+    from awq.methods.paper_mlp import SparsityConfig
+    from awq.methods.recording import record_masks
+    from awq.predictor import train as PT
+    from awq.store.bitpack import unpack
+    from awq.store.pattern_store import PatternStore
 
     d = tmp_path_factory.mktemp("pred")
     model = sparsify_(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
@@ -211,7 +213,7 @@ def test_predictor_checks_its_training_centroids_without_the_option(predictor, t
 def test_non_finite_predictor_weights_are_refused(predictor, tiny_model_dir, tiny_corpus, tmp_path, capsys):
     from safetensors import safe_open
 
-    from awq.predictor import save_tensors
+    from awq.methods.label_predictor import save_tensors
 
     with safe_open(str(predictor / "pred.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -266,8 +268,8 @@ def test_non_finite_numbers_are_refused(store, centroids, value, capsys):
 
 
 def test_non_finite_thresholds_and_negative_counts_are_refused(tiny_model_dir, tiny_corpus, tmp_path, capsys):
-    from awq.calibrate import cli as calibrate
-    from awq.sparse_mlp import PROJS
+    from awq.load.arch import PROJS
+    from awq.methods.calibration import cli as calibrate
 
     thr = tmp_path / "thr.json"
     thr.write_text(json.dumps({p: {"layer_0": 0.1, "layer_1": float("nan") if p == "up_proj" else 0.1}
@@ -282,7 +284,7 @@ def test_non_finite_thresholds_and_negative_counts_are_refused(tiny_model_dir, t
 
 
 def test_predictor_train_options_are_range_checked(predictor, tmp_path, capsys):
-    from awq.predictor import main as predictor_cli
+    from awq.predictor.__main__ import main as predictor_cli
 
     spec = ",".join(f"{p}={predictor / f'{p}_proj.pt'}" for p in ("gate", "up", "down"))
     before = snapshot(predictor)
@@ -298,7 +300,7 @@ def test_predictor_train_options_are_range_checked(predictor, tmp_path, capsys):
 
 # ---- (4) outputs checked before computing ----------------------------------------------------------
 def test_bad_output_paths_fail_before_the_work(store, centroids, tiny_model_dir, tmp_path, capsys):
-    from awq.calibrate import cli as calibrate
+    from awq.methods.calibration import cli as calibrate
     from clustering.error_checking import cli as precision
 
     before = snapshot(store.parent)
@@ -337,7 +339,7 @@ def test_a_second_writer_is_refused(store, tiny_model_dir, tiny_corpus, tiny_thr
 
 # ---- (7) bounded memory --------------------------------------------------------------------------
 def test_prefix_tokenization_equals_full_tokenization():
-    from awq.data import tokenize_windows
+    from awq.load.data import tokenize_windows
 
     tok = tiny_tokenizer()
     rng = random.Random(0)
@@ -352,7 +354,7 @@ def test_prefix_tokenization_equals_full_tokenization():
 
 
 def test_prefix_tokenization_reads_only_a_prefix(monkeypatch):
-    from awq.data import tokenize_windows
+    from awq.load.data import tokenize_windows
 
     tok = tiny_tokenizer()
     lengths = []

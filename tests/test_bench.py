@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from bench.common import (ABOVE_ROOFLINE, FusedDenseMLP, Report, Timing, best_dense, check_ratio, interleaved,
-                          quantile, roofline_speedup, swiglu_bytes)
+from bench.common import (
+    ABOVE_ROOFLINE,
+    FusedDenseMLP,
+    Report,
+    Timing,
+    best_dense,
+    check_ratio,
+    interleaved,
+    quantile,
+    roofline_speedup,
+    swiglu_bytes,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +230,8 @@ def test_bench_decode_method_rows_tiny(tiny_model_dir, tiny_corpus, tmp_path):
     assert any("roofline" in line or "ABOVE ROOFLINE" in line for line in data["lines"])
     assert any(line.startswith("CPU ") and "this project's kernels" in line for line in data["lines"])
     # the README block generated from it (python -m awq.report --import_decode JSON decode_smollm2)
-    from awq.report_decode import decode_table, import_decode
-    from awq.report_import import RunOutputError
+    from awq.report.decode import decode_table, import_decode
+    from awq.report.importers import RunOutputError
 
     ref = import_decode(out, "decode_smollm2", tmp_path)
     table = decode_table(json.loads(ref.read_text()))

@@ -1,11 +1,11 @@
-"""Bit packing of masks (awq.bitpack) against plain per-bit loops, on the CPU and (when present) an accelerator."""
+"""Bit packing of masks (awq.store.bitpack) against plain per-bit loops, on the CPU and (when present) an accelerator."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from awq.bitpack import _pack_torch, _unpack_torch, pack, packed_width, unpack
+from awq.store.bitpack import _pack_torch, _unpack_torch, pack, packed_width, unpack
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awq.calibrate import calibrate, exact_quantile_thresholds
-from awq.eval import measure_sparsity
-from awq.sparse_mlp import PROJS, SparsityConfig, add_observer, remove_observer, sparsify_
+from awq.experiments.eval import measure_sparsity
+from awq.load.arch import PROJS
+from awq.methods.base import sparsify_
+from awq.methods.calibration import calibrate, exact_quantile_thresholds
+from awq.methods.paper_mlp import SparsityConfig
+from awq.methods.recording import add_observer, remove_observer
 from tests.conftest import tiny_model
 
 

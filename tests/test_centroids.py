@@ -1,8 +1,8 @@
-"""awq.centroids: centroid files, the active-only distance/assignment and coverage counts."""
+"""awq.store.centroids: centroid files, the active-only distance/assignment and coverage counts."""
 import pytest
 import torch
 
-from awq.centroids import (
+from awq.store.centroids import (
     CentroidError,
     active_only_distance,
     assign_active_only,

@@ -1,4 +1,4 @@
-"""awq.cli: parsers generated from config dataclasses (types, flags, required, ranges, round trip)."""
+"""awq.util.cli: parsers generated from config dataclasses (types, flags, required, ranges, round trip)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +9,7 @@ from typing import Optional
 
 import pytest
 
-from awq.cli import ConfigError, build_parser, check_config, given_options, opt, parse_config, to_argv
+from awq.util.cli import ConfigError, build_parser, check_config, given_options, opt, parse_config, to_argv
 
 
 @dataclass
@@ -78,9 +78,10 @@ def test_given_options_with_suppressed_defaults():
 
 
 def test_real_clis_share_the_generator():
-    from awq.calibrate import CalibrateConfig
-    from awq.entry import EntryConfig, build_parser as entry_parser
-    from awq.reproduce import ReproduceConfig
+    from awq.experiments.entry import EntryConfig
+    from awq.experiments.entry import build_parser as entry_parser
+    from awq.experiments.reproduce import ReproduceConfig
+    from awq.methods.calibration import CalibrateConfig
 
     help_text = entry_parser().format_help()
     for f in fields(EntryConfig):
@@ -88,5 +89,5 @@ def test_real_clis_share_the_generator():
     assert all(f.metadata.get("help") for f in fields(CalibrateConfig) + fields(ReproduceConfig))
     r = subprocess.run([sys.executable, "-m", "awq.entry", "--nsamples", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: --nsamples must be >= 1, got 0"
-    r = subprocess.run([sys.executable, "-m", "awq.reproduce", "--quick", "--ks", "0"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "awq.experiments.reproduce", "--quick", "--ks", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --ks must be >= 1, got 0"

@@ -6,10 +6,16 @@ import json
 import pytest
 import torch
 
-from awq.cluster_predictor import (FORMAT, ClusterPredictorError, cli as fit_cli, file_format,
-                                   load_cluster_predictor, save_cluster_predictor)
-from awq.entry import cli as entry_cli
-from awq.sparse_compute import cpp_kernel_available
+from awq.experiments.entry import cli as entry_cli
+from awq.kernels.mlp import cpp_kernel_available
+from awq.predictor.cluster_files import (
+    FORMAT,
+    ClusterPredictorError,
+    file_format,
+    load_cluster_predictor,
+    save_cluster_predictor,
+)
+from awq.predictor.cluster_files import cli as fit_cli
 from tests.conftest import tiny_model
 
 SEQ = ["--seqlen", "64"]
@@ -36,11 +42,11 @@ def cluster_file(tiny_model_dir, tiny_corpus, tmp_path_factory):
 
 def _reference_ppl(tiny_model_dir, tiny_corpus, path, nsamples):
     """Direct: load, sparsify_ with the file's config, perplexity + metered read (the frontier's way)."""
-    from awq.cost import metering
-    from awq.data import load_corpus, tokenize_windows
-    from awq.eval import perplexity
-    from awq.models import load_model
-    from awq.sparsify import sparsify_
+    from awq.experiments.eval import perplexity
+    from awq.load.data import load_corpus, tokenize_windows
+    from awq.load.models import load_model
+    from awq.methods.base import sparsify_
+    from awq.methods.cost import metering
 
     model, tok, _ = load_model(str(tiny_model_dir), None, None)
     cfg, _ = load_cluster_predictor(path, model)
@@ -52,7 +58,7 @@ def _reference_ppl(tiny_model_dir, tiny_corpus, path, nsamples):
 
 
 def test_file_roundtrip_and_metadata(cluster_file, tiny_model_dir):
-    from awq.models import load_model
+    from awq.load.models import load_model
 
     assert file_format(cluster_file) == FORMAT
     model, _, info = load_model(str(tiny_model_dir), None, None)
@@ -134,7 +140,7 @@ def test_wrong_model_and_conflicting_options_one_line(cluster_file, tiny_corpus,
 def test_non_finite_or_truncated_file_refused(cluster_file, tiny_model_dir, tmp_path):
     from safetensors import safe_open
 
-    from awq.models import load_model
+    from awq.load.models import load_model
 
     model, _, _ = load_model(str(tiny_model_dir), None, None)
     with safe_open(str(cluster_file), "pt") as f:

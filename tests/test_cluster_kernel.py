@@ -9,13 +9,15 @@ import itertools
 import pytest
 import torch
 
-from awq import hw
+from awq.kernels import cluster as kc
+from awq.kernels import hw
 from clustering import cluster_kernel as ck
-from clustering.activation_aware_clustering import ActivationAwareClustering, awc_update, torch_block
+from clustering.activation_aware_clustering import ActivationAwareClustering
+from clustering.awc_iteration import awc_update, torch_block
 from tests.test_clustering import ref_greedy
 from tests.test_hw_clustering import ref_distance, ref_global
 
-mod = ck.kernel()
+mod = kc.kernel()
 pytestmark = pytest.mark.skipif(mod is None, reason="the C++ AWC kernel cannot be built here (no compiler)")
 WIDTHS = (1, 7, 63, 64, 65, 130, 255, 256, 300, 1000)
 
@@ -124,11 +126,11 @@ def test_block_bit_identical_to_torch_block(greedy, nearest):
             C[k - 1] = 1.0  # a centroid nearer than all: others may end up empty
         for tol, t, p in itertools.product((1.0, 0.7), (1, 4), (0.0, 0.4)):
             cap = int(tol * n // k)
-            a = ck.awc_block(X, C, cap, greedy, nearest, t, p)
+            a = kc.awc_block(X, C, cap, greedy, nearest, t, p)
             b = torch_block(X, C, cap, greedy, nearest, t, p, "fp32")
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:], (n, F, k, tol, t, p)
-    assert ck.awc_block(X.to(torch.uint8), C, 10, greedy, nearest, 1, 0.4)[1].tolist() == \
-        ck.awc_block(X, C, 10, greedy, nearest, 1, 0.4)[1].tolist()
+    assert kc.awc_block(X.to(torch.uint8), C, 10, greedy, nearest, 1, 0.4)[1].tolist() == \
+        kc.awc_block(X, C, 10, greedy, nearest, 1, 0.4)[1].tolist()
 
 
 @pytest.mark.parametrize("assign", ["global", "greedy"])
@@ -171,11 +173,11 @@ def test_no_compiler_falls_back_to_torch(fresh_cache, monkeypatch):
 
 def test_avx2_only_build_is_real_and_identical(fresh_cache, monkeypatch):
     monkeypatch.setenv("AWQ_HW_FLAGS", "avx2 fma")
-    flags = ck.build_flags()
+    flags = kc.build_flags()
     if "-march=haswell" not in flags:
         pytest.skip("not an x86-64 CPU")
     assert "-march=native" not in flags
-    avx2 = ck.kernel()
+    avx2 = kc.kernel()
     assert avx2 is not None and avx2 is not mod and avx2.simd() == "avx2"
     X, C = rand01(203, 1000, 0.5, 1), rand01(13, 1000, 0.6, 2)
     ref = mod.distance(mod.pack_rows(X), mod.pack_rows(C))
@@ -192,7 +194,7 @@ def test_block_split_across_threads_identical():
     try:
         X, C = rand01(12000, 300, 0.4, 21), rand01(64, 300, 0.55, 22)
         for greedy in (False, True):
-            a = ck.awc_block(X, C, 180, greedy, True, 2, 0.4)
+            a = kc.awc_block(X, C, 180, greedy, True, 2, 0.4)
             b = torch_block(X, C, 180, greedy, True, 2, 0.4, "fp32")
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:], greedy
     finally:

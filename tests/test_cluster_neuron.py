@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awq.cost import metering
-from awq.methods import METHODS, CalibData, MethodError, extra_read
+from awq.kernels.mlp import cpp_kernel_available
+from awq.load.arch import decoder_layers
+from awq.methods.base import sparsify_, unsparsify_
 from awq.methods.cluster_fit import coverage_weights, fit_centroids, train_router
 from awq.methods.cluster_neuron import ClusterNeuronConfig, ClusterVariant, calibrate_cluster_neuron
-from awq.methods.common import collect_mlp_inputs, mlp_of
-from awq.sparse_compute import cpp_kernel_available
-from awq.sparsify import decoder_layers, sparsify_, unsparsify_
+from awq.methods.common import CalibData, MethodError, collect_mlp_inputs, dense_h, mlp_of
+from awq.methods.cost import metering
+from awq.methods.registry import METHODS, extra_read
 from tests.conftest import tiny_model
 
 FAST = dict(iters=5, router_steps=30)
@@ -126,7 +127,16 @@ def test_oracle_read_equals_centroid_size(tiny_calib):
         model(windows[:1])
     unsparsify_(model)
     assert meter.weight_read_fraction() == pytest.approx(round(0.5 * inter) / inter)
-    assert 0.5 < cfg.info["calib_coverage"] <= 1.0
+    # calib_coverage: per token, the share of its |h| inside the centroid covering the most of it; mean over
+    # tokens, then over layers (a plain loop)
+    covs = []
+    for i, x in enumerate(xs):
+        a, u = dense_h(mlp_of(model, i), x)
+        habs = (a * u).abs()
+        C = cfg.centroids[i].float()
+        per_tok = [float((hb * C[int((C @ hb).argmax())]).sum() / hb.sum()) for hb in habs]
+        covs.append(sum(per_tok) / len(per_tok))
+    assert cfg.info["calib_coverage"] == pytest.approx(sum(covs) / len(covs), rel=1e-5)
 
 
 @pytest.mark.parametrize("within", ["gate", "h", "ideal"])
@@ -214,8 +224,8 @@ def _routed_cfg(model, within, top_m, hot, t, seed=6):
                                                 ("gate", 1, False, 0.0), ("gate", 1, False, 1e9),
                                                 ("none", 1, False, 0.0), ("none", 2, True, 0.0)])
 def test_decode_kernel_equals_masked_path(within, top_m, hot, t):
-    from awq.dynamic_sparse import prepare_decode_
-    from awq.sparsify import swapped_mlps
+    from awq.methods.base import swapped_mlps
+    from awq.methods.dynamic_sparse import prepare_decode_
 
     model = tiny_model(layers=2, hidden=64, inter=160)
     sparsify_(model, _routed_cfg(model, within, top_m, hot, t))
@@ -246,7 +256,7 @@ def test_decode_kernel_equals_masked_path(within, top_m, hot, t):
 
 @pytest.mark.parametrize("routed,within", [(False, "gate"), (True, "h"), (False, "ideal"), (False, "none")])
 def test_decode_kernel_refused_where_semantics_differ(routed, within):
-    from awq.sparsify import swapped_mlps
+    from awq.methods.base import swapped_mlps
 
     model = tiny_model(layers=1, hidden=16, inter=24)
     cfg = _routed_cfg(model, within, 1, False, 0.01)

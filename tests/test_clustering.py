@@ -14,15 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from awq.centroids import CentroidError, load_centroids, save_centroids
+from awq.store.centroids import CentroidError, load_centroids, save_centroids
 from clustering import ClusteringError
-from clustering.activation_aware_clustering import (
-    ActivationAwareClustering,
-    awc_update,
-    global_balanced_assign,
-    greedy_balanced_assign,
-    row_quantile,
-)
+from clustering.activation_aware_clustering import ActivationAwareClustering
+from clustering.awc_iteration import awc_update, global_balanced_assign, greedy_balanced_assign, row_quantile
 from clustering.sources import StoreSource, TensorSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +125,7 @@ def planted(k=6, per=40, f=48, seed=0):
 
 
 def make_store(path, L=3, windows=2, seqlen=40, widths=None, seed=0, windows_done=None):
-    from awq.pattern_store import StoreWriter, pack
+    from awq.store.pattern_store import StoreWriter, pack
 
     widths = widths or {"gate_proj": 48, "up_proj": 48, "down_proj": 20}
     g = torch.Generator().manual_seed(seed)
@@ -361,7 +356,8 @@ def test_runs_by_path_and_as_module_from_any_cwd(tmp_path, module):
 
 
 def test_option_ranges_checked_before_reading_data(tmp_path, capsys):
-    from clustering import activation_aware_clustering as awc, bmf, error_checking
+    from clustering import activation_aware_clustering as awc
+    from clustering import bmf, error_checking
 
     base = ["--masks", tmp_path / "missing_store", "--proj", "gate_proj"]
     for mod, extra, msg in ((awc, ["--k", 4, "--output", tmp_path / "a.pt", "--sparsity", 1.0], "--sparsity must be < 1"),
@@ -377,7 +373,7 @@ def test_option_ranges_checked_before_reading_data(tmp_path, capsys):
 
 
 def test_main_with_config_equals_cli(tmp_path):
-    from awq.cli import to_argv
+    from awq.util.cli import to_argv
     from clustering.activation_aware_clustering import AWCConfig, cli, main
 
     make_store(tmp_path / "st")

@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awq.centroids import CentroidError, save_centroids
-from awq.codebook import CentroidCodebook, load_codebooks, parse_centroid_spec
-from awq.sparse_mlp import PROJS, SparsityConfig, add_observer, remove_observer, sparsify_
+from awq.load.arch import PROJS
+from awq.methods.base import sparsify_
+from awq.methods.codebook import CentroidCodebook, load_codebooks, parse_centroid_spec
+from awq.methods.paper_mlp import SparsityConfig
+from awq.methods.recording import add_observer, remove_observer
+from awq.store.centroids import CentroidError, save_centroids
 from tests.conftest import tiny_model
 
 THR = {"gate_proj": [0.02, 0.03], "up_proj": [0.02, 0.03], "down_proj": [0.0005, 0.0005]}

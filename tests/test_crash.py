@@ -1,8 +1,9 @@
-"""Crash safety (issue 12): a clustering run and a small reproduce run killed with SIGKILL at a random
-point resume to exactly the result of an uninterrupted run.
+"""Crash safety: a clustering run and a small reproduce run killed with SIGKILL at a chosen point resume to
+exactly the result of an uninterrupted run.
 
-The kill time is drawn uniformly within the measured duration of the uninterrupted run (the seed
-is printed, so a failure can be replayed with ``AWQ_CRASH_SEED``).
+The kill lands where intended: the run is killed the moment a chosen file appears (a checkpoint, a finished
+step's output) plus a random delay drawn from a printed seed (replay with ``AWQ_CRASH_SEED``), and the test
+asserts that the process was still running then and that its final output did not exist yet.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from awq.centroids import load_centroids
+from awq.store.centroids import load_centroids
 from tests.test_clustering import make_store
 
 SEED = int(os.environ.get("AWQ_CRASH_SEED", str(time.time_ns() % 100000)))
@@ -38,16 +39,24 @@ def timed_run(cmd: list[str]) -> float:
     return time.perf_counter() - t
 
 
-def killed_run(cmd: list[str], after: float) -> bool:
-    """Start ``cmd`` and SIGKILL its process group ``after`` seconds later; True if it was still running."""
+def kill_when(cmd: list[str], ready: Path, delay: float, final: Path, timeout: float = 300) -> bool:
+    """Start ``cmd``; once ``ready`` exists, wait ``delay`` seconds and SIGKILL its process group.  True when the
+    process was still running at the kill and ``final`` (its last output) did not exist yet."""
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
+    t0 = time.monotonic()
     try:
-        p.wait(timeout=after)
-        return False
-    except subprocess.TimeoutExpired:
+        while not ready.exists():
+            if p.poll() is not None or time.monotonic() - t0 > timeout:
+                return False
+            time.sleep(0.005)
+        time.sleep(delay)
+        running = p.poll() is None and not final.exists()
         os.killpg(p.pid, signal.SIGKILL)
+        return running
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-        return True
 
 
 def test_killed_clustering_run_resumes_to_the_same_result(tmp_path):
@@ -59,11 +68,13 @@ def test_killed_clustering_run_resumes_to_the_same_result(tmp_path):
         return [sys.executable, "-m", "clustering.activation_aware_clustering", "--masks", str(store), "--proj",
                 "up_proj", "--k", "16", "--output", str(out), "--max_iter", "8", "--resume", "--no_progress"]
 
-    full = timed_run(cmd(tmp_path / "full.pt"))
-    after = rng.uniform(0.4, 0.95) * full
-    killed = killed_run(cmd(tmp_path / "crash.pt"), after)
-    print(f"seed {SEED}: killed after {after:.2f}s of {full:.2f}s (still running: {killed}); "
-          f"checkpoint left: {(tmp_path / 'crash.ckpt.pt').exists()}")
+    timed_run(cmd(tmp_path / "full.pt"))
+    delay = rng.uniform(0.0, 0.05)  # after the first checkpoint: mid-run, iterations left to do
+    ckpt = tmp_path / "crash.ckpt.pt"
+    killed = kill_when(cmd(tmp_path / "crash.pt"), ckpt, delay, tmp_path / "crash.results.json")
+    print(f"seed {SEED}: killed {delay:.3f}s after the first checkpoint")
+    assert killed, "the run finished before the kill: the crash was not exercised"
+    assert ckpt.exists() and not (tmp_path / "crash.pt").exists()
     timed_run(cmd(tmp_path / "crash.pt"))
     a, _ = load_centroids(tmp_path / "full.pt")
     b, _ = load_centroids(tmp_path / "crash.pt")
@@ -85,18 +96,20 @@ def test_killed_reproduce_run_resumes_to_the_same_result(tiny_model_dir, tiny_co
     rng = random.Random(SEED + 1)
 
     def cmd(out: Path) -> list[str]:
-        return [sys.executable, "-m", "awq.reproduce", "--quick", "--out", str(out), "--model_path",
+        return [sys.executable, "-m", "awq.experiments.reproduce", "--quick", "--out", str(out), "--model_path",
                 str(tiny_model_dir), "--data_path", str(tiny_corpus), "--thresholds", str(tiny_thresholds),
-                "--seqlen", "32", "--ppl_nsamples", "1",  # --baseline_k over the rows: AWC only, to stay fast "--extract_nsamples", "3", "--ks", "4", "--sparsities", "0.4",
-                "--baseline_k", "100000", "--max_rows", "150", "--eval_rows", "150", "--max_iter", "2",
+                "--seqlen", "32", "--ppl_nsamples", "1", "--extract_nsamples", "3", "--ks", "4", "--sparsities", "0.4",
+                "--baseline_k", "100000",  # --baseline_k over the rows: AWC only, to stay fast "--max_rows", "150", "--eval_rows", "150", "--max_iter", "2",
                 "--baseline_max_iter", "2", "--plots_dir", str(out / "plots")]
 
-    full = timed_run(cmd(tmp_path / "full"))
-    after = rng.uniform(0.3, 0.95) * full
-    killed = killed_run(cmd(tmp_path / "crash"), after)
-    done = len(list((tmp_path / "crash").rglob("*.json")))
-    print(f"seed {SEED + 1}: killed after {after:.2f}s of {full:.2f}s (still running: {killed}); {done} json files")
-    timed_run(cmd(tmp_path / "crash"))
+    timed_run(cmd(tmp_path / "full"))
+    delay = rng.uniform(0.0, 0.2)  # after the pattern store is complete: clustering and the last steps left to do
+    crash = tmp_path / "crash"
+    killed = kill_when(cmd(crash), crash / "runs" / "extract.json", delay, crash / "summary.json")
+    done = sorted(str(f.relative_to(crash)) for f in crash.rglob("*.json"))
+    print(f"seed {SEED + 1}: killed {delay:.3f}s after the pattern store was complete; json files then: {done}")
+    assert killed, "the run finished before the kill: the crash was not exercised"
+    timed_run(cmd(crash))
     a = json.loads((tmp_path / "full" / "summary.json").read_text())
     b = json.loads((tmp_path / "crash" / "summary.json").read_text())
     assert _comparable(a) == _comparable(b)

@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from awq import data, hub, wiki_substitute
-from awq.data import Corpus, DataError, load_corpus, tokenize_windows
+from awq.load import data, hub, wiki_substitute
+from awq.load.data import Corpus, DataError, load_corpus, tokenize_windows
+from awq.util import cache
 
 HEADING = re.compile(r"^ (= )+\S.*? (= )+\n$")
 
@@ -390,11 +391,11 @@ def test_offline_env_answers_without_probe(monkeypatch):
 
 def test_cache_dir_locations(tmp_path, monkeypatch):
     monkeypatch.setenv("AWQ_CACHE_DIR", str(tmp_path / "explicit"))
-    assert hub.cache_dir("a", "b") == tmp_path / "explicit" / "a" / "b"
+    assert cache.cache_dir("a", "b") == tmp_path / "explicit" / "a" / "b"
     assert (tmp_path / "explicit" / "a" / "b").is_dir()
     monkeypatch.delenv("AWQ_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert hub.cache_dir("corpus") == tmp_path / "xdg" / "awq-sparsity" / "corpus"
+    assert cache.cache_dir("corpus") == tmp_path / "xdg" / "awq-sparsity" / "corpus"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert hub.cache_dir() == tmp_path / "home" / ".cache" / "awq-sparsity"
+    assert cache.cache_dir() == tmp_path / "home" / ".cache" / "awq-sparsity"

@@ -1,10 +1,10 @@
-"""awq.decode.LeanDecoder against transformers' greedy generate (tiny random models and the real default model)."""
+"""awq.decode.lean.LeanDecoder against transformers' greedy generate (tiny random models and the real default model)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from awq.decode import DecodeError, LeanDecoder
+from awq.decode.lean import DecodeError, LeanDecoder
 from tests.conftest import tiny_model
 
 
@@ -80,8 +80,8 @@ def test_sliding_window_matches_hf():
 
 def test_swapped_mlp_is_called_and_matches_model():
     """A sparsified model: the decoder calls the swapped modules ([1, H] at decode) and agrees with HF."""
-    from awq.sparse_mlp import SparsityConfig
-    from awq.sparsify import sparsify_
+    from awq.methods.base import sparsify_
+    from awq.methods.paper_mlp import SparsityConfig
 
     model = tiny_model("llama", seed=7)
     L = len(model.model.layers)
@@ -99,7 +99,7 @@ def test_swapped_mlp_is_called_and_matches_model():
 
 def test_gathered_mlp_matches_masked_dense():
     """GatheredSparseMLP with a fixed mask in the decoder == the same mask applied densely."""
-    from awq.sparse_compute import GatheredSparseMLP
+    from awq.methods.gathered import GatheredSparseMLP
 
     model = tiny_model("llama", seed=9)
     ids = torch.randint(0, 128, (6,), generator=torch.Generator().manual_seed(10))
@@ -149,7 +149,7 @@ def test_errors():
 
 @pytest.mark.integration
 def test_default_model_greedy_equals_hf_generate():
-    from awq.models import load_model
+    from awq.load.models import load_model
 
     model, tok, _ = load_model(None)
     ids = tok("The capital of France is a city that", return_tensors="pt").input_ids[0]
@@ -158,7 +158,7 @@ def test_default_model_greedy_equals_hf_generate():
 
 
 def test_read_bytes_and_roofline():
-    from awq.decode_speed import read_bytes, roofline
+    from awq.decode.speed import read_bytes, roofline
 
     model = tiny_model("llama", seed=0)  # untied: the input embedding counts as one row
     H, F, V, L = 64, 128, 128, 2
@@ -172,22 +172,27 @@ def test_read_bytes_and_roofline():
 
 
 def test_measure_point_on_sparsified_model():
-    from awq.decode_speed import measure_point
-    from awq.sparse_mlp import SparsityConfig
-    from awq.sparsify import sparsify_
+    from awq.decode.speed import measure_point
+    from awq.methods.base import sparsify_
+    from awq.methods.paper_mlp import SparsityConfig
     from tests.conftest import tiny_tokenizer
 
     model = tiny_model("llama", seed=3)
     sparsify_(model, SparsityConfig(thresholds={p: [0.05, 0.05] for p in ("gate_proj", "up_proj", "down_proj")}))
     out = measure_point(model, tiny_tokenizer(), {"weight_read_fraction": 0.5}, prompt_tokens=8, new_tokens=4,
                         repeats=1)
-    assert out["decode_tok_s"] > 0 and out["dense_decode_tok_s"] > 0
-    assert out["decode_speedup"] == pytest.approx(out["decode_tok_s"] / out["dense_decode_tok_s"])
+    ratio = out["decode_tok_s"] / out["dense_decode_tok_s"]
     assert out["roofline"] > 1.0
+    if ratio > out["roofline"]:  # a noisy machine: the ratio is kept aside and flagged, never recorded as a result
+        assert out["decode_speedup"] is None and out["decode_status"].startswith("above roofline")
+        assert out["decode_measured_ratio"] == pytest.approx(ratio)
+    else:
+        assert out["decode_speedup"] == pytest.approx(ratio) and out["decode_status"] is None
 
 
 def test_generate_cli(tiny_model_dir, capsys):
-    from awq.generate import SPARSIFIERS, cli
+    from awq.decode.generate import cli
+    from awq.methods.registry import METHODS
 
     assert cli(["--model_path", str(tiny_model_dir), "--method", "gathered", "--density", "0.5",
                 "--prompt", "The quick brown fox", "--max_new_tokens", "5", "--threads", "1"]) == 0
@@ -196,26 +201,27 @@ def test_generate_cli(tiny_model_dir, capsys):
     assert "dense" in last and "gathered" in last and "tok/s" in last and "speedup" in last
     assert "--- gathered (density 0.5):" in out
     assert cli(["--model_path", str(tiny_model_dir), "--method", "nope"]) == 2
-    assert "unknown --method 'nope'" in capsys.readouterr().err
+    assert "unknown method 'nope'" in capsys.readouterr().err
     assert cli(["--model_path", str(tiny_model_dir), "--density", "0"]) == 2
-    assert {"dense", "gathered"} <= set(SPARSIFIERS)
+    assert {"dense", "gathered", "teal", "topk"} <= set(METHODS)
 
 
-def test_gathered_sparsifier_reads_density(tiny_model_dir):
-    from types import SimpleNamespace
-
-    from awq.generate import GenerateConfig, _gathered
+def test_gathered_method_reads_density(tiny_model_dir):
+    from awq.methods.base import sparsify_, swapped_mlps
+    from awq.methods.gathered import random_sets
 
     model = tiny_model("llama", seed=0)
-    mods = _gathered(model, 0.25, SimpleNamespace(cfg=GenerateConfig(), tok=None, info=None))
+    sparsify_(model, random_sets(model, 0.25))
+    mods = swapped_mlps(model)
     assert len(mods) == 2
     assert all(m._fixed.idx.numel() == 32 for m in mods)  # 25% of 128 neurons
+    assert all(m.prepare_decode() == (m.decode_unsupported() is None) for m in mods)
 
 
 @pytest.mark.parametrize("gemv", ["torch", "cpp"])
 def test_gemv_choices_give_same_tokens(gemv):
     """Both one-row GEMVs (torch, C++) give HF's greedy tokens; a bad choice is one line."""
-    from awq.sparse_compute import cpp_kernel_available
+    from awq.kernels.mlp import cpp_kernel_available
 
     if gemv == "cpp" and not cpp_kernel_available():
         pytest.skip("C++ kernel unavailable")
@@ -242,7 +248,7 @@ def _windowed_mistral():
 def test_fused_cpp_step_matches_hf_and_eager(arch):
     """The C++ layer step (attn_step + dense_swiglu): HF's logits (GQA, Qwen2 biases, a sliding window
     shorter than the sequence, a cache that grows) and the eager step's, step by step."""
-    from awq.sparse_compute import cpp_kernel_available
+    from awq.kernels.mlp import cpp_kernel_available
 
     if not cpp_kernel_available():
         pytest.skip("C++ kernel unavailable")
@@ -261,9 +267,10 @@ def test_fused_cpp_step_matches_hf_and_eager(arch):
 
 def test_fused_step_with_swapped_sparse_mlp():
     """A swapped method module under the fused attention step: the same tokens as the eager step."""
-    from awq.methods import as_calib, get_method
-    from awq.sparse_compute import cpp_kernel_available
-    from awq.sparsify import sparsify_
+    from awq.kernels.mlp import cpp_kernel_available
+    from awq.methods.base import sparsify_
+    from awq.methods.common import as_calib
+    from awq.methods.registry import get_method
 
     if not cpp_kernel_available():
         pytest.skip("C++ kernel unavailable")

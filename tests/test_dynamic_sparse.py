@@ -1,12 +1,12 @@
-"""Batch-1 dynamic sparse decode kernels (awq/dynamic_sparse.py) against obviously-correct references."""
+"""Batch-1 dynamic sparse decode kernels (awq/methods/dynamic_sparse.py) against obviously-correct references."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from awq import dynamic_sparse as ds
-from awq.sparse_compute import cpp_kernel_available
+from awq.kernels.mlp import cpp_kernel_available
+from awq.methods import dynamic_sparse as ds
 
 pytestmark = pytest.mark.skipif(not cpp_kernel_available(), reason="C++ sparse MLP kernel unavailable")
 
@@ -88,7 +88,7 @@ def test_neuron_kernel_cats_and_index_modes(H, Fi):
 
 @pytest.mark.parametrize("H,Fi", [(64, 128), (37, 53)])
 def test_down_gather_reads_nonzero_rows(H, Fi):
-    from awq.sparse_compute import MIN_BYTES_PER_THREAD, cpp_kernel
+    from awq.kernels.mlp import MIN_BYTES_PER_THREAD, cpp_kernel
 
     _, _, wd, _ = _weights(H, Fi, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -104,10 +104,11 @@ def test_down_gather_reads_nonzero_rows(H, Fi):
 
 # --- the method modules: the single-token kernel path equals their masked dense path, cost included ----
 def _methods(model):
-    from awq.methods import calibrate_larosa, calibrate_teal, calibrate_wina
+    from awq.load.arch import decoder_layers
     from awq.methods.cats import calibrate_cats
     from awq.methods.neuron_predictor import calibrate_neuron_predictor
-    from awq.sparsify import decoder_layers
+    from awq.methods.registry import calibrate_larosa, calibrate_wina
+    from awq.methods.teal import calibrate_teal
 
     g = torch.Generator().manual_seed(0)
     H = model.config.hidden_size
@@ -119,8 +120,8 @@ def _methods(model):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_method_modules_decode_path_equals_masked_dense(arch):
-    from awq.cost import metering
-    from awq.sparsify import sparsify_, swapped_mlps, unsparsify_
+    from awq.methods.base import sparsify_, swapped_mlps, unsparsify_
+    from awq.methods.cost import metering
     from tests.conftest import tiny_model
 
     model = tiny_model(arch, hidden=64, inter=160)
@@ -152,9 +153,10 @@ def test_method_modules_decode_path_equals_masked_dense(arch):
 
 
 def test_lean_decoder_uses_kernels_same_tokens():
-    from awq.decode import LeanDecoder
-    from awq.methods import calibrate_teal
-    from awq.sparsify import decoder_layers, sparsify_
+    from awq.decode.lean import LeanDecoder
+    from awq.load.arch import decoder_layers
+    from awq.methods.base import sparsify_
+    from awq.methods.teal import calibrate_teal
     from tests.conftest import tiny_model
 
     model = tiny_model("llama", hidden=64, inter=160)
@@ -168,8 +170,9 @@ def test_lean_decoder_uses_kernels_same_tokens():
 
 
 def test_unsupported_reason_logged_not_raised(monkeypatch, caplog):
-    from awq.methods import calibrate_teal
-    from awq.sparsify import decoder_layers, sparsify_, swapped_mlps
+    from awq.load.arch import decoder_layers
+    from awq.methods.base import sparsify_, swapped_mlps
+    from awq.methods.teal import calibrate_teal
     from tests.conftest import tiny_model
 
     model = tiny_model("llama", hidden=64, inter=160)
@@ -184,10 +187,11 @@ def test_unsupported_reason_logged_not_raised(monkeypatch, caplog):
 
 def test_decode_read_fraction_and_measure_point():
     """The decode-steps meter gives the same fraction with and without the kernels; measure_point uses it."""
-    from awq.decode import LeanDecoder
-    from awq.decode_speed import decode_read_fraction, measure_point, read_bytes, roofline
+    from awq.decode.lean import LeanDecoder
+    from awq.decode.speed import decode_read_fraction, measure_point, read_bytes, roofline
+    from awq.load.arch import decoder_layers
+    from awq.methods.base import sparsify_, swapped_mlps
     from awq.methods.neuron_predictor import calibrate_neuron_predictor
-    from awq.sparsify import decoder_layers, sparsify_, swapped_mlps
     from tests.conftest import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", hidden=64, inter=160)

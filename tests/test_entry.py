@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from awq.entry import cli
-from awq.sparse_mlp import PROJS, save_thresholds
+from awq.experiments.entry import cli
+from awq.load.arch import PROJS
+from awq.store.thresholds import save_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_help_documents_every_flag():
 def test_real_default_model_short_window(tmp_path, capsys):
     """The embedded SmolLM2-135M-Instruct, shipped 50% thresholds, one short window of the offline corpus."""
     pytest.importorskip("gguf")
-    from awq.models import ModelError, default_gguf_path
+    from awq.load.models import ModelError, default_gguf_path
 
     try:
         default_gguf_path()
@@ -179,7 +179,7 @@ def test_dump_masks_through_entry_and_rerun(tiny_model_dir, tiny_corpus, tiny_th
 
     import numpy as np
 
-    from awq.pattern_store import PatternStore, unpack
+    from awq.store.pattern_store import PatternStore, unpack
 
     store = tmp_path / "store"
     args = ["--model_path", tiny_model_dir, "--data_path", tiny_corpus, "--seqlen", 32, "--nsamples", 3,

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from awq.frontier import FrontierConfig, FrontierError, cli, main
-from awq.frontier_report import CSV_COLUMNS
+from awq.experiments.frontier import FrontierConfig, FrontierError, cli, main
+from awq.experiments.frontier_report import CSV_COLUMNS
 
 
 def _cfg(tiny_model_dir, tiny_corpus, tmp_path, **kw):
@@ -21,10 +21,10 @@ def _cfg(tiny_model_dir, tiny_corpus, tmp_path, **kw):
 
 
 def _reference_teal_cost(tiny_model_dir, tiny_corpus, point, nsamples, seqlen):
-    """Recompute TEAL's read fraction from dense masks on the test windows (independent of awq.cost)."""
-    from awq.data import load_corpus, tokenize_windows
-    from awq.models import load_model
-    from awq.sparsify import decoder_layers
+    """Recompute TEAL's read fraction from dense masks on the test windows (independent of awq.methods.cost)."""
+    from awq.load.arch import decoder_layers
+    from awq.load.data import load_corpus, tokenize_windows
+    from awq.load.models import load_model
 
     model, tok, _ = load_model(str(tiny_model_dir), device="cpu")
     windows = tokenize_windows(tok, load_corpus("test", str(tiny_corpus)).text, seqlen)[:nsamples]
@@ -212,10 +212,10 @@ def test_frontier_speed_for_paper_predictor_and_cluster_points(tiny_model_dir, t
 
 def test_measure_point_without_kernel_reports_status():
     """A swapped module without a batch-1 kernel (here: the paper's MLP with a codebook) is not timed."""
-    from awq.decode_speed import measure_point
-    from awq.frontier_report import markdown
-    from awq.sparse_mlp import SparsityConfig
-    from awq.sparsify import sparsify_
+    from awq.decode.speed import measure_point
+    from awq.experiments.frontier_report import markdown
+    from awq.methods.base import sparsify_
+    from awq.methods.paper_mlp import SparsityConfig
     from tests.conftest import tiny_model, tiny_tokenizer
 
     class Keep(torch.nn.Module):
@@ -228,7 +228,7 @@ def test_measure_point_without_kernel_reports_status():
     out = measure_point(model, tiny_tokenizer(), None, prompt_tokens=8, new_tokens=4, repeats=1)
     assert out["decode_status"].startswith("no batch-1 kernel") and "codebooks" in out["decode_status"]
     assert out["decode_tok_s"] is None and out["decode_speedup"] is None and out["dense_decode_tok_s"] is None
-    assert out["decode_module"] == "awq.sparse_mlp.SparseMLP" and out["roofline"] > 1.0
+    assert out["decode_module"] == "awq.methods.paper_mlp.SparseMLP" and out["roofline"] > 1.0
     row = {"method": "x", "param": 0.5, "weight_read_fraction": 0.8, "ppl": 3.0, "realizable": True, **out}
     assert out["decode_status"] in markdown([row])
     sparsify_(model, SparsityConfig(thresholds=thr))  # same thresholds, no codebook: timed on the kernel
@@ -240,13 +240,13 @@ def test_measure_point_without_kernel_reports_status():
     (None, None, True),
     ("above roofline: measurement error", None, True),
     ("no batch-1 kernel (X has no prepare_decode)", "collections.OrderedDict", False),  # still none: skip
-    ("no batch-1 kernel (X has no prepare_decode)", "awq.sparse_mlp.SparseMLP", True),  # gained one: retry
+    ("no batch-1 kernel (X has no prepare_decode)", "awq.methods.paper_mlp.SparseMLP", True),  # gained one: retry
     ("no batch-1 kernel (X has no prepare_decode)", "no.such.module.Cls", False),
-    ("no batch-1 kernel (SparseMLP: centroid codebooks)", "awq.sparse_mlp.SparseMLP", False),  # declined: skip
+    ("no batch-1 kernel (SparseMLP: centroid codebooks)", "awq.methods.paper_mlp.SparseMLP", False),  # declined: skip
 ])
 def test_wants_speed_retries_only_gained_kernels(status, module, want):
-    from awq.frontier import Frontier
-    from awq.methods import get_method
+    from awq.experiments.frontier import Frontier
+    from awq.methods.registry import get_method
 
     point = {"decode_tok_s": None, "decode_status": status, "decode_module": module}
     assert Frontier._wants_speed(get_method("paper"), point) is want

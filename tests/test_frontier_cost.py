@@ -7,7 +7,7 @@
   recomputed here from the store's bits with ``numpy.unpackbits``.
 * CATS: its applied mask (the kept ``act(gate(x))``) reaches the recorder's observers, but the store format
   needs all three projections and CATS has no thresholded up output; the observer's bits
-  (:func:`awq.bitpack.pack`, as the recorder packs them) give ``1/3 + 2/3 * density(keep)``.
+  (:func:`awq.store.bitpack.pack`, as the recorder packs them) give ``1/3 + 2/3 * density(keep)``.
 * Masks the recorder never sees: TEAL/WINA/LaRoSA (the masks of ``x`` and ``h``), the neuron predictor and the
   cluster methods (the centroid mask is applied after the observers). Their metered cost is tested against a
   recomputation from the module's own masks instead: TEAL at frontier level in ``test_frontier.py``, every
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from awq.frontier import FrontierConfig, main
+from awq.experiments.frontier import FrontierConfig, main
 
 PAPER = ["paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down"]
 SEQ, NS = 32, 2
@@ -51,8 +51,8 @@ def _bits(packed: np.ndarray, width: int) -> np.ndarray:
 
 
 def _test_windows(tiny_model_dir, tiny_corpus):
-    from awq.data import load_corpus, tokenize_windows
-    from awq.models import load_model
+    from awq.load.data import load_corpus, tokenize_windows
+    from awq.load.models import load_model
 
     model, tok, _ = load_model(str(tiny_model_dir), device="cpu")
     return model, tokenize_windows(tok, load_corpus("test", str(tiny_corpus)).text, SEQ)[:NS]
@@ -60,9 +60,9 @@ def _test_windows(tiny_model_dir, tiny_corpus):
 
 @pytest.mark.parametrize("method", PAPER)
 def test_paper_cost_equals_dumped_store(method, frontier, tiny_model_dir, tiny_corpus, tmp_path, capsys):
-    from awq.entry import cli as entry_cli
-    from awq.pattern_store import PatternStore
-    from awq.thresholds import save_thresholds
+    from awq.experiments.entry import cli as entry_cli
+    from awq.store.pattern_store import PatternStore
+    from awq.store.thresholds import save_thresholds
 
     cfg, rows, points, _ = frontier
     point = points[method]
@@ -98,10 +98,10 @@ def test_paper_cost_equals_dumped_store(method, frontier, tiny_model_dir, tiny_c
 
 
 def test_cats_cost_equals_recorded_masks(frontier, tiny_model_dir, tiny_corpus):
-    from awq.bitpack import pack
-    from awq.methods import CatsConfig
-    from awq.recording import observing
-    from awq.sparsify import sparsify_
+    from awq.methods.base import sparsify_
+    from awq.methods.cats import CatsConfig
+    from awq.methods.recording import observing
+    from awq.store.bitpack import pack
 
     cfg, rows, points, _ = frontier
     model, windows = _test_windows(tiny_model_dir, tiny_corpus)
@@ -125,14 +125,15 @@ def test_cats_cost_equals_recorded_masks(frontier, tiny_model_dir, tiny_corpus):
 @pytest.fixture(scope="module")
 def tiny_cluster_predictor(frontier, tiny_model_dir, tiny_corpus):
     """Centroids (an all-ones row + recorded masks) and a predictor trained on a store with MLP inputs."""
-    from awq import predictor as P
-    from awq.centroids import save_centroids
-    from awq.data import load_corpus, tokenize_windows
-    from awq.models import load_model
-    from awq.pattern_store import PatternStore
-    from awq.recording import record_masks
-    from awq.sparse_mlp import SparsityConfig
-    from awq.sparsify import PROJS, sparsify_
+    from awq.load.arch import PROJS
+    from awq.load.data import load_corpus, tokenize_windows
+    from awq.load.models import load_model
+    from awq.methods.base import sparsify_
+    from awq.methods.paper_mlp import SparsityConfig
+    from awq.methods.recording import record_masks
+    from awq.predictor import train as PT
+    from awq.store.centroids import save_centroids
+    from awq.store.pattern_store import PatternStore
 
     cfg, _, points, d = frontier
     model, tok, _ = load_model(str(tiny_model_dir), device="cpu")
@@ -152,15 +153,16 @@ def tiny_cluster_predictor(frontier, tiny_model_dir, tiny_corpus):
         save_centroids(d / f"{p}.pt", torch.cat([torch.ones(1, st.widths[p], dtype=torch.uint8), rows]))
         files.append(f"{p.split('_')[0]}={d / f'{p}.pt'}")
     spec = ",".join(files)
-    P.train(d / "train_store", spec, d / "pred.safetensors", P.TrainConfig(epochs=2, batch_size=32, seed=0))
+    PT.train(d / "train_store", spec, d / "pred.safetensors", PT.TrainConfig(epochs=2, batch_size=32, seed=0))
     return spec, d / "pred.safetensors"
 
 
 def test_cluster_predicted_cost_equals_applied_masks(frontier, tiny_cluster_predictor, tiny_model_dir, tiny_corpus):
     from safetensors.torch import load_file
 
+    from awq.load.arch import decoder_layers
+    from awq.methods.base import sparsify_
     from awq.methods.cluster import calibrate_cluster
-    from awq.sparsify import decoder_layers, sparsify_
 
     cfg, _, _, d = frontier
     spec, pred = tiny_cluster_predictor
@@ -172,8 +174,8 @@ def test_cluster_predicted_cost_equals_applied_masks(frontier, tiny_cluster_pred
 
     # reference: the masks the codebooks actually return, per token; h = act(g) * u
     model, windows = _test_windows(tiny_model_dir, tiny_corpus)
-    from awq.data import load_corpus, tokenize_windows
-    from awq.models import load_model
+    from awq.load.data import load_corpus, tokenize_windows
+    from awq.load.models import load_model
 
     _, tok, _ = load_model(str(tiny_model_dir), device="cpu")  # recalibrate as the frontier does (deterministic)
     calib_windows = tokenize_windows(tok, load_corpus("train", str(tiny_corpus)).text, SEQ)[:2]

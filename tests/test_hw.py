@@ -1,4 +1,4 @@
-"""awq.hw: kernel choice by measurement (cached, overridable); both overlap kernels exact."""
+"""awq.kernels.hw: kernel choice by measurement (cached, overridable); both overlap kernels exact."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from awq import hw
-from awq.centroids import overlap
+from awq.kernels import hw
+from awq.store.centroids import overlap
 
 
 @pytest.fixture()

@@ -1,15 +1,16 @@
 """Hardware-adaptive clustering kernels (issue 14): every kernel choice gives the plain fp32 reference's
 result, the fp32 exactness bound is guarded, the AVX2-only decision is taken by capability, the codebook
-routes through awq.hw, and the fast assignment / quantile paths match plainly written references."""
+routes through awq.kernels.hw, and the fast assignment / quantile paths match plainly written references."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from awq import hw
-from awq.codebook import CentroidCodebook
-from clustering.activation_aware_clustering import ActivationAwareClustering, row_quantile
+from awq.kernels import hw
+from awq.methods.codebook import CentroidCodebook
+from clustering.activation_aware_clustering import ActivationAwareClustering
 from clustering.assignment import _global_assign_torch, global_balanced_assign
+from clustering.awc_iteration import row_quantile
 from clustering.distance import block_distance
 
 
@@ -93,7 +94,7 @@ def test_vnni_cpu_decides_by_measurement_and_caches(fresh_cache, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# the codebook routes through awq.hw
+# the codebook routes through awq.kernels.hw
 # ---------------------------------------------------------------------------------------------
 def test_codebook_labels_identical_for_every_kernel_and_routed(fresh_cache, monkeypatch):
     C = rand01(9, 48, 0.5, 5)

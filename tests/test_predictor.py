@@ -1,5 +1,5 @@
-"""awq.predictor: training beats the majority baseline, metrics match a plain reference, file checks,
-save/load round trip, resume, and the predicted-centroid path through awq.codebook end to end."""
+"""awq.methods.label_predictor: training beats the majority baseline, metrics match a plain reference, file checks,
+save/load round trip, resume, and the predicted-centroid path through awq.methods.codebook end to end."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from awq import predictor as P
-from awq import predictor_train as PT
-from awq.centroids import save_centroids
-from awq.bitpack import pack, unpack
-from awq.pattern_store import StoreWriter
-from awq.recording import record_masks
-from awq.sparse_mlp import PROJS, SparsityConfig, sparsify_
+from awq.load.arch import PROJS
+from awq.methods import label_predictor as P
+from awq.methods.base import sparsify_
+from awq.methods.paper_mlp import SparsityConfig
+from awq.methods.recording import record_masks
+from awq.predictor import __main__ as PM
+from awq.predictor import evaluate as PE
+from awq.predictor import train as PT
+from awq.store.bitpack import pack, unpack
+from awq.store.centroids import save_centroids
+from awq.store.pattern_store import StoreWriter
 
 H, WIDTHS, LAYERS, SEQ = 24, {"gate_proj": 40, "up_proj": 40, "down_proj": 24}, 2, 32
 KS = {"gate_proj": 6, "up_proj": 5, "down_proj": 4}
@@ -71,8 +75,8 @@ def planted(tmp_path_factory):
     spec, cents = planted_centroids(d)
     planted_store(d / "train", cents, windows=24, seed=1)
     planted_store(d / "test", cents, windows=8, seed=2)
-    cfg = P.TrainConfig(rank=4, epochs=6, batch_size=64, lr=1e-2, max_rows=None, val_fraction=0.1, seed=3)
-    P.train(d / "train", spec, d / "pred.safetensors", cfg)
+    cfg = PT.TrainConfig(rank=4, epochs=6, batch_size=64, lr=1e-2, max_rows=None, val_fraction=0.1, seed=3)
+    PT.train(d / "train", spec, d / "pred.safetensors", cfg)
     return d, spec, cents, cfg
 
 
@@ -98,7 +102,7 @@ def ref_logits(t: dict, meta: dict, x: torch.Tensor, layer: int, proj: str) -> t
 
 def ref_eval(store_dir: Path, pred: P.ClusterPredictor, cents: dict, topk: int) -> dict:
     """Plain per-row evaluation of one store (all rows)."""
-    from awq.pattern_store import PatternStore
+    from awq.store.pattern_store import PatternStore
 
     st = PatternStore(store_dir)
     out = {}
@@ -134,7 +138,7 @@ def ref_eval(store_dir: Path, pred: P.ClusterPredictor, cents: dict, topk: int) 
 # --------------------------------------------------------------------------------------------
 def test_training_beats_majority_baseline(planted):
     d, spec, cents, cfg = planted
-    res = P.evaluate(d / "test", d / "pred.safetensors")
+    res = PE.evaluate(d / "test", d / "pred.safetensors")
     for p in PROJS:
         m = res["overall"][p]
         assert m["rows"] == LAYERS * 8 * SEQ
@@ -148,10 +152,10 @@ def test_training_beats_majority_baseline(planted):
 
 def test_shared_trunk_coverage_loss_learns(planted, tmp_path):
     d, spec, cents, cfg = planted
-    cfg2 = P.TrainConfig(rank=4, trunk="shared", act="gelu", loss="coverage", top_m=3, epochs=6, batch_size=64,
+    cfg2 = PT.TrainConfig(rank=4, trunk="shared", act="gelu", loss="coverage", top_m=3, epochs=6, batch_size=64,
                          lr=1e-2, max_rows=None, val_fraction=0.0, seed=3)
-    P.train(d / "train", spec, tmp_path / "cov.safetensors", cfg2)
-    res = P.evaluate(d / "test", tmp_path / "cov.safetensors", max_rows=200)
+    PT.train(d / "train", spec, tmp_path / "cov.safetensors", cfg2)
+    res = PE.evaluate(d / "test", tmp_path / "cov.safetensors", max_rows=200)
     assert res["store"]["rows_evaluated"] == 200 and res["predictor"]["trunk"] == "shared"
     for p in PROJS:
         m = res["overall"][p]
@@ -162,7 +166,7 @@ def test_evaluate_matches_plain_reference(planted):
     d, spec, cents, cfg = planted
     pred = P.ClusterPredictor.load(d / "pred.safetensors")
     for topk in (1, 3):
-        res = P.evaluate(d / "test", d / "pred.safetensors", topk=topk, block_rows=50)
+        res = PE.evaluate(d / "test", d / "pred.safetensors", topk=topk, block_rows=50)
         ref = ref_eval(d / "test", pred, cents, topk)
         for p in PROJS:
             for key, val in ref[p].items():
@@ -207,9 +211,9 @@ def test_round_trip_determinism_and_resume(planted, tmp_path, monkeypatch):
     same_file(d / "pred.safetensors", tmp_path / "copy.safetensors")
     assert a.meta["centroids"]["up_proj"]["k"] == KS["up_proj"] and len(a.meta["val_metrics"]) == LAYERS
     # same seed -> identical file; a run killed after layer 0 resumes to the same file
-    small = P.TrainConfig(rank=2, epochs=1, batch_size=128, max_rows=300, seed=5)
-    P.train(d / "train", spec, tmp_path / "r1.safetensors", small)
-    P.train(d / "train", spec, tmp_path / "r2.safetensors", small)
+    small = PT.TrainConfig(rank=2, epochs=1, batch_size=128, max_rows=300, seed=5)
+    PT.train(d / "train", spec, tmp_path / "r1.safetensors", small)
+    PT.train(d / "train", spec, tmp_path / "r2.safetensors", small)
     same_file(tmp_path / "r1.safetensors", tmp_path / "r2.safetensors")
     real = PT._train_layer
 
@@ -220,11 +224,11 @@ def test_round_trip_determinism_and_resume(planted, tmp_path, monkeypatch):
 
     monkeypatch.setattr(PT, "_train_layer", boom)
     with pytest.raises(KeyboardInterrupt):
-        P.train(d / "train", spec, tmp_path / "r3.safetensors", small)
+        PT.train(d / "train", spec, tmp_path / "r3.safetensors", small)
     assert (tmp_path / "r3.safetensors.partial").is_file() and not (tmp_path / "r3.safetensors").exists()
     calls = []
     monkeypatch.setattr(PT, "_train_layer", lambda *a: calls.append(a[-1]) or real(*a))
-    P.train(d / "train", spec, tmp_path / "r3.safetensors", small)
+    PT.train(d / "train", spec, tmp_path / "r3.safetensors", small)
     assert calls == [1]
     same_file(tmp_path / "r1.safetensors", tmp_path / "r3.safetensors")
     assert not (tmp_path / "r3.safetensors.partial").exists()
@@ -257,12 +261,12 @@ def test_bad_files_and_cli_errors(planted, tmp_path, capsys):
     # other centroids (same K, other content) are refused by sha256; other K by K
     spec2, _ = planted_centroids(tmp_path, seed=9)
     with pytest.raises(P.PredictorError, match="sha256"):
-        P.evaluate(d / "test", d / "pred.safetensors", centroids=spec2)
+        PE.evaluate(d / "test", d / "pred.safetensors", centroids=spec2)
     c = torch.ones(KS["gate_proj"] + 1, WIDTHS["gate_proj"], dtype=torch.uint8)
     save_centroids(tmp_path / "k7.pt", c)
     with pytest.raises(P.PredictorError, match="K=6 but centroid file .* has K=7"):
-        P.evaluate(d / "test", d / "pred.safetensors", centroids=f"gate={tmp_path / 'k7.pt'}")
-    assert P.main(["evaluate", "--masks", str(d / "test"), "--predictor", str(tmp_path / "bad.safetensors")]) == 2
+        PE.evaluate(d / "test", d / "pred.safetensors", centroids=f"gate={tmp_path / 'k7.pt'}")
+    assert PM.main(["evaluate", "--masks", str(d / "test"), "--predictor", str(tmp_path / "bad.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     # a store without inputs
@@ -272,7 +276,7 @@ def test_bad_files_and_cli_errors(planted, tmp_path, capsys):
             w.write(p, l, 0, pack(np.ones((SEQ, WIDTHS[p]))), width=WIDTHS[p])
     w.end_window(0)
     w.close()
-    assert P.main(["train", "--masks", str(tmp_path / "noin"), "--centroids", spec, "--output",
+    assert PM.main(["train", "--masks", str(tmp_path / "noin"), "--centroids", spec, "--output",
                    str(tmp_path / "o.safetensors")]) == 2
     assert "--dump_inputs" in capsys.readouterr().err
 
@@ -303,7 +307,7 @@ def tiny_predictor(tmp_path_factory):
             with torch.no_grad():
                 model(windows[i: i + 1])
             rec.end_window(i, {})
-    from awq.pattern_store import PatternStore
+    from awq.store.pattern_store import PatternStore
 
     st = PatternStore(d / "store")
     files = []
@@ -313,12 +317,12 @@ def tiny_predictor(tmp_path_factory):
         save_centroids(d / f"{p}.pt", c)
         files.append(f"{p.split('_')[0]}={d / f'{p}.pt'}")
     spec = ",".join(files)
-    P.train(d / "store", spec, d / "pred.safetensors", P.TrainConfig(epochs=2, batch_size=32, seed=0))
+    PT.train(d / "store", spec, d / "pred.safetensors", PT.TrainConfig(epochs=2, batch_size=32, seed=0))
     return d, spec, windows
 
 
 def test_predicted_centroids_end_to_end(tiny_predictor):
-    from awq.codebook import load_codebooks
+    from awq.methods.codebook import load_codebooks
 
     d, spec, windows = tiny_predictor
     model = tiny()
@@ -373,8 +377,8 @@ def test_entry_cli_with_predictor(tiny_predictor, tiny_corpus, tmp_path, capsys)
     """`python -m awq.entry --predictor FILE` runs end to end and reports the predictor beside the results."""
     import json
 
-    from awq.entry import cli
-    from awq.sparse_mlp import save_thresholds
+    from awq.experiments.entry import cli
+    from awq.store.thresholds import save_thresholds
     from tests.conftest import tiny_tokenizer
 
     d, spec, _ = tiny_predictor
@@ -411,7 +415,7 @@ def test_cli_contract_and_module_entry_point(planted, tmp_path):
     import subprocess
     import sys
 
-    ap = P.build_parser()
+    ap = PM.build_parser()
     sub = next(a for a in ap._actions if a.dest == "cmd").choices
     opts = {c: {o for a in p._actions for o in a.option_strings} - {"-h", "--help"} for c, p in sub.items()}
     assert opts == {
@@ -419,11 +423,7 @@ def test_cli_contract_and_module_entry_point(planted, tmp_path):
                   "--batch_size", "--lr", "--weight_decay", "--max_rows", "--val_fraction", "--top_m", "--budget",
                   "--seed", "--log_level"},
         "evaluate": {"--masks", "--predictor", "--centroids", "--topk", "--max_rows", "--output", "--log_level"}}
-    from awq.predictor import LOSSES, TrainConfig, evaluate, train  # noqa: F401  (re-exported names)
-
-    assert TrainConfig is PT.TrainConfig and LOSSES == ("ce", "coverage")
-    with pytest.raises(AttributeError):
-        P.no_such_name  # noqa: B018
+    assert PT.LOSSES == ("ce", "coverage")
     d, spec, cents, cfg = planted
     out = tmp_path / "ev.json"
     r = subprocess.run([sys.executable, "-m", "awq.predictor", "evaluate", "--masks", str(d / "test"), "--predictor",
@@ -431,7 +431,7 @@ def test_cli_contract_and_module_entry_point(planted, tmp_path):
                         "--log_level", "WARNING"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    want = P.evaluate(d / "test", d / "pred.safetensors", topk=3, max_rows=100)
+    want = PE.evaluate(d / "test", d / "pred.safetensors", topk=3, max_rows=100)
     assert res["overall"] == json.loads(json.dumps(want["overall"]))
     assert r.stdout.splitlines()[0].startswith("predictor rank=4")
     r = subprocess.run([sys.executable, "-m", "awq.predictor", "evaluate", "--masks", str(d / "test"), "--predictor",

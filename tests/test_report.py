@@ -1,11 +1,11 @@
-"""awq.report: the marked README/ARTIFACT blocks equal what the checked-in results produce, and a hand edit is caught."""
+"""awq.report.generate: the marked README/ARTIFACT blocks equal what the checked-in results produce, and a hand edit is caught."""
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from awq import report
+from awq.report import generate as report
 
 REPO = Path(__file__).resolve().parent.parent
 

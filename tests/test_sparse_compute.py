@@ -8,17 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import awq.kernel_build as kb
-import awq.sparse_compute as sc
-from awq.cost import metering
-from awq.sparse_compute import GatheredConfig, GatheredSparseMLP, InterleavedMLP, cluster_selector, group_tokens
-from awq.sparse_mlp import SparseMLP, SparsityConfig
-from awq.sparsify import PROJS, base_mlp, sparsify_, swapped_mlps, unsparsify_
+import awq.kernels.build as kb
+import awq.kernels.mlp as km
+from awq.load.arch import PROJS
+from awq.methods.base import base_mlp, sparsify_, swapped_mlps, unsparsify_
+from awq.methods.cost import metering
+from awq.methods.gathered import GatheredConfig, GatheredSparseMLP, InterleavedMLP, cluster_selector, group_tokens
+from awq.methods.paper_mlp import SparseMLP, SparsityConfig
 from tests.conftest import tiny_model
 
 # both paths; the C++ one is skipped (and says so) where it cannot be built (no g++/ninja)
 KERNEL_PATHS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
-    not sc.cpp_kernel_available(), reason="C++ sparse MLP kernel could not be built here"))]
+    not km.cpp_kernel_available(), reason="C++ sparse MLP kernel could not be built here"))]
 H, FI = 64, 128
 
 
@@ -63,7 +64,7 @@ def test_sparse_equals_masked_dense(kernel, density, tokens, split, monkeypatch)
     if split:
         if kernel == "torch":
             pytest.skip("thread split applies to the C++ kernel")
-        monkeypatch.setattr(sc, "MIN_BYTES_PER_THREAD", 1)
+        monkeypatch.setattr(km, "MIN_BYTES_PER_THREAD", 1)
     mlp = make_mlp(seed=int(density * 10) + tokens)
     gmlp = GatheredSparseMLP.from_mlp(mlp, kernel=kernel)
     assert gmlp._use_cpp() == (kernel == "cpp")  # the path under test is the one that runs
@@ -198,13 +199,13 @@ def test_fallback_when_compile_fails(monkeypatch, caplog):
     def boom(*a, **k):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(sc, "_kernel_state", {})
+    monkeypatch.setattr(km, "_kernel_state", {})
     monkeypatch.setattr(ext, "load", boom)
     monkeypatch.delenv("AWQ_SPARSE_KERNEL", raising=False)
     mlp = make_mlp(8)
     gmlp = GatheredSparseMLP.from_mlp(mlp)  # kernel="auto"
     x, m = torch.randn(1, H), random_mask(0.5)
-    with caplog.at_level(logging.WARNING, logger="awq.kernel_build"):
+    with caplog.at_level(logging.WARNING, logger="awq.kernels.build"):
         got = gmlp(x, m)
     assert "C++ kernel unavailable" in caplog.text and "no compiler here" in caplog.text
     assert len(caplog.records) == 1  # one line, once
@@ -216,21 +217,21 @@ def test_fallback_when_compile_fails(monkeypatch, caplog):
 
 
 def test_fallback_when_source_missing(monkeypatch, caplog, tmp_path):
-    monkeypatch.setattr(sc, "_kernel_state", {})
+    monkeypatch.setattr(km, "_kernel_state", {})
     monkeypatch.setattr(kb, "SOURCE_DIRS", (tmp_path,))
     monkeypatch.delenv("AWQ_SPARSE_KERNEL", raising=False)
-    with caplog.at_level(logging.WARNING, logger="awq.kernel_build"):
-        assert sc.cpp_kernel() is None
+    with caplog.at_level(logging.WARNING, logger="awq.kernels.build"):
+        assert km.cpp_kernel() is None
     assert "source csrc/sparse_mlp.cpp not found" in caplog.text
 
 
 def test_kernel_source_is_found_and_keyed():
     src = kb.find_source("sparse_mlp.cpp")
     assert src is not None and "fused_sparse_swiglu" in src.read_text() and "PYBIND11_MODULE" in src.read_text()
-    k = kb.build_key(src.read_text(), sc._CFLAGS, ["-fopenmp"])
-    assert k == kb.build_key(src.read_text(), sc._CFLAGS, ["-fopenmp"])
-    assert k != kb.build_key(src.read_text() + " ", sc._CFLAGS, ["-fopenmp"])
-    assert k != kb.build_key(src.read_text(), sc._CFLAGS[:-1], ["-fopenmp"])
+    k = kb.build_key(src.read_text(), km._CFLAGS, ["-fopenmp"])
+    assert k == kb.build_key(src.read_text(), km._CFLAGS, ["-fopenmp"])
+    assert k != kb.build_key(src.read_text() + " ", km._CFLAGS, ["-fopenmp"])
+    assert k != kb.build_key(src.read_text(), km._CFLAGS[:-1], ["-fopenmp"])
 
 
 @pytest.mark.parametrize("kernel", KERNEL_PATHS)
@@ -393,7 +394,7 @@ def test_reconfigure_through_base():
 def test_build_text_covers_headers_and_march(monkeypatch):
     """Every source of the module and the shared header key the build; AWQ_HW_FLAGS without AVX-512
     builds for AVX2 (-march=haswell), as on an AVX2-only CPU."""
-    srcs = [kb.find_source(n) for n in sc.SOURCES]
+    srcs = [kb.find_source(n) for n in km.SOURCES]
     assert all(s is not None for s in srcs)
     text = kb.source_text(srcs)
     assert "gemv_rows" in text and "attn_step" in text and "fused_sparse_swiglu" in text  # simd.h, both .cpp

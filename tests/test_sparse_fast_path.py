@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import awq.sparse_compute as sc
-from awq.cost import ReadMeter
-from awq.sparse_compute import GatheredSparseMLP
+import awq.kernels.mlp as km
+from awq.methods.cost import ReadMeter
+from awq.methods.gathered import GatheredSparseMLP
 from tests.test_sparse_compute import FI, H, make_mlp, reference
 
-pytestmark = pytest.mark.skipif(not sc.cpp_kernel_available(), reason="C++ sparse MLP kernel could not be built here")
+pytestmark = pytest.mark.skipif(not km.cpp_kernel_available(), reason="C++ sparse MLP kernel could not be built here")
 
 
 def _no_general_path(self, *a, **k):
@@ -21,7 +21,7 @@ def _no_general_path(self, *a, **k):
 @pytest.mark.parametrize("split", [False, True])
 def test_fixed_set_is_one_kernel_call_and_exact(bias, tokens, split, monkeypatch):
     if split:
-        monkeypatch.setattr(sc, "MIN_BYTES_PER_THREAD", 1)
+        monkeypatch.setattr(km, "MIN_BYTES_PER_THREAD", 1)
     mlp = make_mlp(seed=3 + tokens, bias=bias)
     mlp.down_proj.bias = None  # gate/up biases are in the kernel; a down bias takes the general path
     g = GatheredSparseMLP.from_mlp(mlp, thresholds={"gate_proj": 0.05, "up_proj": 0.02}, kernel="cpp")

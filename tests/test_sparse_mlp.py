@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from awq.eval import SparsityMeter, measure_sparsity, perplexity, window_nll
-from awq.sparse_mlp import (PROJS, SparseMLP, SparsityConfig, ThresholdsError, UnsupportedModelError,
-                            add_observer, load_thresholds, save_thresholds, sparse_mlps, sparsify_)
+from awq.experiments.eval import SparsityMeter, measure_sparsity, perplexity, window_nll
+from awq.load.arch import PROJS, UnsupportedModelError
+from awq.methods.base import sparsify_
+from awq.methods.paper_mlp import SparseMLP, SparsityConfig, sparse_mlps
+from awq.methods.recording import add_observer
+from awq.store.thresholds import ThresholdsError, load_thresholds, save_thresholds
 from tests.conftest import tiny_model
 
 
@@ -174,7 +177,7 @@ def test_measured_sparsity_context_on_model():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_threshold_equals_reference_including_ties(dtype):
-    from awq.sparse_mlp import _threshold
+    from awq.kernels.threshold import threshold as _threshold
 
     for t in (0.3, 0.05, 1e-3, 0.7):
         td = torch.tensor(t, dtype=dtype)

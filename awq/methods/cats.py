@@ -7,18 +7,19 @@ Read per token: ``gate = 1``, ``up = down = density(keep)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-from awq.dynamic_sparse import is_decode_step, neuron_decode_for
+from awq.methods.base import MethodConfig, SwappedMLP
 from awq.methods.common import dense_h, keep_threshold, mlp_of, token_density
+from awq.methods.dynamic_sparse import neuron_decode_for, unsupported
 from awq.methods.teal import _check_layers
-from awq.sparsify import SwappedMLP, register_method
 
 
 @dataclass
-class CatsConfig:
+class CatsConfig(MethodConfig):
     thresholds: list[float]
 
     def validate(self, model: nn.Module) -> None:
@@ -30,23 +31,28 @@ class CatsConfig:
     def summary(self) -> dict:
         return {"thresholds": list(self.thresholds)}
 
+    def build(self, mlp: nn.Module, i: int) -> "CatsMLP":
+        return CatsMLP(mlp, i, self.thresholds[i])
+
 
 class CatsMLP(SwappedMLP):
     def __init__(self, base: nn.Module, layer_idx: int, t: float) -> None:
         super().__init__(base, layer_idx)
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = base.gate_proj, base.up_proj, base.down_proj, base.act_fn
         self.t = float(t)
-        self._decode = None
+
+    def decode_unsupported(self) -> Optional[str]:
+        return unsupported(self.base)
 
     def prepare_decode(self) -> bool:
-        """Make the batch-1 row-gathered kernel (:mod:`awq.dynamic_sparse`; a transposed copy of
+        """Make the batch-1 row-gathered kernel (:mod:`awq.methods.dynamic_sparse`; a transposed copy of
         ``W_down``) used for single-token calls from now on.  False if it cannot run here."""
         if self._decode is None:
             self._decode = neuron_decode_for(self, self.t)
         return self._decode is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_decode_step(self, x):
+        if self.is_decode_step(x):
             y = self._decode(x)
             if self.read_meter is not None:
                 d = self._decode.density()
@@ -68,11 +74,6 @@ class CatsMLP(SwappedMLP):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, cats, t={self.t:.4g}"
-
-
-@register_method(CatsConfig)
-def _build_cats(mlp: nn.Module, i: int, cfg: CatsConfig) -> CatsMLP:
-    return CatsMLP(mlp, i, cfg.thresholds[i])
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """The paper's cluster masks as frontier methods: ``cluster_oracle`` and ``cluster_predicted``.
 
-Both run the paper's thresholded MLP (:class:`awq.sparse_mlp.SparseMLP`) with centroid codebooks
-(:func:`awq.codebook.load_codebooks`); ``cluster_predicted`` takes each token's cluster from a
-trained :mod:`awq.predictor` file instead of the true mask. :class:`ClusterMLP` meters, per token:
+Both run the paper's thresholded MLP (:class:`awq.methods.paper_mlp.SparseMLP`) with centroid codebooks
+(:func:`awq.methods.codebook.load_codebooks`); ``cluster_predicted`` takes each token's cluster from a
+trained :mod:`awq.methods.label_predictor` file instead of the true mask. :class:`ClusterMLP` meters, per token:
 a projection with a codebook reads the rows of its kept neurons (``density(out != 0)`` after the
 centroid mask: ``A AND C[label]`` for the oracle, ``C[label]`` for the predictor), one without reads
 all of them; down reads the columns of nonzero ``h``. A down-output codebook saves no reads.
@@ -17,10 +17,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from awq.methods.codebook import load_codebooks
 from awq.methods.common import MethodError, token_density
+from awq.methods.label_predictor import load_predictor
 from awq.methods.paper import paper_thresholds
-from awq.sparse_mlp import SparseMLP, SparsityConfig
-from awq.sparsify import register_method
+from awq.methods.paper_mlp import SparseMLP, SparsityConfig
 
 
 @dataclass
@@ -35,6 +36,9 @@ class ClusterConfig(SparsityConfig):
         return {"thresholds": self.thresholds, "codebooks": sorted(self.codebooks), "extra": self.extra,
                 "info": self.info}
 
+    def build(self, mlp: nn.Module, i: int) -> "ClusterMLP":
+        return ClusterMLP.from_mlp(mlp, i, self)
+
 
 class ClusterMLP(SparseMLP):
     """SparseMLP whose gate/up reads are counted as the kept (centroid-masked) rows."""
@@ -46,15 +50,9 @@ class ClusterMLP(SparseMLP):
         self.read_meter.add(self.layer_idx, dh.numel(), fg, fu, dh)
 
 
-@register_method(ClusterConfig)
-def _build_cluster(mlp: nn.Module, i: int, cfg: ClusterConfig) -> ClusterMLP:
-    return ClusterMLP.from_mlp(mlp, i, cfg)
-
-
 def calibrate_cluster(model: nn.Module, windows, density: float, *, centroids: Optional[str],
                       predictor: Optional[str] = None, model_name: Optional[str] = None) -> ClusterConfig:
     """Paper thresholds at ``density`` plus the centroid codebooks (oracle, or predicted with ``predictor``)."""
-    from awq.codebook import load_codebooks
 
     thr, src = paper_thresholds(model, windows, density, model_name)
     if predictor is None:
@@ -62,7 +60,6 @@ def calibrate_cluster(model: nn.Module, windows, density: float, *, centroids: O
             raise MethodError("cluster_oracle needs centroid files: pass --centroids gate=FILE,up=FILE,down=FILE")
         books, info = load_codebooks(centroids, model, mode="oracle")
         return ClusterConfig(thresholds=thr, codebooks=books, extra=0.0, info={"centroids": info, "thresholds": src})
-    from awq.predictor import load_predictor
 
     label_fns, pinfo = load_predictor(predictor, model, centroids=centroids)
     books, info = load_codebooks(centroids or pinfo["centroids_spec"], model, mode="predicted", label_fns=label_fns)

@@ -24,7 +24,7 @@ computed), then, with ``within``:
 
 **Batch-1 decode** (:meth:`ClusterNeuronMLP.prepare_decode`, routed ``"gate"`` and ``"none"`` only): the
 router picks ``M`` from ``x``, then one call of the row-gathered kernel
-(:class:`awq.dynamic_sparse.NeuronSparseDecode`) reads the gate rows of ``M``, keeps ``|silu(g)| >= t_l``
+(:class:`awq.methods.dynamic_sparse.NeuronSparseDecode`) reads the gate rows of ``M``, keeps ``|silu(g)| >= t_l``
 (``"gate"``; ``"none"``: all of ``M``) and reads up rows and ``W_down^T`` rows of the kept neurons only;
 the meter gets the same reads as the masked path. ``"h"`` thresholds ``|h|`` (needs the up rows of all
 of ``M`` before deciding), ``"ideal"`` and oracle picks need the dense ``h``: they keep the masked path.
@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from awq.dynamic_sparse import is_decode_step, neuron_decode_for
+from awq.methods.base import MethodConfig, SwappedMLP
 from awq.methods.cluster_fit import coverage_weights, covered_fraction, fit_centroids, train_router
 from awq.methods.common import MethodError, check_density, dense_h, keep_threshold, mlp_dims, mlp_of, token_density
+from awq.methods.dynamic_sparse import neuron_decode_for
 from awq.methods.teal import _check_layers
-from awq.sparsify import SwappedMLP, register_method
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ WITHIN = ("none", "gate", "h", "ideal")
 
 
 @dataclass
-class ClusterNeuronConfig:
+class ClusterNeuronConfig(MethodConfig):
     centroids: list[torch.Tensor]  # [K, F] bool per layer (a pooled codebook: the same tensor in every layer)
     hot: list[torch.Tensor]  # [F] bool per layer: always computed
     router_w: list[torch.Tensor] = field(default_factory=list)  # [K, H] per layer; empty: oracle selection
@@ -99,6 +99,9 @@ class ClusterNeuronConfig:
                 "centroid_density": float(self.centroids[0].float().mean()),
                 "hot_density": [float(h.float().mean()) for h in self.hot], **self.info}
 
+    def build(self, mlp: nn.Module, i: int) -> "ClusterNeuronMLP":
+        return ClusterNeuronMLP(mlp, i, self)
+
 
 class ClusterNeuronMLP(SwappedMLP):
     def __init__(self, base: nn.Module, layer_idx: int, cfg: ClusterNeuronConfig) -> None:
@@ -112,7 +115,6 @@ class ClusterNeuronMLP(SwappedMLP):
         self.router_b = cfg.router_b[i].to(dev, dt) if cfg.routed else None
         self.top_m, self.within = cfg.top_m, cfg.within
         self.t = float(cfg.thresholds[i]) if cfg.within != "none" else 0.0
-        self._decode = None
         self._cidx: Optional[list[torch.Tensor]] = None
 
     @property
@@ -131,7 +133,7 @@ class ClusterNeuronMLP(SwappedMLP):
         return None
 
     def prepare_decode(self) -> bool:
-        """Make the batch-1 row-gathered kernel (:mod:`awq.dynamic_sparse`; a transposed copy of
+        """Make the batch-1 row-gathered kernel (:mod:`awq.methods.dynamic_sparse`; a transposed copy of
         ``W_down``) used for single-token calls from now on.  False if it cannot run here."""
         if self._decode is None and self.decode_unsupported() is None:
             self._decode = neuron_decode_for(self, self.t if self.within == "gate" else 0.0)
@@ -163,7 +165,7 @@ class ClusterNeuronMLP(SwappedMLP):
         return self.centroids[idx].any(1) | self.hot
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_decode_step(self, x):
+        if self.is_decode_step(x):
             return self._decode_step(x)
         if self.observers:
             self._notify("input", x)
@@ -191,11 +193,6 @@ class ClusterNeuronMLP(SwappedMLP):
     def extra_repr(self) -> str:
         sel = "routed" if self.router_w is not None else "oracle"
         return f"layer={self.layer_idx}, cluster_neuron, K={self.centroids.shape[0]}, m={self.top_m}, {sel}, {self.within}"
-
-
-@register_method(ClusterNeuronConfig)
-def _build_cluster_neuron(mlp: nn.Module, i: int, cfg: ClusterNeuronConfig) -> ClusterNeuronMLP:
-    return ClusterNeuronMLP(mlp, i, cfg)
 
 
 # ------------------------------------------------------------------------------------------------

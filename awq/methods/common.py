@@ -9,12 +9,14 @@ calibration entries lies (:func:`keep_threshold`).
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from awq.sparsify import decoder_layers, unsparsify_
+from awq.load.arch import decoder_layers
+from awq.methods.base import base_mlp, unsparsify_
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ def keep_threshold(scores: torch.Tensor, density: float) -> float:
 
 
 def mlp_of(model: nn.Module, layer: int) -> nn.Module:
-    from awq.sparsify import base_mlp
-
     return base_mlp(decoder_layers(model)[layer].mlp)
 
 
@@ -100,3 +100,27 @@ def token_density(mask: torch.Tensor) -> torch.Tensor:
 def mlp_dims(model: nn.Module) -> tuple[int, int]:
     mlp = mlp_of(model, 0)
     return mlp.gate_proj.in_features, mlp.gate_proj.out_features
+
+
+@dataclass
+class CalibData:
+    """Train-part windows plus the dense MLP inputs collected from them (once, on first use): what every
+    method's calibration reads (:attr:`awq.methods.registry.MethodSpec.calibrate`)."""
+
+    windows: torch.Tensor
+    model_name: Optional[str] = None
+    max_tokens: Optional[int] = 4096
+    seed: int = 0
+    centroids: Optional[str] = None  # cluster_*: a --centroids spec (gate=FILE,up=FILE,down=FILE or a folder)
+    predictor: Optional[str] = None  # cluster_predicted: a cluster predictor file (python -m awq.predictor train)
+    _xs: Optional[list] = field(default=None, repr=False)
+
+    def xs(self, model: nn.Module) -> list[torch.Tensor]:
+        if self._xs is None:
+            self._xs = collect_mlp_inputs(model, self.windows, self.max_tokens, self.seed)
+        return self._xs
+
+
+def as_calib(calib: Any) -> CalibData:
+    """``calib`` itself, or train windows wrapped as :class:`CalibData`."""
+    return calib if isinstance(calib, CalibData) else CalibData(windows=calib)

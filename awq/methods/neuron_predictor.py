@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from awq.dynamic_sparse import is_decode_step, neuron_decode_for
+from awq.methods.base import MethodConfig, SwappedMLP
 from awq.methods.common import check_density, dense_h, keep_threshold, mlp_dims, mlp_of, token_density
+from awq.methods.dynamic_sparse import neuron_decode_for, unsupported
 from awq.methods.teal import _check_layers
-from awq.sparsify import SwappedMLP, register_method
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def predictor_rank(hidden: int, inter: int, budget: float = BUDGET) -> int:
 
 
 @dataclass
-class NeuronPredictorConfig:
+class NeuronPredictorConfig(MethodConfig):
     density: float
     a: list[torch.Tensor] = field(default_factory=list)  # [r, H] per layer
     b: list[torch.Tensor] = field(default_factory=list)  # [F, r] per layer
@@ -58,6 +59,9 @@ class NeuronPredictorConfig:
     def summary(self) -> dict:
         return {"density": self.density, "rank": int(self.a[0].shape[0]) if self.a else None}
 
+    def build(self, mlp: nn.Module, i: int) -> "NeuronPredictorMLP":
+        return NeuronPredictorMLP(mlp, i, self.density, self.a[i], self.b[i], self.bias[i])
+
 
 class NeuronPredictorMLP(SwappedMLP):
     def __init__(self, base: nn.Module, layer_idx: int, density: float, a: torch.Tensor, b: torch.Tensor,
@@ -67,15 +71,17 @@ class NeuronPredictorMLP(SwappedMLP):
         dev, dt = base.gate_proj.weight.device, base.gate_proj.weight.dtype
         self.a, self.b, self.bias = a.to(dev, dt), b.to(dev, dt), bias.to(dev, dt)
         self.k = max(1, int(round(density * base.gate_proj.out_features)))
-        self._decode = None
 
     @property
     def extra_bytes(self) -> int:
         """Weight bytes of the predictor, read per token besides the MLP's."""
         return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.bias))
 
+    def decode_unsupported(self) -> Optional[str]:
+        return unsupported(self.base)
+
     def prepare_decode(self) -> bool:
-        """Make the batch-1 row-gathered kernel (:mod:`awq.dynamic_sparse`; a transposed copy of
+        """Make the batch-1 row-gathered kernel (:mod:`awq.methods.dynamic_sparse`; a transposed copy of
         ``W_down``) used for single-token calls from now on.  False if it cannot run here."""
         if self._decode is None:
             self._decode = neuron_decode_for(self)
@@ -87,7 +93,7 @@ class NeuronPredictorMLP(SwappedMLP):
         return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_decode_step(self, x):
+        if self.is_decode_step(x):
             x1 = x.reshape(1, -1)
             idx = F.linear(F.linear(x1, self.a), self.b, self.bias).topk(self.k, dim=-1).indices
             y = self._decode(x1, idx)
@@ -109,11 +115,6 @@ class NeuronPredictorMLP(SwappedMLP):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, neuron_predictor, k={self.k}, rank={self.a.shape[0]}"
-
-
-@register_method(NeuronPredictorConfig)
-def _build_np(mlp: nn.Module, i: int, cfg: NeuronPredictorConfig) -> NeuronPredictorMLP:
-    return NeuronPredictorMLP(mlp, i, cfg.density, cfg.a[i], cfg.b[i], cfg.bias[i])
 
 
 def train_layer(x: torch.Tensor, target: torch.Tensor, w_gate: torch.Tensor, rank: int, steps: int = 60,

@@ -1,13 +1,13 @@
-"""The paper's thresholds (``awq.sparse_mlp.SparsityConfig``) as frontier methods, whole and per projection.
+"""The paper's thresholds (``awq.methods.paper_mlp.SparsityConfig``) as frontier methods, whole and per projection.
 
 ``paper`` thresholds the outputs of gate, up and down; the per-projection variants keep one or two
 projections' thresholds and zero the others (``paper_gate``, ``paper_up``, ``paper_gate_up``,
 ``paper_down``). Thresholds for density ``d`` are the shipped file for ``round(100 (1 - d))``%
 sparsity when one exists for the model, else calibrated on the train windows with
-:func:`awq.calibrate.calibrate` (exact streamed quantiles). ``SparseMLP`` meters itself: gate and up
+:func:`awq.methods.calibration.calibrate` (exact streamed quantiles). ``SparseMLP`` meters itself: gate and up
 are read in full, down only for the nonzero ``h`` (thresholding down's output saves no reads). At
-batch 1 every variant runs the kernel of :mod:`awq.paper_decode` (``SparseMLP.prepare_decode``), which
-reads exactly that, so ``awq.frontier --speed`` times them all.
+batch 1 every variant runs the kernel of :mod:`awq.methods.paper_decode` (``SparseMLP.prepare_decode``), which
+reads exactly that, so ``awq.experiments.frontier --speed`` times them all.
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from typing import Optional
 
 from torch import nn
 
+from awq.load.arch import PROJS, decoder_layers
+from awq.methods.calibration import calibrate
 from awq.methods.common import check_density
-from awq.sparse_mlp import SparsityConfig
-from awq.sparsify import PROJS, decoder_layers
-from awq.thresholds import load_thresholds, shipped_thresholds
+from awq.methods.paper_mlp import SparsityConfig
+from awq.store.thresholds import load_thresholds, shipped_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ def paper_thresholds(model: nn.Module, windows, density: float, model_name: Opti
         path = shipped_thresholds(model_name, pct)
         if path is not None:
             return load_thresholds(path, n), str(path)
-    from awq.calibrate import calibrate
 
     log.info("calibrating the paper's thresholds at %.1f%% sparsity on %d windows", 100 * (1 - density), windows.size(0))
     return calibrate(model, windows, 1.0 - density, n), f"calibrated on {windows.size(0)} train windows"

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from awq.dynamic_sparse import input_decode_for, is_decode_step
-from awq.methods.common import MethodError, dense_h, keep_threshold, mlp_dims, token_density
-from awq.sparsify import SwappedMLP, decoder_layers, register_method
+from awq.load.arch import decoder_layers
+from awq.methods.base import MethodConfig, SwappedMLP
+from awq.methods.common import MethodError, dense_h, keep_threshold, mlp_dims, mlp_of, token_density
+from awq.methods.dynamic_sparse import input_decode_for, unsupported
 
 
 def _check_layers(model: nn.Module, name: str, **lists) -> None:
@@ -36,7 +37,7 @@ def _check_layers(model: nn.Module, name: str, **lists) -> None:
 
 
 @dataclass
-class TealConfig:
+class TealConfig(MethodConfig):
     """Per-layer thresholds on ``|x|`` (MLP input) and on ``|h|``, ``h = act(gate(x)) * up(x)``."""
 
     x_thresholds: list[float]
@@ -51,10 +52,17 @@ class TealConfig:
     def summary(self) -> dict:
         return {"x_thresholds": list(self.x_thresholds), "h_thresholds": list(self.h_thresholds)}
 
+    def build(self, mlp: nn.Module, i: int) -> "InputSparseMLP":
+        return InputSparseMLP(mlp, i, self.x_thresholds[i], self.h_thresholds[i])
+
 
 @dataclass
 class WinaConfig(TealConfig):
     """As TEAL, thresholds on ``|x_i| * ||[W_gate; W_up][:, i]||_2`` and ``|h_j| * ||W_down[:, j]||_2``."""
+
+    def build(self, mlp: nn.Module, i: int) -> "InputSparseMLP":
+        sx, sh = wina_scales(mlp)
+        return InputSparseMLP(mlp, i, self.x_thresholds[i], self.h_thresholds[i], x_scale=sx, h_scale=sh)
 
 
 @dataclass
@@ -74,6 +82,9 @@ class LarosaConfig(TealConfig):
     def extra_read(self, model: nn.Module) -> float:
         hidden, inter = mlp_dims(model)
         return hidden * hidden / (3.0 * hidden * inter)  # one H x H matrix per layer vs gate+up+down
+
+    def build(self, mlp: nn.Module, i: int) -> "InputSparseMLP":
+        return InputSparseMLP(mlp, i, self.x_thresholds[i], self.h_thresholds[i], rotation=self.rotations[i])
 
 
 def wina_scales(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,15 +112,17 @@ class InputSparseMLP(SwappedMLP):
             # y = x W^T = (x Q)(W Q)^T for orthogonal Q: fold Q into the weights once
             self.w_gate = (base.gate_proj.weight.detach().double() @ q).to(dt)
             self.w_up = (base.up_proj.weight.detach().double() @ q).to(dt)
-        self._decode = None
 
     @property
     def extra_bytes(self) -> int:
         """Weight bytes read per token besides the MLP's (LaRoSA's rotation)."""
         return 0 if self.rotation is None else self.rotation.numel() * self.rotation.element_size()
 
+    def decode_unsupported(self) -> Optional[str]:
+        return unsupported(self.base)
+
     def prepare_decode(self) -> bool:
-        """Make the batch-1 column-gathered kernel (:mod:`awq.dynamic_sparse`; a transposed copy of the
+        """Make the batch-1 column-gathered kernel (:mod:`awq.methods.dynamic_sparse`; a transposed copy of the
         MLP's weights) used for single-token calls from now on.  False if it cannot run here."""
         if self._decode is None:
             rot = self.rotation is not None
@@ -127,7 +140,7 @@ class InputSparseMLP(SwappedMLP):
         return y.to(x.dtype).view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_decode_step(self, x):
+        if self.is_decode_step(x):
             return self._decode_step(x)
         if self.observers:
             self._notify("input", x)
@@ -158,22 +171,6 @@ class InputSparseMLP(SwappedMLP):
         return f"layer={self.layer_idx}, {kind}, t_x={self.t_x:.4g}, t_h={self.t_h:.4g}"
 
 
-@register_method(TealConfig)
-def _build_teal(mlp: nn.Module, i: int, cfg: TealConfig) -> InputSparseMLP:
-    return InputSparseMLP(mlp, i, cfg.x_thresholds[i], cfg.h_thresholds[i])
-
-
-@register_method(WinaConfig)
-def _build_wina(mlp: nn.Module, i: int, cfg: WinaConfig) -> InputSparseMLP:
-    sx, sh = wina_scales(mlp)
-    return InputSparseMLP(mlp, i, cfg.x_thresholds[i], cfg.h_thresholds[i], x_scale=sx, h_scale=sh)
-
-
-@register_method(LarosaConfig)
-def _build_larosa(mlp: nn.Module, i: int, cfg: LarosaConfig) -> InputSparseMLP:
-    return InputSparseMLP(mlp, i, cfg.x_thresholds[i], cfg.h_thresholds[i], rotation=cfg.rotations[i])
-
-
 # ------------------------------------------------------------------------------------------------
 # calibration (dense MLP inputs of the train part, see awq.methods.common.collect_mlp_inputs)
 # ------------------------------------------------------------------------------------------------
@@ -187,7 +184,6 @@ def pca_rotation(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def calibrate_teal(model: nn.Module, xs: list[torch.Tensor], density: float, kind: str = "teal") -> TealConfig:
     """Thresholds keeping a fraction ``density`` of the (scored) calibration entries of x and of h per layer."""
-    from awq.methods.common import mlp_of
 
     tx, th, rots = [], [], []
     for i, x in enumerate(xs):

@@ -1,0 +1,259 @@
+"""``python -m awq.frontier``: perplexity against MLP weight bytes read per token, every method side by side.
+
+For one model: every selected method (:data:`awq.methods.registry.METHODS`) is calibrated on the train part at
+each density of its sweep, then scored on the same test windows. The cost axis,
+``weight_read_fraction``, is what a batch-1 decode step must read of the MLP's weight bytes per token,
+measured from the masks actually applied on the test tokens (:mod:`awq.methods.cost`), plus any predictor or
+rotation the method reads besides (``extra``). Resumable: one JSON per point under
+``<out>/points/``; points already done are skipped. The directory's ``fingerprint.json`` (weights
+sha256, corpus sha256, seqlen, windows, calibration settings; the model's path and name are recorded
+only) must match, else the run is refused.
+Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_<model>.png``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from awq.decode.speed import measure_point  # real batch-1 decode speed, dense interleaved
+from awq.experiments.eval import perplexity
+from awq.experiments.frontier_report import markdown, plot, sort_points, write_csv, write_markdown
+from awq.load.data import load_corpus, tokenize_windows
+from awq.load.models import load_model, model_slug
+from awq.methods.base import SwappedMLP, sparsify_, unsparsify_
+from awq.methods.common import CalibData, MethodError, check_density
+from awq.methods.cost import metering
+from awq.methods.registry import METHODS, check_needs, config_summary, default_methods, extra_read, get_method
+from awq.util.cli import build_parser, check_config, opt, parse_config, setup_logging
+from awq.util.fingerprint import weights_fingerprint
+from awq.util.io import atomic_write_json
+
+log = logging.getLogger("awq.experiments.frontier")
+
+INFO_ONLY = ("model", "model_name")  # recorded, not compared: weights_sha256 identifies the model
+
+
+class FrontierError(ValueError):
+    """Bad frontier input or a results directory made with another setup (one line)."""
+
+
+@dataclass
+class FrontierConfig:
+    model_path: Optional[str] = opt(None, help="model: HF directory, .gguf or hub id (default: the embedded "
+                                    "SmolLM2-135M-Instruct)")
+    data_path: Optional[str] = opt(None, help="local corpus (see awq.entry --help); default: hub or offline substitute")
+    out: Optional[Path] = opt(None, help="results directory (default results/frontier/<model>)")
+    plots_dir: Path = opt(Path("plots"), help="where frontier_<model>.png goes (default plots)")
+    methods: Optional[list[str]] = opt(None, help="comma-separated methods of awq.methods.registry (default: "
+                                       + ", ".join(default_methods({"centroids": "-", "predictor": "-"}))
+                                       + "; cluster_oracle with --centroids, cluster_predicted with --predictor)")
+    densities: Optional[list[float]] = opt(None, help="comma-separated densities in (0, 1] for every method "
+                                           "(default: each method's own sweep, read fractions ~0.3-0.8)")
+    centroids: Optional[str] = opt(None, help="centroid sets for cluster_oracle / cluster_predicted: "
+                                   "gate=FILE,up=FILE,down=FILE (any subset) or a folder (see awq.entry --centroids)")
+    predictor: Optional[str] = opt(None, help="a trained cluster predictor file (python -m awq.predictor train) for cluster_predicted")
+    nsamples: int = opt(4, help="test windows scored per point (default 4)", min=1)
+    calib_nsamples: int = opt(2, help="train windows for calibration (default 2)", min=1)
+    calib_tokens: int = opt(4096, help="MLP inputs per layer kept for calibration (default 4096)", min=1)
+    seqlen: int = opt(2048, help="window length in tokens (default 2048)", min=2)
+    seed: int = opt(0, help="calibration subsample / predictor training seed (default 0)")
+    dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)",
+                               choices=["float32", "float16", "bfloat16"])
+    device: Optional[str] = opt(None, help="cpu / cuda (default auto)")
+    speed: bool = opt(False, help="also measure batch-1 decode tok/s of every realizable point against the dense "
+                      "MLPs on the same lean decoder (awq.decode.speed; added to points already done); a "
+                      "method without a batch-1 kernel is not timed: decode_status 'no batch-1 kernel'")
+    speed_prompt_tokens: int = opt(256, help="--speed: prompt tokens (default 256)", min=1)
+    speed_new_tokens: int = opt(64, help="--speed: new tokens per timed run (default 64)", min=2)
+    speed_repeats: int = opt(3, help="--speed: interleaved repeats, medians (default 3)", min=1)
+    speed_again: bool = opt(False, help="--speed: time again the points already timed (after a decoder or kernel "
+                            "change); perplexity and cost are kept")
+    no_hub: bool = opt(False, help="never try the Hugging Face hub for the corpus")
+
+
+def _has_kernel(class_path: Optional[str]) -> bool:
+    """Whether the module class ``package.module.Class`` now has a batch-1 kernel (overrides ``prepare_decode``)."""
+    mod, _, name = (class_path or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, SwappedMLP) and cls.prepare_decode is not SwappedMLP.prepare_decode
+
+
+def _point_name(method: str, param: float) -> str:
+    return f"{method}_{param:.4f}.json"
+
+
+class Frontier:
+    def __init__(self, cfg: FrontierConfig) -> None:
+        self.cfg = cfg
+        files = {"centroids": cfg.centroids, "predictor": cfg.predictor}
+        names = cfg.methods or default_methods(files)
+        try:
+            self.specs = [get_method(m) for m in names]
+            for d in cfg.densities or []:
+                check_density(d)
+            for s in self.specs:
+                check_needs(s, files)
+        except MethodError as e:
+            raise FrontierError(str(e)) from None
+        if cfg.predictor and not Path(cfg.predictor).is_file():
+            raise FrontierError(f"--predictor {cfg.predictor}: no such file")
+        check_config(cfg)
+        if cfg.speed_again and not cfg.speed:
+            raise FrontierError("--speed_again needs --speed")
+        self.measure = None
+        if cfg.speed:
+            self.measure = lambda model, tok, point: measure_point(
+                model, tok, point, prompt_tokens=cfg.speed_prompt_tokens, new_tokens=cfg.speed_new_tokens,
+                repeats=cfg.speed_repeats)
+
+    # ------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        c = self.cfg
+        self.model, self.tok, self.info = load_model(c.model_path, c.dtype, c.device)
+        self.slug = model_slug(self.info)
+        self.out = Path(c.out) if c.out else Path("results/frontier") / self.slug
+        test = load_corpus("test", c.data_path, use_hub=not c.no_hub)
+        train = load_corpus("train", c.data_path, use_hub=not c.no_hub)
+        tw = tokenize_windows(self.tok, test.text, c.seqlen)
+        if tw.size(0) < c.nsamples:
+            raise FrontierError(f"--nsamples {c.nsamples} but the test part has only {tw.size(0)} windows of {c.seqlen}")
+        self.test_windows = tw[: c.nsamples]
+        self.calib = CalibData(tokenize_windows(self.tok, train.text, c.seqlen)[: c.calib_nsamples],
+                               model_name=self.info.name, max_tokens=c.calib_tokens, seed=c.seed,
+                               centroids=c.centroids, predictor=c.predictor)
+        self.fingerprint = {"model": self.info.path, "model_name": self.info.name,
+                            "weights_sha256": weights_fingerprint(self.model), "dtype": self.info.dtype,
+                            "corpus": test.name, "corpus_test_sha256": test.sha256, "corpus_train_sha256": train.sha256,
+                            "seqlen": c.seqlen, "nsamples": c.nsamples, "calib_nsamples": c.calib_nsamples,
+                            "calib_tokens": c.calib_tokens, "seed": c.seed}
+        self._check_fingerprint()
+
+    def _check_fingerprint(self) -> None:
+        fp = self.out / "fingerprint.json"
+        if fp.is_file():
+            old = json.loads(fp.read_text())
+            # the model's path and name are informative only: the same weights elsewhere (another checkout) resume
+            diff = [k for k in self.fingerprint if k not in INFO_ONLY and old.get(k) != self.fingerprint[k]]
+            if diff:
+                k = diff[0]
+                raise FrontierError(f"{self.out} was made with another setup ({k}: {old.get(k)!r} there, "
+                                    f"{self.fingerprint[k]!r} now); refusing to mix: pass another --out")
+        else:
+            atomic_write_json(fp, self.fingerprint, "frontier fingerprint")
+
+    # ------------------------------------------------------------------------------------------
+    def _point(self, spec, density: float) -> dict:
+        t0 = time.perf_counter()
+        cfg = spec.calibrate(self.model, self.calib, density)
+        t_cal = time.perf_counter() - t0
+        unsparsify_(self.model)
+        desc = f"{spec.name} d={density:.2f}"
+        if cfg is None:  # dense: reads every weight
+            res = perplexity(self.model, self.test_windows, desc=desc)
+            summ = {"weight_read_fraction": 1.0, "per_projection": {"gate_proj": 1.0, "up_proj": 1.0, "down_proj": 1.0},
+                    "per_layer": None, "extra": 0.0}
+        else:
+            sparsify_(self.model, cfg)
+            extra = extra_read(cfg, self.model)
+            with metering(self.model) as meter:
+                res = perplexity(self.model, self.test_windows, desc=desc)
+            summ = meter.summary(extra)
+        point = {"model": self.slug, "method": spec.name, "param": float(density),
+                 "weight_read_fraction": summ["weight_read_fraction"], "ppl": res.ppl, "tokens": res.tokens,
+                 "realizable": spec.realizable, "decode_speedup": None, "roofline": None,
+                 "extra": summ["extra"], "per_projection": summ["per_projection"], "per_layer": summ["per_layer"],
+                 "config": config_summary(cfg), "calib_seconds": t_cal, "eval_seconds": res.seconds,
+                 "fingerprint": self.fingerprint}
+        if self.measure is not None and self._wants_speed(spec, point):
+            point.update(self.measure(self.model, self.tok, point))
+        unsparsify_(self.model)
+        return point
+
+    @staticmethod
+    def _wants_speed(spec, point: dict, again: bool = False) -> bool:
+        """Realizable, not dense, never timed (or ``again``); a point found without a batch-1 kernel only
+        once the module class it named then has a ``prepare_decode`` (it had none)."""
+        if not spec.realizable or spec.name == "dense":
+            return False
+        if point.get("decode_tok_s") is not None:
+            return again
+        status = point.get("decode_status") or ""
+        if status.startswith("no batch-1 kernel"):
+            no_kernel = "has no prepare_decode" in status or "has no batch-1 kernel" in status
+            return no_kernel and _has_kernel(point.get("decode_module"))
+        return True
+
+    def _speed_only(self, spec, density: float, point: dict) -> dict:
+        """A done point without decode speed: calibrate again (deterministic for the seed), measure, keep the rest."""
+
+        cfg = spec.calibrate(self.model, self.calib, density)
+        unsparsify_(self.model)
+        if cfg is not None:
+            sparsify_(self.model, cfg)
+        try:
+            return {**point, **self.measure(self.model, self.tok, point)}
+        finally:
+            unsparsify_(self.model)
+
+    def run(self) -> dict:
+        self._setup()
+        pdir = self.out / "points"
+        pdir.mkdir(parents=True, exist_ok=True)
+        todo = [(s, d) for s in self.specs for d in ((1.0,) if s.name == "dense" else (self.cfg.densities or s.densities))]
+        done = 0
+        for k, (spec, d) in enumerate(todo):
+            path = pdir / _point_name(spec.name, d)
+            if path.is_file():
+                old = json.loads(path.read_text())
+                if self.measure is not None and self._wants_speed(spec, old, self.cfg.speed_again):
+                    log.info("[%d/%d] %s at density %.3f: done, adding decode speed", k + 1, len(todo), spec.name, d)
+                    atomic_write_json(path, self._speed_only(spec, d, old), "frontier point")
+                    done += 1
+                else:
+                    log.info("[%d/%d] skip (done): %s", k + 1, len(todo), path)
+                continue
+            log.info("[%d/%d] %s at density %.3f", k + 1, len(todo), spec.name, d)
+            p = self._point(spec, d)
+            atomic_write_json(path, p, "frontier point")
+            done += 1
+            log.info("%s d=%.3f: read %.3f ppl %.3f", spec.name, d, p["weight_read_fraction"], p["ppl"])
+        points = sort_points([json.loads(f.read_text()) for f in sorted(pdir.glob("*.json"))], list(METHODS))
+        csv_path = write_csv(points, self.out / "frontier.csv")
+        head = (f"Model {self.info.name}, corpus {self.fingerprint['corpus']}, {self.cfg.nsamples} test windows of "
+                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows.\n\n")
+        md_path = write_markdown(points, self.out / "frontier.md", head)
+        png = plot(points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}.png", self.info.name)
+        return {"points": points, "computed": done, "csv": str(csv_path), "markdown": str(md_path), "plot": str(png),
+                "out": str(self.out)}
+
+
+def main(cfg: FrontierConfig) -> dict:
+    return Frontier(cfg).run()
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
+    parser = build_parser(FrontierConfig, prog="python -m awq.frontier", description=__doc__.split("\n\n")[0])
+    try:
+        cfg, _ = parse_config(FrontierConfig, argv, parser)
+        res = main(cfg)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+
+    print(markdown(res["points"]), end="")
+    print(f"frontier: {len(res['points'])} points ({res['computed']} computed now) -> {res['csv']}, {res['plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

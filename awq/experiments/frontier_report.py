@@ -1,0 +1,94 @@
+"""Outputs of ``python -m awq.frontier``: ``frontier.csv``, a markdown table and the frontier plot."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Optional
+
+from awq.experiments.plots import _plt
+from awq.util.io import atomic_path, atomic_write_text
+
+CSV_COLUMNS = ("model", "method", "param", "weight_read_fraction", "ppl", "tokens", "realizable", "decode_speedup",
+               "roofline")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def sort_points(points: list[dict], order: Optional[list[str]] = None) -> list[dict]:
+    rank = {m: i for i, m in enumerate(order or [])}
+    return sorted(points, key=lambda p: (rank.get(p["method"], len(rank)), p["method"], p["param"]))
+
+
+def write_csv(points: list[dict], path: Path) -> Path:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for p in points:
+        w.writerow([_cell(p.get(c)) for c in CSV_COLUMNS])
+    return atomic_write_text(path, buf.getvalue(), "frontier CSV")
+
+
+def markdown(points: list[dict]) -> str:
+    dense = next((p["ppl"] for p in points if p["method"] == "dense"), None)
+    lines = ["| method | density | weight read / MLP | of which extra | PPL | vs dense | realizable | decode speedup | roofline |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        rel = f"{p['ppl'] / dense:.2f}x" if dense else "–"
+        sp = "–" if p.get("decode_speedup") is None else f"{p['decode_speedup']:.2f}x"
+        if p.get("decode_status"):
+            r = p.get("decode_measured_ratio")
+            st = p["decode_status"].replace("|", "\\|")  # a '|' in a reason would split the table cell
+            sp = st if r is None else f"{st} ({r:.2f}x)"
+        rf = "–" if p.get("roofline") is None else f"{p['roofline']:.2f}x"
+        lines.append(f"| {p['method']} | {p['param']:.2f} | {p['weight_read_fraction']:.3f} | {p.get('extra', 0.0):.3f} | "
+                     f"{p['ppl']:.2f} | {rel} | {'yes' if p['realizable'] else 'no (oracle)'} | {sp} | {rf} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(points: list[dict], path: Path, header: str = "") -> Path:
+    return atomic_write_text(path, header + markdown(points), "frontier table")
+
+
+def plot(points: list[dict], path: Path, model: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    methods = []
+    for p in points:
+        if p["method"] not in methods:
+            methods.append(p["method"])
+    cmap = plt.get_cmap("tab20")
+    for k, m in enumerate(methods):
+        pts = sorted((p for p in points if p["method"] == m), key=lambda p: p["weight_read_fraction"])
+        if m == "dense":
+            ax.axhline(pts[0]["ppl"], color="black", ls="--", lw=1, label=f"dense ({pts[0]['ppl']:.2f})")
+            continue
+        oracle = not pts[0]["realizable"]
+        col = cmap(k % 20)
+        ax.plot([p["weight_read_fraction"] for p in pts], [p["ppl"] for p in pts], marker="o", color=col,
+                markerfacecolor="none" if oracle else col, ls=":" if oracle else "-",
+                label=f"{m} (oracle: needs the true mask)" if oracle else m)
+    ax.set_yscale("log")
+    ax.set_xlabel("MLP weight bytes read per token / MLP weight bytes (batch-1 decode)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"Sparsity frontier: {model}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path, "frontier plot") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def finite(v: float) -> bool:
+    return v is not None and not (isinstance(v, float) and (math.isnan(v) or math.isinf(v)))

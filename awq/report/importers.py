@@ -1,0 +1,202 @@
+"""Importers behind ``python -m awq.report --import_*``: a fresh run's output -> its ``results_ref/<name>.json``.
+
+Each importer reads only what the command itself wrote (its results JSON, its ``timings.json``) and
+keeps the figures, the config, the machine info and the notes, so that every figure in README.md and
+ARTIFACT.md traces back to one run:
+
+* :func:`import_reproduce`: ``awq.experiments.reproduce``'s ``summary.json`` -> ``reproduce.json``;
+* :func:`import_frontier`: ``awq.experiments.frontier``'s ``frontier.csv`` (+ ``fingerprint.json``, ``points/``) ->
+  ``frontier.json`` / ``frontier_qwen.json``;
+* :func:`import_sparse_mlp`: ``bench/bench_sparse_mlp.py --output`` -> ``sparse_mlp.json``;
+* :func:`import_predictor`: the directory of ``python -m awq.artifact --predictor`` (``eval.json`` of
+  ``python -m awq.predictor evaluate --output`` and the runner's ``timings.json``) -> ``predictor.json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from awq.util import paths
+from awq.util.io import atomic_write_json
+
+PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+class RunOutputError(ValueError):
+    """A run's output is missing or not what the importer expects (one line)."""
+
+
+def _ref(ref_dir: Optional[Path], name: str) -> Path:
+    return (Path(ref_dir) if ref_dir else paths.results_ref_dir()) / f"{name}.json"
+
+
+def _load(f: Path, hint: str) -> dict:
+    if not f.is_file():
+        raise RunOutputError(f"no {f}: {hint}")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise RunOutputError(f"{f}: not valid JSON ({e})") from None
+
+
+def _step_seconds(run_dir: Path) -> dict:
+    """Seconds per step summed over every invocation in ``timings.json`` (a resumed run skips finished steps)."""
+    f = run_dir / "timings.json"
+    if not f.is_file():
+        return {}
+    total: dict = {}
+    for inv in json.loads(f.read_text()).values():
+        for step, sec in inv.items():
+            total[step] = round(total.get(step, 0.0) + sec, 1)
+    return total
+
+
+def import_reproduce(summary_dir: Path, ref_dir: Optional[Path] = None) -> Path:
+    """Slim a fresh ``awq.experiments.reproduce`` output (its ``summary.json``) into ``results_ref/reproduce.json``."""
+    f = Path(summary_dir) / "summary.json"
+    s = _load(f, "run `make reproduce` first")
+    ref = _ref(ref_dir, "reproduce")
+    old = json.loads(ref.read_text()) if ref.is_file() else {}
+    any_run = next(iter(s["runs"].values()))
+    cfg = {k: s["config"].get(k) for k in ("seqlen", "ppl_nsamples", "extract_nsamples", "ks", "sparsities",
+                                           "baseline_k", "max_rows", "eval_rows", "max_iter", "baseline_max_iter")}
+    cfg["num_layers"] = old.get("config", {}).get("num_layers", 30)
+    new = {"what": f"python -m awq.reproduce, imported from {f}", "model": old.get("model", "SmolLM2-135M-Instruct"),
+           "dataset": any_run["dataset"], "substitute": any_run["substitute"], "config": cfg,
+           "runs": {n: {"ppl": r["ppl"], "tokens": r["tokens"], "effective_sparsity": r["effective_sparsity"]}
+                    for n, r in s["runs"].items()},
+           "precision": [{k: r[k] for k in ("method", "rule", "proj", "k", "sparsity", "precision", "density", "f1",
+                                            "jaccard", "rows")} for r in s["precision"]],
+           "timings_s": _step_seconds(Path(summary_dir)) or s.get("timings_s") or old.get("timings_s", {})}
+    atomic_write_json(ref, new)
+    return ref
+
+
+def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None) -> Path:
+    """Copy an ``awq.experiments.frontier`` run (its ``frontier.csv`` + ``fingerprint.json``) into ``results_ref/<name>.json``.
+
+    ``seconds`` is the calibration + evaluation time summed over the run's ``points/*.json`` (model
+    loading and setup excluded); absent when the run kept no points."""
+    import csv
+
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise RunOutputError(f"no {csv_path}: run `python -m awq.frontier` first")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fp = csv_path.with_name("fingerprint.json")
+    pts = [{"method": r["method"], "param": float(r["param"]), "weight_read_fraction": float(r["weight_read_fraction"]),
+            "ppl": float(r["ppl"]), "tokens": int(r["tokens"]), "realizable": r["realizable"] == "true",
+            **{k: float(r[k]) for k in ("decode_speedup", "roofline") if r.get(k)}} for r in rows]
+    secs = []
+    for pf in sorted(csv_path.with_name("points").glob("*.json")):
+        try:
+            q = json.loads(pf.read_text())
+            secs.append(float(q.get("calib_seconds") or 0.0) + float(q.get("eval_seconds") or 0.0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    out = {"what": f"python -m awq.frontier, imported from {csv_path}",
+           "fingerprint": json.loads(fp.read_text()) if fp.is_file() else {}, "points": pts}
+    if secs:
+        out["seconds"] = round(sum(secs), 1)
+    ref = _ref(ref_dir, name)
+    atomic_write_json(ref, out)
+    return ref
+
+
+def sparse_mlp_rows(bench: dict) -> list[dict]:
+    """One row per (shapes, density) of a ``bench_sparse_mlp.py`` JSON: MLP and step speedups beside their
+    rooflines.  A ratio the bench flagged (above its roofline: a measurement error) is kept as ``None``
+    with ``valid: false``, never as a speedup."""
+    ratios, timings = bench.get("ratios", {}), bench.get("timings", {})
+    rows: dict = {}
+    for key, r in ratios.items():
+        parts = key.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("density="):
+            continue
+        shapes, what, dens = parts[0], parts[1], float(parts[2].split("=")[1].rstrip("%")) / 100
+        row = rows.setdefault((shapes, dens), {"shapes": shapes, "density": dens})
+        row[f"{what}_speedup"] = r.get("speedup") if r.get("valid", True) else None
+        row[f"{what}_measured_ratio"] = r.get("measured_ratio")
+        row[f"roofline_{what}"] = r.get("roofline")
+        row[f"{what}_valid"] = bool(r.get("valid", True))
+        row[f"{what}_paired_iqr"] = [r.get("paired_q1"), r.get("paired_q3")]
+        if r.get("base_median_s") is not None:
+            row[f"{what}_dense_ms"] = 1e3 * r["base_median_s"]
+            row[f"{what}_sparse_ms"] = 1e3 * r["variant_median_s"]
+        t = timings.get(key)
+        if t and t.get("gbs") is not None:
+            row[f"{what}_sparse_gbs"] = t["gbs"]
+    return sorted(rows.values(), key=lambda r: (r["shapes"], r["density"]))
+
+
+def import_sparse_mlp(bench_json: Path, ref_dir: Optional[Path] = None) -> Path:
+    """A ``python bench/bench_sparse_mlp.py ... --output F`` JSON -> ``results_ref/sparse_mlp.json``."""
+    f = Path(bench_json)
+    b = _load(f, "run `python bench/bench_sparse_mlp.py --threads 1 --output FILE` first")
+    if b.get("bench") != "bench_sparse_mlp":
+        raise RunOutputError(f"{f} is not a bench_sparse_mlp.py output (bench: {b.get('bench')!r})")
+    rows = sparse_mlp_rows(b)
+    if not rows:
+        raise RunOutputError(f"{f} holds no sparse-vs-dense ratios")
+    cfg = b.get("config", {})
+    cmd = ("python bench/bench_sparse_mlp.py" + "".join(
+        f" --{k} {cfg[k]}" for k in ("shapes", "densities", "threads", "dtype", "ctx", "mistral_layers")
+        if cfg.get(k) is not None) + (" --no_step" if cfg.get("no_step") else "")
+        + (f" --output {paths.display(Path(cfg['output']))}" if cfg.get("output") else ""))
+    new = {"what": f"{cmd}, imported from {paths.display(f)}", "command": cmd, "config": cfg,
+           "system": b.get("system", {}),
+           "notes": b.get("notes", []), "seconds": b.get("wall_s"),
+           "figures": {k: b.get("figures", {}).get(k) for k in ("stream_gbs",)}, "lines": b.get("lines", []),
+           "rows": rows}
+    ref = _ref(ref_dir, "sparse_mlp")
+    atomic_write_json(ref, new)
+    return ref
+
+
+def predictor_evidence(ev: dict) -> dict:
+    """The figures of a ``python -m awq.predictor evaluate --output`` JSON, in the checklist's shape."""
+    k = ev["topk"]
+    per = {}
+    for p, m in ev["overall"].items():
+        per[p] = {"top1": m["top1_acc"], "top1_majority": m["top1_acc_majority"], f"top{k}": m[f"top{k}_acc"],
+                  "recall_predicted": m["recall_pred"], f"recall_top{k}": m[f"recall_best_of_top{k}"],
+                  "recall_oracle": m["recall_oracle"], "recall_majority": m["recall_majority"],
+                  "pred_density": m["pred_density"], "rows": m["rows"]}
+    pr = ev["predictor"]
+    ks = pr["k"] if isinstance(pr["k"], dict) else dict.fromkeys(per, pr["k"])
+    return {"k": ks, "rank": pr["rank"], "trunk": pr.get("trunk"), "topk": k,
+            "mac_fraction": ev["cost"]["flop_fraction"], "param_fraction": ev["cost"]["param_fraction"],
+            "per_proj": per}
+
+
+def import_predictor(run_dir: Path, ref_dir: Optional[Path] = None) -> Path:
+    """``python -m awq.artifact --predictor``'s directory (``eval.json`` + ``timings.json``) -> ``predictor.json``."""
+    d = Path(run_dir)
+    ev = _load(d / "eval.json", "run `python -m awq.artifact --predictor` (or `python -m awq.predictor evaluate "
+                                "--output eval.json`) first")
+    tfile = d / "timings.json"
+    timings = json.loads(tfile.read_text()) if tfile.is_file() else {}
+    if any(v is None for v in timings.values()):
+        raise RunOutputError(f"{tfile}: a step failed ({', '.join(k for k, v in timings.items() if v is None)}); rerun")
+    try:
+        new = predictor_evidence(ev)
+    except (KeyError, TypeError) as e:
+        raise RunOutputError(f"{d / 'eval.json'} is not a `python -m awq.predictor evaluate` output "
+                             f"(lacks {e})") from None
+    store = ev.get("store", {})
+    train = ev["predictor"].get("train_store") or {}
+    new = {"what": f"python -m awq.artifact --predictor (stores, AWC, train, evaluate), imported from {d}",
+           "command": "python -m awq.artifact --predictor", **new,
+           "config": {"train": ev["predictor"].get("train"),
+                      "train_store": {k: train.get(k) for k in ("split", "tokens", "seqlen", "dataset")},
+                      "test_store": {k: store.get(k) for k in ("split", "tokens", "rows_evaluated", "dataset")},
+                      "centroids": {p: {k: c.get(k) for k in ("k", "sha256") if k in c}
+                                    for p, c in (ev.get("centroids") or {}).items()}},
+           "system": ev.get("system", {}), "notes": ev.get("notes", []),
+           "timings_s": timings, "eval_s": ev.get("seconds"),
+           "seconds": round(sum(timings.values()), 1) if timings else None}
+    ref = _ref(ref_dir, "predictor")
+    atomic_write_json(ref, new)
+    return ref

@@ -1,0 +1,35 @@
+"""The checked-in results every generated figure comes from: ``results_ref/<name>.json``, loaded and checked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from awq.util import paths
+
+REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "frontier_qwen", "quick", "run_default",
+             "decode_smollm2", "decode_qwen", "decode_smollm2_avx2", "frontier_cluster", "frontier_cluster_qwen")
+
+class ReportError(ValueError):
+    """Missing results file, unknown block name or unbalanced markers (one line)."""
+
+
+def load_refs(ref_dir: Optional[Path] = None) -> dict:
+    """The checked-in summaries, by name (a missing optional file is absent)."""
+    ref_dir = Path(ref_dir) if ref_dir else paths.results_ref_dir()
+    refs = {}
+    for name in REF_FILES:
+        f = ref_dir / f"{name}.json"
+        if f.is_file():
+            try:
+                refs[name] = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ReportError(f"{f}: not valid JSON ({e})") from None
+    if "reproduce" not in refs:
+        raise ReportError(f"no {ref_dir / 'reproduce.json'}: the README's results come from it")
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# README "Results" blocks (from results_ref/reproduce.json)
+# ---------------------------------------------------------------------------------------------
