@@ -19,8 +19,14 @@ default False -> ``--<name>`` (store_true), with default True -> ``--no_<name>``
 ``list[int|float|str|Path]`` -> one comma-separated value (``nargs="+"``: space-separated values).
 Metadata: ``help``, ``choices``,
 ``metavar``, ``min`` / ``max`` (inclusive), ``gt`` / ``lt`` (exclusive), ``cli=False`` (not an
-option).  :func:`check_config` checks choices and ranges with a one-line :class:`ConfigError`;
-:func:`parse_config` runs it right after parsing, before any model is loaded.
+option), ``positional`` (an argument without ``--``), and what :mod:`awq.util.validate` checks: ``kind``
+(device, tasks, in_file, in_dir, in_path, model, centroids, out_file, out_dir, fraction, seed), ``words``
+(literal values that are not paths), ``max_mb``, ``include_from``, ``check`` (a callable refusing a value with
+a one-line ``ValueError``).  :func:`check_config` checks every option by its declaration with a one-line
+:class:`ConfigError` (``--option: what is wrong``) -- ranges, finiteness, choices, kinds, and that no output
+option names an input -- and :func:`parse_config` runs it right after parsing, before any model is loaded.
+Parsing errors (an unknown option, a missing one, ``--n three``) are the same one-line :class:`ConfigError`
+(:class:`OneLineParser`), never argparse's usage text and ``SystemExit``.
 """
 from __future__ import annotations
 
@@ -34,27 +40,72 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
-__all__ = ["ConfigError", "opt", "build_parser", "check_config", "parse_config", "given_options", "to_argv",
-           "run_cli", "setup_logging"]
+from awq.util.validate import (INPUT_KINDS, KINDS, OUTPUT_KINDS, ConfigError, check_outputs_not_inputs,
+                                check_value, input_paths)
+
+__all__ = ["ConfigError", "OneLineParser", "opt", "build_parser", "check_config", "parse_config", "given_options",
+           "to_argv", "run_cli", "setup_logging", "option_fields", "fail"]
 
 T = TypeVar("T")
 _SCALARS = (bool, int, float, str, Path)
 
 
-class ConfigError(ValueError):
-    """An option value is out of range or not allowed (one line, names the option)."""
+def fail(message: str) -> None:
+    """Print the one ``error: ...`` line of a refused command (the first line of ``message``) on stderr."""
+    first = str(message).splitlines()[0] if str(message).strip() else "failed"
+    print(f"error: {first}", file=sys.stderr)
+
+
+def _one_line(message: str) -> str:
+    """argparse's messages as ``--option: what is wrong``."""
+    m = message.strip()
+    if m.startswith("argument "):
+        names, _, rest = m[len("argument "):].partition(": ")
+        name = names.split("/")[0]
+        if rest.startswith("ignored explicit argument"):
+            rest = f"takes no value, got {rest.split(' ', 3)[-1]}"
+        elif rest == "expected one argument":
+            rest = "needs a value"
+        return f"{name}: {rest}"
+    if m.startswith("the following arguments are required: "):
+        missing = m.split(": ", 1)[1]
+        first = missing.split(", ")[0]
+        return f"{first}: required" + (f" (missing: {missing})" if ", " in missing else "")
+    if m.startswith("unrecognized arguments: "):
+        args = m.split(": ", 1)[1]
+        return f"{args.split()[0]}: unknown option (unrecognized: {args})"
+    return m
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are a one-line :class:`ConfigError` naming the option (no usage text, no
+    ``SystemExit``): the command prints ``error: --option: ...`` and exits 2 like any other refusal."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(_one_line(message))
 
 
 def opt(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
         choices: Optional[Sequence[Any]] = None, metavar: Optional[str] = None, min: Optional[float] = None,
         max: Optional[float] = None, gt: Optional[float] = None, lt: Optional[float] = None,
-        nargs: Optional[str] = None, cli: bool = True) -> Any:
-    """A dataclass field carrying its command-line description (see the module doc)."""
-    meta = {"help": help, "cli": cli}
+        nargs: Optional[str | int] = None, cli: bool = True, kind: Optional[str] = None,
+        words: Optional[Sequence[str]] = None, max_mb: Optional[float] = None, include_from: Optional[str] = None,
+        check: Optional[Callable[[Any], Any]] = None, positional: bool = False) -> Any:
+    """A dataclass field carrying its command-line description and checks (see the module doc)."""
+    if kind is not None and kind not in KINDS:
+        raise TypeError(f"unknown option kind {kind!r} (known: {', '.join(KINDS)})")
+    meta: dict[str, Any] = {"help": help, "cli": cli}
     for k, v in (("choices", choices), ("metavar", metavar), ("min", min), ("max", max), ("gt", gt), ("lt", lt),
-                 ("nargs", nargs)):
+                 ("nargs", nargs), ("kind", kind), ("words", words), ("max_mb", max_mb),
+                 ("include_from", include_from), ("check", check)):
         if v is not None:
-            meta[k] = tuple(v) if k == "choices" else v
+            meta[k] = tuple(v) if k in ("choices", "words") else v
+    if positional:
+        meta["positional"] = True
+    if kind == "fraction":
+        lo, hi = meta.get("min", meta.get("gt")), meta.get("max", meta.get("lt"))
+        if lo is None or hi is None or lo < 0 or hi > 1:
+            raise TypeError("a fraction option declares its range inside [0, 1] (min/gt and max/lt)")
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
@@ -75,6 +126,11 @@ def _kind(tp: Any) -> tuple[type, bool, bool]:
     if tp not in _SCALARS:
         raise TypeError(f"unsupported option type {tp}")
     return tp, optional, False
+
+
+def option_fields(cls: type) -> list[tuple[dataclasses.Field, type, bool, bool]]:
+    """(field, scalar type, optional, is a list) of every command-line option of config class ``cls``."""
+    return _fields(cls)
 
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field, type, bool, bool]]:
@@ -110,12 +166,13 @@ def _list_parser(inner: type, name: str) -> Callable[[str], list]:
 def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional[str] = None,
                  parser: Optional[argparse.ArgumentParser] = None, suppress_defaults: bool = False,
                  formatter_class: type = argparse.HelpFormatter) -> argparse.ArgumentParser:
-    """An ``argparse`` parser with one option per field of dataclass ``cls`` (in field order).
+    """An ``argparse`` parser (:class:`OneLineParser`) with one option per field of dataclass ``cls`` (in field
+    order).  Choices are checked by :func:`check_config` (one message for scalars and list elements alike).
 
     ``suppress_defaults``: options not given on the command line are absent from the namespace
     (see :func:`given_options`), for configs whose defaults depend on other options (presets).
     """
-    p = parser or argparse.ArgumentParser(prog=prog, description=description, formatter_class=formatter_class)
+    p = parser or OneLineParser(prog=prog, description=description, formatter_class=formatter_class)
     for f, tp, _optional, is_list in _fields(cls):
         m = f.metadata
         kw: dict[str, Any] = {"help": m.get("help"), "dest": f.name}
@@ -130,40 +187,48 @@ def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional
                 kw["type"], kw["nargs"] = tp, m["nargs"]
             else:
                 kw["type"] = _list_parser(tp, f.name) if is_list else tp
-            if "choices" in m:
-                kw["choices"] = list(m["choices"])
             if "metavar" in m:
                 kw["metavar"] = m["metavar"]
+            elif "choices" in m and len(m["choices"]) <= 12:
+                kw["metavar"] = "{" + ",".join(map(str, m["choices"])) + "}"
             if not _has_default(f):
                 kw["required"] = True
         if suppress_defaults:
             kw["default"] = argparse.SUPPRESS
         elif _has_default(f):
             kw["default"] = _default(f)
-        p.add_argument(flag, **kw)
+        if m.get("positional"):
+            kw.pop("dest")
+            kw.pop("required", None)
+            if _has_default(f):
+                kw["nargs"] = "?"
+            p.add_argument(f.name, **kw)
+        else:
+            p.add_argument(flag, **kw)
     return p
 
 
 def check_config(cfg: T) -> T:
-    """Check choices and numeric ranges declared in the field metadata; :class:`ConfigError` names the option."""
-    for f, tp, _optional, is_list in _fields(type(cfg)):
+    """Check every option of ``cfg`` by its declaration (:mod:`awq.util.validate`): choices, numeric ranges and
+    finiteness, kinds (devices, task names, input and output paths), then that no output option names one of
+    the inputs.  :class:`ConfigError` (one line) names the option."""
+    fields_ = _fields(type(cfg))
+    for f, tp, _optional, is_list in fields_:
         v = getattr(cfg, f.name)
         if v is None:
             continue
-        m = f.metadata
         vals = list(v) if is_list else [v]
         if is_list and not vals:
-            raise ConfigError(f"--{f.name} is empty")
+            raise ConfigError(f"--{f.name}: is empty")
         for x in vals:
-            if "choices" in m and x not in m["choices"]:
-                raise ConfigError(f"--{f.name} must be one of {', '.join(map(str, m['choices']))}, got {x!r}")
-            if tp is float and not math.isfinite(x):
-                raise ConfigError(f"--{f.name} must be a finite number, got {x}")
-            if tp in (int, float) and not isinstance(x, bool):
-                for key, ok, word in (("min", lambda a, b: a >= b, ">="), ("max", lambda a, b: a <= b, "<="),
-                                      ("gt", lambda a, b: a > b, ">"), ("lt", lambda a, b: a < b, "<")):
-                    if key in m and not ok(x, m[key]):
-                        raise ConfigError(f"--{f.name} must be {word} {m[key]}, got {x}")
+            check_value(f.name, x, tp, dict(f.metadata), lambda other: getattr(cfg, other, None))
+    inputs = [p for f, *_ in fields_ if f.metadata.get("kind") in INPUT_KINDS
+              for p in input_paths(f.metadata.get("kind"), getattr(cfg, f.name), f.metadata.get("words") or ())]
+    outputs = [(f.name, x) for f, *_ in fields_ if f.metadata.get("kind") in OUTPUT_KINDS
+               for x in (getattr(cfg, f.name) if isinstance(getattr(cfg, f.name), (list, tuple))
+                         else [getattr(cfg, f.name)])]
+    if inputs and outputs:
+        check_outputs_not_inputs(outputs, inputs)
     return cfg
 
 
@@ -174,7 +239,8 @@ def given_options(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
 
 def parse_config(cls: type[T], argv: Optional[Sequence[str]] = None,
                  parser: Optional[argparse.ArgumentParser] = None) -> tuple[T, argparse.Namespace]:
-    """Parse ``argv`` into a checked ``cls`` instance (plus the namespace, for extra options)."""
+    """Parse ``argv`` into a checked ``cls`` instance (plus the namespace, for extra options); every problem is
+    one :class:`ConfigError` line."""
     p = parser or build_parser(cls)
     ns = p.parse_args(None if argv is None else [str(a) for a in argv])
     return check_config(cls(**given_options(cls, ns))), ns
@@ -230,11 +296,15 @@ def run_cli(cls: type[T], main: Callable[[T], Any], argv: Optional[Sequence[str]
             prog: Optional[str] = None, description: Optional[str] = None,
             errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
     """Parse, check, run ``main(cfg)``; bad input (``errors``) -> one ``error: ...`` line on stderr, exit 2."""
-    setup_logging()
     try:
         cfg, _ = parse_config(cls, argv, build_parser(cls, prog=prog, description=description))
+    except ConfigError as e:
+        fail(str(e))
+        return 2
+    setup_logging()
+    try:
         main(cfg)
     except errors as e:
-        print(f"error: {e}", file=sys.stderr)
+        fail(str(e))
         return 2
     return 0
