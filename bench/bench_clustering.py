@@ -20,10 +20,10 @@ distance loop is timed on ``--ref_centroids`` centroids and extrapolated to ``k`
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,7 +35,8 @@ if __package__ in (None, ""):
 from awq.kernels.cluster import awc_block, build_flags  # noqa: E402
 from awq.kernels.cluster import kernel as compiled_kernel
 from awq.kernels.hw import SMALL_BLOCK, cpu_flags, overlap_kernel, overlap_reason, threads_for  # noqa: E402
-from bench.common import Report, Timing, interleaved, parse_args, run_cli  # noqa: E402
+from awq.util.cli import opt  # noqa: E402
+from bench.common import Report, Timing, interleaved, parse_bench, run_cli  # noqa: E402
 from clustering.assignment import global_balanced_assign, greedy_balanced_assign  # noqa: E402
 from clustering.awc_iteration import awc_update, member_sums  # noqa: E402
 from clustering.cluster_kernel import awc_kernel  # noqa: E402
@@ -109,41 +110,37 @@ def sklearn_lloyd_iteration(X, C, threads: int):
     return it
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=65536, help="rows in the block (default 65536 = one artifact chunk)")
-    p.add_argument("--width", type=int, default=1536, help="pattern width F (default 1536 = SmolLM2-135M intermediate)")
-    p.add_argument("--k", type=int, default=256, help="number of centroids (default 256)")
-    p.add_argument("--density", type=float, default=0.5, help="fraction of ones in the random block")
-    p.add_argument("--sparsity", type=float, default=0.4, help="AWC centroid sparsity p")
-    p.add_argument("--ref_centroids", type=int, default=8, help="centroids timed in the reference distance loop")
-    p.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds, medians reported (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--kernel", choices=("auto", "popcount", "int8", "fp32"), default="auto",
-                   help="AWC's path: auto (default: the compiled popcount iteration or the torch one, as AWC picks "
-                        "here, printed), popcount (compiled), int8 or fp32 (torch iteration with that distance GEMM)")
-    p.add_argument("--block_threads", choices=("auto", "1", "all"), default="auto",
-                   help="threads of our iteration on blocks under 2M values: auto (default: awq.kernels.hw's cached choice), "
-                        "1 or all")
-    p.add_argument("--output", type=Path, default=None, help="also write the figures and config as JSON")
-    p.add_argument("--threads", type=int, default=None, help="threads for torch and scikit-learn (default: torch's)")
-    p.add_argument("--no_sklearn", action="store_true", help="skip the scikit-learn comparison")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: n=2048, F=128, k=16, 5 rounds (checks the script, not the machine)")
-    return p
+@dataclass
+class ClusteringBenchConfig:
+    """Options of ``python bench/bench_clustering.py``."""
+
+    n: int = opt(65536, help="rows in the block (default 65536 = one artifact chunk)", min=1)
+    width: int = opt(1536, help="pattern width F (default 1536 = SmolLM2-135M intermediate)", min=1)
+    k: int = opt(256, help="number of centroids (default 256)", min=1)
+    density: float = opt(0.5, help="fraction of ones in the random block, in (0, 1]", gt=0, max=1, kind="fraction")
+    sparsity: float = opt(0.4, help="AWC centroid sparsity p, a fraction in [0, 1)", min=0, lt=1, kind="fraction")
+    ref_centroids: int = opt(8, help="centroids timed in the reference distance loop", min=1)
+    repeats: int = opt(3, help="timed interleaved rounds, medians reported (default 3)", min=1)
+    warmup: int = opt(1, help="untimed rounds before timing (default 1)", min=0)
+    seed: int = opt(0, help="random seed", kind="seed")
+    kernel: str = opt("auto", choices=("auto", "popcount", "int8", "fp32"),
+                      help="AWC's path: auto (default: the compiled popcount iteration or the torch one, as AWC picks "
+                           "here, printed), popcount (compiled), int8 or fp32 (torch iteration with that distance GEMM)")
+    block_threads: str = opt("auto", choices=("auto", "1", "all"),
+                             help="threads of our iteration on blocks under 2M values: auto (default: awq.kernels.hw's "
+                                  "cached choice), 1 or all")
+    output: Optional[Path] = opt(None, help="also write the figures and config as JSON", kind="out_file")
+    threads: Optional[int] = opt(None, help="threads for torch and scikit-learn (default: torch's)", min=1)
+    no_sklearn: bool = opt(False, help="skip the scikit-learn comparison")
+    quick: bool = opt(False, help="smoke run: n=2048, F=128, k=16, 5 rounds (checks the script, not the machine)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
     """Run the benchmark, print the figures, return the :class:`bench.common.Report`."""
-    p = build_parser()
-    a = parse_args(p, argv, n=2048, width=128, k=16, ref_centroids=4, repeats=5, warmup=1)  # --quick: new defaults; explicit options win
-    if min(a.n, a.width, a.k, a.ref_centroids, a.repeats) < 1 or (a.threads is not None and a.threads < 1):
-        raise ValueError("--n, --width, --k, --ref_centroids, --repeats and --threads must be >= 1")
+    a = parse_bench(ClusteringBenchConfig, argv, description=__doc__.split("\n\n")[0],
+                    n=2048, width=128, k=16, ref_centroids=4, repeats=5, warmup=1)  # --quick: new defaults; explicit options win
     if a.k > a.n:
         raise ValueError(f"--k {a.k} exceeds --n {a.n}")
-    if not (0 < a.density <= 1 and 0 <= a.sparsity < 1):
-        raise ValueError("--density must be in (0, 1] and --sparsity in [0, 1)")
     if a.output is not None:
         from awq.util.io import check_output_path
 

@@ -31,18 +31,22 @@ the load average; compare rows of one run only.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import Report, Timing, roofline_speedup  # noqa: E402
+from awq.load.models import check_model_path  # noqa: E402
+from awq.methods.registry import METHODS  # noqa: E402
+from awq.util.cli import ConfigError, fail, opt  # noqa: E402
+from bench.common import Report, Timing, parse_bench, roofline_speedup  # noqa: E402
 
 log = logging.getLogger("bench_decode")
 
@@ -193,7 +197,6 @@ def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, r
     from awq.decode.speed import decode_read_fraction, extra_bytes
     from awq.load.arch import decoder_layers
     from awq.methods.base import sparsify_, unsparsify_
-    from awq.methods.registry import METHODS
     from awq.methods.teal import TealConfig
 
     opts = SimpleNamespace(data_path=a.data_path, calib_seqlen=512, calib_nsamples=a.calib_nsamples, seed=0)
@@ -206,9 +209,6 @@ def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, r
         runners["lean dense-kernel"] = lean_runner(dec, full)
         nbytes["lean dense-kernel"] = by["total"]
     for name, d in meths:
-        if name not in METHODS or name in ("dense", "gathered"):
-            raise SystemExit(f"error: --methods: unknown method '{name}' (choose from "
-                             f"{', '.join(k for k in METHODS if k not in ('dense', 'gathered'))})")
         mods = install(model, name, d, opts, tok, info)
         unsparsify_(model)
         frac = decode_read_fraction(dec, x, a.new_tokens, mods)
@@ -223,39 +223,69 @@ def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, r
         reads[key] = frac + extra / by["mlp"]
 
 
+def parse_methods(spec: str) -> list[tuple[str, float]]:
+    """``name=density,...`` -> [(name, density)]: a method of awq.methods.registry (not dense/gathered, which have
+    their own rows) and a density, a fraction in (0, 1]; '' or 'none' for no method rows."""
+    if spec.strip().lower() in ("", "none"):
+        return []
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        name, sep, d = part.partition("=")
+        try:
+            dens = float(d)
+        except ValueError:
+            dens = float("nan")
+        if not sep or not name.strip() or not dens == dens:
+            raise ValueError(f"expected name=density,..., got {spec!r}")
+        if not 0 < dens <= 1:
+            raise ValueError(f"density {d} of {name} is not a fraction in (0, 1] (0.5 = half the weights)")
+        if name.strip() not in METHODS or name.strip() in ("dense", "gathered"):
+            raise ValueError(f"unknown method {name.strip()!r} (choose from "
+                             f"{', '.join(k for k in METHODS if k not in ('dense', 'gathered'))})")
+        out.append((name.strip(), dens))
+    return out
+
+
+@dataclass
+class DecodeBenchConfig:
+    """Options of ``python bench/bench_decode.py``."""
+
+    model_path: Optional[str] = opt(None, help="model (default: embedded SmolLM2-135M-Instruct)", kind="model",
+                                    check=check_model_path)
+    threads: int = opt(2, help="threads for torch and llama.cpp (default 2)", min=1)
+    prompt_tokens: int = opt(256, help="prompt length (default 256)", min=1)
+    new_tokens: int = opt(128, help="new tokens per run (default 128)", min=2)
+    repeats: int = opt(3, help="timed rounds, interleaved (default 3)", min=1)
+    densities: list[float] = opt(default_factory=lambda: [0.5], gt=0, lt=1, kind="fraction",
+                                 help="gathered MLP densities, fractions in (0, 1), comma-separated (default 0.5)")
+    methods: str = opt("teal=0.5,cats=0.25", words=("",), check=parse_methods,
+                       help="frontier methods as name=density, comma-separated ('none' or '' for none; default "
+                            "teal=0.5,cats=0.25: both read about half of the MLP weights)")
+    data_path: Optional[str] = opt(None, help="corpus for --methods' calibration (default: as awq.entry)",
+                                   kind="in_path")
+    calib_nsamples: int = opt(1, help="train windows (512 tokens) for --methods (default 1)", min=1)
+    gguf: Optional[str] = opt(None, help="GGUF of the same weights (default: the default model's shipped file)",
+                              kind="in_file")
+    hf: bool = opt(False, help="also time transformers' generate (slow)")
+    output: Optional[str] = opt(None, help="write the figures as JSON here", kind="out_file")
+    llama_cpp_path: Optional[str] = opt(None, kind="in_dir", check=lambda p: _has_llama_cpp(p),
+                                        help="import llama_cpp from this folder first (e.g. an AVX2-only build made "
+                                             "with pip --target; see README); its build's CPU features are printed")
+
+
+def _has_llama_cpp(path: str) -> None:
+    if not Path(path, "llama_cpp").is_dir():
+        raise ValueError(f"no llama_cpp package in {path}")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/bench_decode.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_path", default=None, help="model (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (default 2)")
-    p.add_argument("--prompt_tokens", type=int, default=256, help="prompt length (default 256)")
-    p.add_argument("--new_tokens", type=int, default=128, help="new tokens per run (default 128)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (default 3)")
-    p.add_argument("--densities", default="0.5", help="gathered MLP densities, comma-separated (default 0.5)")
-    p.add_argument("--methods", default="teal=0.5,cats=0.25",
-                   help="frontier methods as name=density, comma-separated ('' for none; default "
-                        "teal=0.5,cats=0.25: both read about half of the MLP weights)")
-    p.add_argument("--data_path", default=None, help="corpus for --methods' calibration (default: as awq.entry)")
-    p.add_argument("--calib_nsamples", type=int, default=1, help="train windows (512 tokens) for --methods (default 1)")
-    p.add_argument("--gguf", default=None,
-                   help="GGUF of the same weights (default: the default model's shipped file)")
-    p.add_argument("--hf", action="store_true", help="also time transformers' generate (slow)")
-    p.add_argument("--output", default=None, help="write the figures as JSON here")
-    p.add_argument("--llama_cpp_path", default=None,
-                   help="import llama_cpp from this folder first (e.g. an AVX2-only build made with pip --target; "
-                        "see README); its build's CPU features are printed")
-    a = p.parse_args(argv)
     try:
-        dens = [float(d) for d in a.densities.split(",") if d.strip()]
-    except ValueError:
-        p.error(f"--densities: expected comma-separated numbers, got {a.densities!r}")
-    try:
-        meths = [(n.split("=")[0].strip(), float(n.split("=")[1])) for n in a.methods.split(",") if n.strip()]
-    except (IndexError, ValueError):
-        p.error(f"--methods: expected name=density,..., got {a.methods!r}")
-    if any(not 0 < d <= 1 for _, d in meths):
-        p.error("--methods: densities must be in (0, 1]")
-    if any(not 0 < d < 1 for d in dens) or min(a.threads, a.repeats, a.prompt_tokens) < 1 or a.new_tokens < 2:
-        p.error("need 0 < densities < 1, threads >= 1, repeats >= 1, new_tokens >= 2, prompt_tokens >= 1")
+        a = parse_bench(DecodeBenchConfig, argv, prog="python bench/bench_decode.py",
+                        description=__doc__.split("\n\n")[0])
+    except ConfigError as e:
+        fail(str(e))
+        return 2
+    dens, meths = list(a.densities), parse_methods(a.methods)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
 
@@ -373,6 +403,9 @@ def main(argv=None) -> int:
             rep.emit("no --methods row reads <= 50% of the MLP weights: the issue 14 sparse target is not measured")
     rep.write(a.output)
     return 0
+
+
+cli = main  # the command line (returns the exit code)
 
 
 if __name__ == "__main__":

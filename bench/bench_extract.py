@@ -11,7 +11,6 @@ the store).  The read passes run from the page cache (the stores were just writt
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import resource
@@ -20,19 +19,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from awq.load.arch import PROJS, decoder_layers
-from awq.methods.base import sparsify_
-from awq.methods.paper_mlp import SparsityConfig
-from awq.methods.recording import add_observer, record_masks, remove_observer
-from awq.store.bitpack import unpack
-from awq.store.pattern_store import PatternStore, StoreWriter
-from awq.store.thresholds import load_thresholds
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from awq.load.arch import PROJS, decoder_layers  # noqa: E402
+from awq.load.models import check_model_path  # noqa: E402
+from awq.methods.base import sparsify_  # noqa: E402
+from awq.methods.paper_mlp import SparsityConfig  # noqa: E402
+from awq.methods.recording import add_observer, record_masks, remove_observer  # noqa: E402
+from awq.store.bitpack import unpack  # noqa: E402
+from awq.store.pattern_store import PatternStore, StoreWriter  # noqa: E402
+from awq.store.thresholds import load_thresholds  # noqa: E402
+from awq.util.cli import ConfigError, fail, opt  # noqa: E402
+from bench.common import parse_bench  # noqa: E402
 
 log = logging.getLogger("bench_extract")
 
@@ -279,49 +285,70 @@ def main(
     return res
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Pattern-store benchmark (recording overhead, size, read throughput)")
-    ap.add_argument("--model_path", default=None, help="real model for awq.load.models.load_model (default: random Llama)")
-    ap.add_argument("--default_model", action="store_true", help="use the project's default model (embedded GGUF)")
-    ap.add_argument("--thresholds", default=None,
-                    help="thresholds JSON for the model (default: per-layer median |output| on random tokens)")
-    ap.add_argument("--corpus", action="store_true",
-                    help="time windows of the test corpus (awq.load.data.load_corpus) instead of random tokens")
-    ap.add_argument("--hidden", type=int, default=576, help="random model hidden size (SmolLM2-135M: 576)")
-    ap.add_argument("--intermediate", type=int, default=1536, help="random model MLP width (SmolLM2-135M: 1536)")
-    ap.add_argument("--layers", type=int, default=30, help="random model decoder layers (SmolLM2-135M: 30)")
-    ap.add_argument("--heads", type=int, default=9, help="random model attention heads")
-    ap.add_argument("--kv_heads", type=int, default=3, help="random model key/value heads")
-    ap.add_argument("--vocab", type=int, default=49152, help="random model vocabulary size")
-    ap.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
-    ap.add_argument("--windows", type=int, default=3,
-                    help="windows timed with and without recording (with --corpus: 0 = the whole test split)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--read_sizes_mb", default="256,1024",
-                    help="comma-separated sizes (MB of pooled gate_proj) of the synthetic stores for the read pass")
-    ap.add_argument("--block_rows", type=int, default=16384,
-                    help="rows per block in the read pass (16384 x 1536 bits unpacked stays cache-friendly)")
-    ap.add_argument("--unpack_dtypes", default="uint8",
-                    help="comma-separated torch dtypes to unpack to in the read pass")
-    ap.add_argument("--workdir", default=None, help="where to write the stores (default: a temporary directory)")
-    ap.add_argument("--json", action="store_true", help="also print all figures as one JSON line")
-    ap.add_argument("--read_pass", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--proj", default="gate_proj", help=argparse.SUPPRESS)
-    ap.add_argument("--unpack_dtype", default="uint8", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+UNPACK_DTYPES = ("uint8", "bool", "float16", "bfloat16", "float32")
+
+
+@dataclass
+class ExtractBenchConfig:
+    """Options of ``python bench/bench_extract.py``."""
+
+    model_path: Optional[str] = opt(None, help="real model for awq.load.models.load_model (default: random Llama)",
+                                    kind="model", check=check_model_path)
+    default_model: bool = opt(False, help="use the project's default model (embedded GGUF)")
+    thresholds: Optional[str] = opt(None, help="thresholds JSON for the model (default: per-layer median |output| on "
+                                    "random tokens)", kind="in_file", max_mb=64)
+    corpus: bool = opt(False, help="time windows of the test corpus (awq.load.data.load_corpus) instead of random "
+                       "tokens")
+    hidden: int = opt(576, help="random model hidden size (SmolLM2-135M: 576)", min=1)
+    intermediate: int = opt(1536, help="random model MLP width (SmolLM2-135M: 1536)", min=1)
+    layers: int = opt(30, help="random model decoder layers (SmolLM2-135M: 30)", min=1)
+    heads: int = opt(9, help="random model attention heads", min=1)
+    kv_heads: int = opt(3, help="random model key/value heads", min=1)
+    vocab: int = opt(49152, help="random model vocabulary size", min=2)
+    seqlen: int = opt(2048, help="tokens per window", min=2)
+    windows: int = opt(3, help="windows timed with and without recording (with --corpus: 0 = the whole test split)",
+                       min=0)
+    threads: Optional[int] = opt(None, help="torch threads (default: torch's choice)", min=1)
+    read_sizes_mb: list[float] = opt(default_factory=lambda: [256.0, 1024.0], gt=0,
+                                     help="comma-separated sizes (MB of pooled gate_proj) of the synthetic stores for "
+                                     "the read pass")
+    block_rows: int = opt(16384, help="rows per block in the read pass (16384 x 1536 bits unpacked stays "
+                          "cache-friendly)", min=1)
+    unpack_dtypes: list[str] = opt(default_factory=lambda: ["uint8"], choices=UNPACK_DTYPES,
+                                   help="comma-separated torch dtypes to unpack to in the read pass")
+    workdir: Optional[str] = opt(None, help="where to write the stores (default: a temporary directory)",
+                                 kind="out_dir")
+    json: bool = opt(False, help="also print all figures as one JSON line")
+    read_pass: Optional[str] = opt(None, help="(internal) time one read pass over this store and print JSON",
+                                   kind="in_dir")
+    proj: str = opt("gate_proj", help="(internal) projection of --read_pass", choices=PROJS)
+    unpack_dtype: str = opt("uint8", help="(internal) dtype of --read_pass", choices=UNPACK_DTYPES)
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    try:
+        a = parse_bench(ExtractBenchConfig, argv, prog="python bench/bench_extract.py",
+                        description="Pattern-store benchmark (recording overhead, size, read throughput)")
+    except ConfigError as e:
+        fail(str(e))
+        return 2
     logging.basicConfig(level=logging.WARNING)
     if a.read_pass:
         print(json.dumps(read_pass(a.read_pass, a.proj, a.block_rows, a.unpack_dtype)))
-        sys.exit(0)
+        return 0
     try:
         out = main(
             a.model_path, a.default_model, a.thresholds, a.corpus, a.hidden, a.intermediate, a.layers, a.heads,
-            a.kv_heads, a.vocab, a.seqlen, a.windows,
-            a.threads, tuple(float(x) for x in a.read_sizes_mb.split(",") if x), a.block_rows,
-            tuple(x for x in a.unpack_dtypes.split(",") if x), a.workdir,
+            a.kv_heads, a.vocab, a.seqlen, a.windows, a.threads, tuple(a.read_sizes_mb), a.block_rows,
+            tuple(a.unpack_dtypes), a.workdir,
         )
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
+        return 2
     if a.json:
         print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -15,9 +15,9 @@ at 60% density (only the cost is measured).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,27 +26,32 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Report, interleaved, parse_args, run_cli  # noqa: E402
+from awq.load.models import check_model_path  # noqa: E402
+from awq.util.cli import opt  # noqa: E402
+from bench.common import Report, interleaved, parse_bench, run_cli  # noqa: E402
 
 log = logging.getLogger("bench_ppl")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Perplexity-run throughput: dense vs thresholded vs centroid swap.")
-    p.add_argument("--model_path", default=None, help="model (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--thresholds", default=None, help="thresholds JSON (default: the shipped 50%% file for the model)")
-    p.add_argument("--data_path", default=None, help="local WikiText-2 data (default: hub if reachable, else the "
-                   "offline substitute)")
-    p.add_argument("--nsamples", type=int, default=2, help="windows timed per configuration (default 2)")
-    p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
-    p.add_argument("--k", type=int, default=2048, help="centroids per projection for the swap (default 2048)")
-    p.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds, median reported (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--output", type=Path, default=None, help="also write the figures and config as JSON")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 window of 64 tokens, K=64, 2 rounds (checks the script, not the machine)")
-    return p
+@dataclass
+class PplBenchConfig:
+    """Options of ``python bench/bench_ppl.py``."""
+
+    model_path: Optional[str] = opt(None, help="model (default: embedded SmolLM2-135M-Instruct)", kind="model",
+                                    check=check_model_path)
+    thresholds: Optional[str] = opt(None, help="thresholds JSON (default: the shipped 50%% file for the model)",
+                                    kind="in_file", max_mb=64)
+    data_path: Optional[str] = opt(None, help="local WikiText-2 data (default: hub if reachable, else the offline "
+                                   "substitute)", kind="in_path")
+    nsamples: int = opt(2, help="windows timed per configuration (default 2)", min=1)
+    seqlen: int = opt(2048, help="window length (default 2048)", min=2)
+    k: int = opt(2048, help="centroids per projection for the swap (default 2048)", min=1)
+    repeats: int = opt(3, help="timed interleaved rounds, median reported (default 3)", min=1)
+    warmup: int = opt(1, help="untimed rounds before timing (default 1)", min=0)
+    threads: Optional[int] = opt(None, help="torch threads (default: torch's choice)", min=1)
+    output: Optional[Path] = opt(None, help="also write the figures and config as JSON", kind="out_file")
+    quick: bool = opt(False, help="smoke run: 1 window of 64 tokens, K=64, 2 rounds (checks the script, not the "
+                      "machine)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
@@ -59,10 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     from awq.methods.codebook import CentroidCodebook
     from awq.methods.paper_mlp import SparsityConfig
 
-    p = build_parser()
-    a = parse_args(p, argv, nsamples=1, seqlen=64, k=64, repeats=2, warmup=1)  # --quick: new defaults; explicit options win
-    if min(a.nsamples, a.seqlen, a.k, a.repeats) < 1 or a.warmup < 0 or (a.threads is not None and a.threads < 1):
-        raise ValueError("--nsamples, --seqlen, --k, --repeats and --threads must be >= 1, --warmup >= 0")
+    a = parse_bench(PplBenchConfig, argv, description="Perplexity-run throughput: dense vs thresholded vs centroid "
+                    "swap.", nsamples=1, seqlen=64, k=64, repeats=2, warmup=1)  # --quick: new defaults; explicit options win
     if a.output is not None:
         from awq.util.io import check_output_path
 

@@ -14,10 +14,10 @@ Run: ``python bench/bench_predictor.py [--hidden 576 --intermediate 1536] [--ks 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,7 +29,8 @@ if __package__ in (None, ""):
 
 from awq.load.arch import PROJS  # noqa: E402
 from awq.methods.label_predictor import ClusterPredictor, auto_rank, predictor_cost  # noqa: E402
-from bench.common import Report, best_dense, interleaved, parse_args, run_cli, swiglu_bytes  # noqa: E402
+from awq.util.cli import opt  # noqa: E402
+from bench.common import Report, best_dense, interleaved, parse_bench, run_cli, swiglu_bytes  # noqa: E402
 
 log = logging.getLogger("bench_predictor")
 
@@ -50,37 +51,33 @@ def random_predictor(hidden: int, inter: int, k: int, rank: int, trunk: str, lay
     return ClusterPredictor(t, meta)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--name", default="smollm2-135m", help="label printed on each line")
-    ap.add_argument("--hidden", type=int, default=576, help="hidden size (default 576, SmolLM2-135M)")
-    ap.add_argument("--intermediate", type=int, default=1536, help="MLP intermediate size (default 1536)")
-    ap.add_argument("--ks", default="256,1024,2048", help="comma-separated cluster counts K (default 256,1024,2048)")
-    ap.add_argument("--budget", type=float, default=0.05, help="cost budget for the rank (default 0.05)")
-    ap.add_argument("--repeats", "--reps", dest="repeats", type=int, default=25,
-                    help="timed interleaved rounds, medians reported (default 25; --reps is the old name)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing (default 3)")
-    ap.add_argument("--layers", type=int, default=None,
-                    help="distinct layer copies cycled per round (default: enough MLPs for 256 MiB of weights)")
-    ap.add_argument("--tokens", type=int, default=1, help="tokens per call (default 1: decode)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--output", type=Path, default=None, help="also write the figures and config as JSON")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: hidden 64, intermediate 256, K=64, 2 layers, 3 rounds (checks the script)")
-    return ap
+@dataclass
+class PredictorBenchConfig:
+    """Options of ``python bench/bench_predictor.py``."""
+
+    name: str = opt("smollm2-135m", help="label printed on each line")
+    hidden: int = opt(576, help="hidden size (default 576, SmolLM2-135M)", min=1)
+    intermediate: int = opt(1536, help="MLP intermediate size (default 1536)", min=1)
+    ks: list[int] = opt(default_factory=lambda: [256, 1024, 2048], help="comma-separated cluster counts K (default "
+                        "256,1024,2048)", min=1)
+    budget: float = opt(0.05, help="cost budget for the rank, a fraction in (0, 1) (default 0.05)", gt=0, lt=1,
+                        kind="fraction")
+    repeats: int = opt(25, help="timed interleaved rounds, medians reported (default 25; --reps is the old name)",
+                       min=1, aliases=("--reps",))
+    warmup: int = opt(3, help="untimed rounds before timing (default 3)", min=0)
+    layers: Optional[int] = opt(None, help="distinct layer copies cycled per round (default: enough MLPs for 256 MiB "
+                                "of weights)", min=1)
+    tokens: int = opt(1, help="tokens per call (default 1: decode)", min=1)
+    threads: Optional[int] = opt(None, help="torch threads (default: torch's choice)", min=1)
+    output: Optional[Path] = opt(None, help="also write the figures and config as JSON", kind="out_file")
+    quick: bool = opt(False, help="smoke run: hidden 64, intermediate 256, K=64, 2 layers, 3 rounds (checks the "
+                      "script)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
-    p = build_parser()
-    a = parse_args(p, argv, name="tiny", hidden=64, intermediate=256, ks="64", layers=2, repeats=3, warmup=1)  # --quick: new defaults; explicit options win
-    try:
-        ks = [int(v) for v in a.ks.split(",")]
-    except ValueError:
-        raise ValueError(f"--ks must be a comma list of integers, got {a.ks!r}") from None
-    if min(ks + [a.hidden, a.intermediate, a.repeats, a.tokens, a.layers or 1, a.threads or 1]) < 1:
-        raise ValueError("--ks, --hidden, --intermediate, --repeats, --tokens, --layers, --threads must be >= 1")
-    if not 0 < a.budget < 1:
-        raise ValueError(f"--budget must be in (0, 1), got {a.budget}")
+    a = parse_bench(PredictorBenchConfig, argv, description=__doc__.splitlines()[0], name="tiny", hidden=64,
+                    intermediate=256, ks=[64], layers=2, repeats=3, warmup=1)  # --quick: new defaults; explicit options win
+    ks = list(a.ks)
     if a.output is not None:
         from awq.util.io import check_output_path
 

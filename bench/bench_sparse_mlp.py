@@ -28,7 +28,6 @@ Timings: ``torch.set_num_threads(--threads)``, warm-up, all variants interleaved
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import math
@@ -45,13 +44,14 @@ if __package__ in (None, ""):
 
 from awq.kernels.mlp import cpp_kernel_available
 from awq.methods.gathered import GatheredSparseMLP  # noqa: E402
+from awq.util.cli import opt  # noqa: E402
 from bench.common import (  # noqa: E402
     FusedDenseMLP,
     Report,
     Timing,
     best_dense,
     interleaved,
-    parse_args,
+    parse_bench,
     roofline_speedup,
     run_cli,
     stream_bandwidth_gbs,
@@ -223,49 +223,42 @@ def run_shape(rep: Report, name: str, s: Shapes, dt: torch.dtype, densities: Seq
                       note=f"vs {base}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="smollm2-135m,mistral-7b", help=f"comma list of {list(SHAPES)}")
-    p.add_argument("--densities", default="30,40,50,60,70", help="comma list of active-neuron densities in percent")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weight and activation dtype")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--ctx", type=int, default=512, help="tokens in the KV cache for the decode step")
-    p.add_argument("--mistral_layers", type=int, default=4,
-                   help="decoder layers actually built for mistral-7b (the 32-layer step is extrapolated)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds for both mlp and step (overrides the two below)")
-    p.add_argument("--mlp_repeats", type=int, default=21, help="timed rounds for the MLP block (median)")
-    p.add_argument("--step_repeats", type=int, default=9, help="timed rounds for the decode step (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
-    p.add_argument("--no_step", action="store_true", help="time the MLP block only")
-    p.add_argument("--kernel", default="auto", choices=["auto", "cpp", "torch"], help="sparse kernel path")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the active sets and inputs")
-    p.add_argument("--bandwidth_mb", type=int, default=1024, help="MiB summed to measure the read bandwidth")
-    p.add_argument("--output", type=Path, default=None, help="also write the figures, config, machine info, notes "
-                   "and wall time as JSON (atomically)")
-    p.add_argument("--note", action="append", default=[], metavar="TEXT",
-                   help="a note stored in the JSON's notes, e.g. the machine's state (repeatable)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny shapes, density 50%%, 3 rounds, ctx 16 (checks the script, not the machine)")
-    return p
+@dataclass
+class SparseMlpBenchConfig:
+    """Options of ``python bench/bench_sparse_mlp.py``."""
+
+    shapes: list[str] = opt(default_factory=lambda: ["smollm2-135m", "mistral-7b"], choices=tuple(SHAPES),
+                            help=f"comma list of {list(SHAPES)}")
+    densities: list[float] = opt(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7], gt=0, max=1, kind="fraction",
+                                 help="comma list of active-neuron densities, fractions in (0, 1] (0.5 = half the "
+                                 "neurons; default 0.3,0.4,0.5,0.6,0.7)")
+    dtype: str = opt("fp32", choices=tuple(DTYPES), help="weight and activation dtype")
+    threads: int = opt(2, help="torch.set_num_threads (default 2)", min=1)
+    ctx: int = opt(512, help="tokens in the KV cache for the decode step", min=1)
+    mistral_layers: int = opt(4, help="decoder layers actually built for mistral-7b (the 32-layer step is "
+                              "extrapolated)", min=1)
+    repeats: Optional[int] = opt(None, help="timed rounds for both mlp and step (overrides the two below)", min=1)
+    mlp_repeats: int = opt(21, help="timed rounds for the MLP block (median)", min=1)
+    step_repeats: int = opt(9, help="timed rounds for the decode step (median)", min=1)
+    warmup: int = opt(2, help="untimed rounds before timing (default 2)", min=0)
+    no_step: bool = opt(False, help="time the MLP block only")
+    kernel: str = opt("auto", choices=("auto", "cpp", "torch"), help="sparse kernel path")
+    seed: int = opt(0, help="random seed for the active sets and inputs", kind="seed")
+    bandwidth_mb: int = opt(1024, help="MiB summed to measure the read bandwidth", min=1)
+    output: Optional[Path] = opt(None, help="also write the figures, config, machine info, notes and wall time as "
+                                 "JSON (atomically)", kind="out_file")
+    note: list[str] = opt(default_factory=list, metavar="TEXT", append=True,
+                          help="a note stored in the JSON's notes, e.g. the machine's state (repeatable)")
+    quick: bool = opt(False, help="smoke run: tiny shapes, density 0.5, 3 rounds, ctx 16 (checks the script, not the "
+                      "machine)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
-    p = build_parser()
-    a = parse_args(p, argv, shapes="tiny", densities="50", ctx=16, repeats=3, warmup=1, bandwidth_mb=64)  # --quick: new defaults; explicit options win
+    a = parse_bench(SparseMlpBenchConfig, argv, description=__doc__.split("\n\n")[0], shapes=["tiny"],
+                    densities=[0.5], ctx=16, repeats=3, warmup=1, bandwidth_mb=64)  # --quick: new defaults; explicit options win
     if a.repeats is not None:
         a.mlp_repeats = a.step_repeats = a.repeats
-    shapes = [x for x in a.shapes.split(",") if x]
-    unknown = [n for n in shapes if n not in SHAPES]
-    if unknown or not shapes:
-        raise ValueError(f"unknown shapes {unknown} (want some of {list(SHAPES)})")
-    try:
-        densities = [float(d) / 100 for d in a.densities.split(",")]
-    except ValueError:
-        raise ValueError(f"--densities must be a comma list of percentages, got {a.densities!r}") from None
-    if not densities or any(not 0 < d <= 1 for d in densities):
-        raise ValueError("densities must be in (0, 100]")
-    if min(a.threads, a.mlp_repeats, a.step_repeats, a.ctx, a.mistral_layers, a.bandwidth_mb) < 1:
-        raise ValueError("--threads, --repeats, --ctx, --mistral_layers and --bandwidth_mb must be >= 1")
+    shapes, densities = list(a.shapes), list(a.densities)
     if a.output is not None:
         from awq.util.io import check_output_path
 

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from awq.util.cli import ConfigError, build_parser, check_config, fail, given_options, setup_logging
+
 log = logging.getLogger(__name__)
 
 ABOVE_ROOFLINE = "ABOVE ROOFLINE: measurement error"
@@ -286,26 +288,25 @@ def best_dense(timings: Mapping[str, Timing], candidates: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------
 # command-line plumbing shared by the bench scripts
 # --------------------------------------------------------------------------------------------
-def parse_args(parser, argv: Optional[Sequence[str]], **quick_defaults: Any):
-    """Parse ``argv``; with ``--quick``, ``quick_defaults`` replace the defaults (options given explicitly still win)."""
-    a = parser.parse_args(argv)
-    if getattr(a, "quick", False) and quick_defaults:
-        parser.set_defaults(**quick_defaults)
-        a = parser.parse_args(argv)
-    return a
+def parse_bench(cls: type, argv: Optional[Sequence[str]], *, prog: Optional[str] = None,
+                description: Optional[str] = None, **quick_defaults: Any):
+    """Parse ``argv`` into a checked config ``cls`` (options declared with ``awq.util.cli.opt``, checked by kind
+    before any work; a problem is one :class:`awq.util.cli.ConfigError` line).  With ``--quick``,
+    ``quick_defaults`` replace the defaults (options given explicitly still win)."""
+    p = build_parser(cls, prog=prog, description=description, suppress_defaults=True)
+    given = given_options(cls, p.parse_args(None if argv is None else [str(a) for a in argv]))
+    if given.get("quick"):
+        given = {**quick_defaults, **given}
+    return check_config(cls(**given))
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None,
             level: int = logging.WARNING, errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
     """Run a bench ``main(argv)``; bad input -> one ``error: ...`` line on stderr and exit code 2."""
-    import sys
-
-    from awq.util.cli import setup_logging
-
     setup_logging(level, fmt="%(asctime)s %(levelname)s %(message)s")
     try:
         main(argv)
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, *errors) as e:
+        fail(str(e))
         return 2
     return 0

@@ -165,7 +165,7 @@ class ActivationAwareClustering(BinaryClusterer):
 class AWCConfig(FitOptions):
     """Options of ``python -m clustering.activation_aware_clustering``."""
 
-    sparsity: float = opt(0.4, min=0.0, lt=1.0,
+    sparsity: float = opt(0.4, min=0.0, lt=1.0, kind="fraction",
                           help="centroid sparsity p: the top (1-p) features are kept (0.2/0.3/0.4; default 0.4)")
     assign: str = opt("global", choices=("global", "greedy"),
                       help="balanced assignment: 'global' (order-independent, default) or 'greedy' (artifact's "
@@ -173,7 +173,8 @@ class AWCConfig(FitOptions):
     leftovers: Optional[str] = opt(None, choices=("drop", "nearest"),
                                    help="rows beyond k*cap: 'drop' (artifact, default for greedy) or 'nearest' "
                                         "(default for global)")
-    min_sparsity: float = opt(0.4, min=0.0, max=1.0, help="initial rows need at least this fraction of zeros")
+    min_sparsity: float = opt(0.4, min=0.0, max=1.0, kind="fraction",
+                              help="initial rows need at least this fraction of zeros")
     kernel: str = opt("auto", choices=("auto", "popcount", "int8", "fp32"),
                       help="CPU iteration: 'auto' (default: the compiled popcount iteration or the torch one, by a "
                            "cached one-time measurement, logged), 'popcount' (csrc/cluster_kernels.cpp), 'int8' / "

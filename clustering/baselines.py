@@ -142,7 +142,8 @@ class BaselineOptions(FitOptions):
     """Options shared by the three baseline tools (their own options are added by subclasses)."""
 
     max_iter: int = opt(100, help="maximum iterations (default 100)", min=0)
-    init: Optional[str] = opt(None, help="initial centroids: a .pt file, or 'random' (default)")
+    init: Optional[str] = opt(None, help="initial centroids: a .pt file, or 'random' (default)", kind="in_file",
+                              words=("random",))
 
 
 def fit_baseline(cls: type, cfg: BaselineOptions, **params) -> dict:

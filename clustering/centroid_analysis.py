@@ -43,8 +43,8 @@ def analyze(C: torch.Tensor, bins: int = 10) -> dict:
 class AnalysisConfig:
     """Options of ``python -m clustering.centroid_analysis``."""
 
-    centroids: Path = opt(help="centroid file (.pt)")
-    output: Optional[Path] = opt(None, help="result JSON (default CENTROIDS.analysis.json)")
+    centroids: Path = opt(help="centroid file (.pt)", kind="in_file")
+    output: Optional[Path] = opt(None, help="result JSON (default CENTROIDS.analysis.json)", kind="out_file")
     bins: int = opt(10, min=1, help="histogram bins over density [0, 1]")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
@@ -18,7 +17,7 @@ import torch
 
 from awq.load.arch import PROJS
 from awq.store.centroids import CentroidError, save_centroids
-from awq.util.cli import ConfigError, build_parser, check_config, opt, parse_config
+from awq.util.cli import ConfigError, build_parser, check_config, fail, opt, parse_config
 from awq.util.cli import setup_logging as awq_setup_logging
 from awq.util.io import atomic_write_json, check_not_input, check_output_path, output_lock
 from clustering import ClusteringError
@@ -33,15 +32,15 @@ T = TypeVar("T")
 class StoreOptions:
     """Which rows of which pattern store, on which device."""
 
-    masks: Path = opt(help="pattern store directory (written by python -m awq.entry --dump_masks)")
+    masks: Path = opt(help="pattern store directory (written by python -m awq.entry --dump_masks)", kind="in_dir")
     proj: str = opt(help="projection whose patterns are clustered", choices=PROJS)
     layer: Optional[int] = opt(None, help="use one layer only (default: all layers pooled)", min=0)
     max_rows: Optional[int] = opt(None, help="deterministic random subsample of this many rows", min=1)
     block_rows: Optional[int] = opt(None, min=1, help="rows per block (default seqlen x #layers = one window of "
                                     "all layers, the artifact's chunk)")
     allow_partial: bool = opt(False, help="accept a pattern store whose extraction is unfinished")
-    device: str = opt("cpu", help="torch device: cpu or cuda[:i]")
-    seed: int = opt(42, help="random seed (the artifact uses 42)")
+    device: str = opt("cpu", help="torch device: cpu or cuda[:i]", kind="device")
+    seed: int = opt(42, help="random seed (the artifact uses 42)", kind="seed")
     verbose: bool = opt(False, help="debug logging")
 
 
@@ -50,9 +49,10 @@ class FitOptions(StoreOptions):
     """A clustering run: K, output file, iterations, init, resume."""
 
     k: int = opt(help="number of clusters", min=1)
-    output: Path = opt(help="output centroid file (.pt); a .json sidecar is written too")
+    output: Path = opt(help="output centroid file (.pt); a .json sidecar is written too", kind="out_file")
     max_iter: int = opt(10, help="maximum iterations (default 10)", min=0)
-    init: Optional[str] = opt(None, help="initial centroids: a .pt file, or 'random' / 'kmeanspp'")
+    init: Optional[str] = opt(None, help="initial centroids: a .pt file, or 'random' / 'kmeanspp'", kind="in_file",
+                              words=("random", "kmeanspp"))
     resume: bool = opt(False, help="continue from OUTPUT.ckpt.pt after an interruption")
     progress: bool = opt(True, help="disable the tqdm progress bar")
 
@@ -150,9 +150,9 @@ def run(cls: type[T], main: Callable[[T], Any], argv: Optional[Sequence[str]] = 
     parser = build_parser(cls, prog=prog, description=description)
     try:
         try:
-            cfg, _ = parse_config(cls, argv, parser)  # ranges checked before any data is read
+            cfg, _ = parse_config(cls, argv, parser)  # every option checked before any data is read
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
+            fail(str(e))
             return 2
         setup_logging(bool(getattr(cfg, "verbose", False)))
         with contextlib.ExitStack() as stack:
@@ -161,7 +161,7 @@ def run(cls: type[T], main: Callable[[T], Any], argv: Optional[Sequence[str]] = 
                     stack.enter_context(output_lock(f, "--output", folder=False))
             main(cfg)
     except (ClusteringError, CentroidError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        fail(str(e))
         return 2
     finally:
         shutdown_distributed()

@@ -94,8 +94,8 @@ def evaluate(src: Source | torch.Tensor, C: torch.Tensor, *, device: str = "cpu"
 class PrecisionConfig(StoreOptions):
     """Options of ``python -m clustering.error_checking``."""
 
-    centroids: Path = opt(help="centroid file (.pt)")
-    output: Optional[Path] = opt(None, help="result JSON (default CENTROIDS.precision.json)")
+    centroids: Path = opt(help="centroid file (.pt)", kind="in_file")
+    output: Optional[Path] = opt(None, help="result JSON (default CENTROIDS.precision.json)", kind="out_file")
     progress: bool = opt(True, help="disable the tqdm progress bar")
     rule: str = opt("active_only", choices=RULES,
                     help="row -> centroid rule: active_only (paper eq. 6: largest overlap; default), hamming (BMF/"

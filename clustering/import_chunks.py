@@ -139,8 +139,8 @@ class ImportConfig:
     """Options of ``python -m clustering.import_chunks``."""
 
     chunks: list[Path] = opt(nargs="+", help="a directory of chunk_<i>.pt files, or the chunk files themselves "
-                                             "(imported in numeric order)")
-    output: Path = opt(help="pattern store directory to create (or resume)")
+                                             "(imported in numeric order)", kind="in_path")
+    output: Path = opt(help="pattern store directory to create (or resume)", kind="out_dir")
     model: Optional[str] = opt(None, help="model name recorded in the store's meta.json (default: unknown)")
 
 

@@ -59,14 +59,16 @@ def replace_out_of_band(C: torch.Tensor, lo: float, hi: float, *, mode: str = "n
 class ReplaceConfig:
     """Options of ``python -m clustering.replace_centroid_based_on_sparsity``."""
 
-    centroids: Path = opt(help="input centroid file (.pt), never modified")
-    output: Path = opt(help="output centroid file (.pt), must differ from the input")
-    min_sparsity: float = opt(0.4, min=0.0, max=1.0, help="lowest acceptable centroid sparsity (default 0.4)")
-    max_sparsity: float = opt(0.7, min=0.0, max=1.0, help="highest acceptable centroid sparsity (default 0.7)")
+    centroids: Path = opt(help="input centroid file (.pt), never modified", kind="in_file")
+    output: Path = opt(help="output centroid file (.pt), must differ from the input", kind="out_file")
+    min_sparsity: float = opt(0.4, min=0.0, max=1.0, kind="fraction",
+                              help="lowest acceptable centroid sparsity (default 0.4)")
+    max_sparsity: float = opt(0.7, min=0.0, max=1.0, kind="fraction",
+                              help="highest acceptable centroid sparsity (default 0.7)")
     mode: str = opt("neighbour", choices=("neighbour", "row"), help="replacement source")
-    masks: Optional[Path] = opt(None, help="pattern store (for --mode row)")
+    masks: Optional[Path] = opt(None, help="pattern store (for --mode row)", kind="in_dir")
     proj: Optional[str] = opt(None, choices=PROJS, help="projection (for --mode row)")
-    seed: int = opt(42, help="random seed for --mode row")
+    seed: int = opt(42, help="random seed for --mode row", kind="seed")
 
 
 def main(cfg: ReplaceConfig) -> list[int]:

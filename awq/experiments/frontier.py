@@ -12,6 +12,7 @@ Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -25,14 +26,15 @@ from awq.decode.speed import measure_point  # real batch-1 decode speed, dense i
 from awq.experiments.eval import perplexity
 from awq.experiments.frontier_report import markdown, plot, sort_points, write_csv, write_markdown
 from awq.load.data import load_corpus, tokenize_windows
-from awq.load.models import load_model, model_slug
+from awq.load.models import check_model_path, load_model, model_slug
 from awq.methods.base import SwappedMLP, sparsify_, unsparsify_
+from awq.methods.codebook import parse_centroid_spec
 from awq.methods.common import CalibData, MethodError, check_density
 from awq.methods.cost import metering
 from awq.methods.registry import METHODS, check_needs, config_summary, default_methods, extra_read, get_method
-from awq.util.cli import build_parser, check_config, opt, parse_config, setup_logging
+from awq.util.cli import ConfigError, build_parser, check_config, fail, opt, parse_config, setup_logging
 from awq.util.fingerprint import weights_fingerprint
-from awq.util.io import atomic_write_json
+from awq.util.io import atomic_write_json, output_lock
 
 log = logging.getLogger("awq.experiments.frontier")
 
@@ -46,26 +48,32 @@ class FrontierError(ValueError):
 @dataclass
 class FrontierConfig:
     model_path: Optional[str] = opt(None, help="model: HF directory, .gguf or hub id (default: the embedded "
-                                    "SmolLM2-135M-Instruct)")
-    data_path: Optional[str] = opt(None, help="local corpus (see awq.entry --help); default: hub or offline substitute")
-    out: Optional[Path] = opt(None, help="results directory (default results/frontier/<model>)")
-    plots_dir: Path = opt(Path("plots"), help="where frontier_<model>.png goes (default plots)")
+                                    "SmolLM2-135M-Instruct)", kind="model", check=check_model_path)
+    data_path: Optional[str] = opt(None, help="local corpus (see awq.entry --help); default: hub or offline substitute",
+                                   kind="in_path")
+    out: Optional[Path] = opt(None, help="results directory (default results/frontier/<model>); one run at a time "
+                              "(a second run on the same folder is refused)", kind="out_dir")
+    plots_dir: Path = opt(Path("plots"), help="where frontier_<model>.png goes (default plots)", kind="out_dir")
     methods: Optional[list[str]] = opt(None, help="comma-separated methods of awq.methods.registry (default: "
                                        + ", ".join(default_methods({"centroids": "-", "predictor": "-"}))
-                                       + "; cluster_oracle with --centroids, cluster_predicted with --predictor)")
+                                       + "; cluster_oracle with --centroids, cluster_predicted with --predictor)",
+                                       choices=tuple(METHODS))
     densities: Optional[list[float]] = opt(None, help="comma-separated densities in (0, 1] for every method "
-                                           "(default: each method's own sweep, read fractions ~0.3-0.8)")
+                                           "(default: each method's own sweep, read fractions ~0.3-0.8)",
+                                           gt=0.0, max=1.0, kind="fraction")
     centroids: Optional[str] = opt(None, help="centroid sets for cluster_oracle / cluster_predicted: "
-                                   "gate=FILE,up=FILE,down=FILE (any subset) or a folder (see awq.entry --centroids)")
-    predictor: Optional[str] = opt(None, help="a trained cluster predictor file (python -m awq.predictor train) for cluster_predicted")
+                                   "gate=FILE,up=FILE,down=FILE (any subset) or a folder (see awq.entry --centroids)",
+                                   kind="centroids", check=parse_centroid_spec)
+    predictor: Optional[str] = opt(None, help="a trained cluster predictor file (python -m awq.predictor train) for "
+                                   "cluster_predicted", kind="in_file")
     nsamples: int = opt(4, help="test windows scored per point (default 4)", min=1)
     calib_nsamples: int = opt(2, help="train windows for calibration (default 2)", min=1)
     calib_tokens: int = opt(4096, help="MLP inputs per layer kept for calibration (default 4096)", min=1)
     seqlen: int = opt(2048, help="window length in tokens (default 2048)", min=2)
-    seed: int = opt(0, help="calibration subsample / predictor training seed (default 0)")
+    seed: int = opt(0, help="calibration subsample / predictor training seed (default 0)", kind="seed")
     dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)",
                                choices=["float32", "float16", "bfloat16"])
-    device: Optional[str] = opt(None, help="cpu / cuda (default auto)")
+    device: Optional[str] = opt(None, help="cpu / cuda (default auto)", kind="device", words=("auto",))
     speed: bool = opt(False, help="also measure batch-1 decode tok/s of every realizable point against the dense "
                       "MLPs on the same lean decoder (awq.decode.speed; added to points already done); a "
                       "method without a batch-1 kernel is not timed: decode_status 'no batch-1 kernel'")
@@ -85,6 +93,19 @@ def _has_kernel(class_path: Optional[str]) -> bool:
     except (ImportError, AttributeError, ValueError):
         return False
     return isinstance(cls, type) and issubclass(cls, SwappedMLP) and cls.prepare_decode is not SwappedMLP.prepare_decode
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A results file of this tool, or one line naming it when it is not complete JSON (written elsewhere: this
+    tool writes atomically, so a killed run never leaves a truncated one)."""
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FrontierError(f"frontier {what} file {path} is unreadable or truncated ({e}); delete it to compute it "
+                            "again") from None
+    if not isinstance(out, dict):
+        raise FrontierError(f"frontier {what} file {path} does not hold a JSON object; delete it to compute it again")
+    return out
 
 
 def _point_name(method: str, param: float) -> str:
@@ -121,6 +142,8 @@ class Frontier:
         self.model, self.tok, self.info = load_model(c.model_path, c.dtype, c.device)
         self.slug = model_slug(self.info)
         self.out = Path(c.out) if c.out else Path("results/frontier") / self.slug
+        if not c.out:  # the default folder is known now: one run at a time in it
+            self._stack.enter_context(output_lock(self.out, "frontier results folder", folder=True))
         test = load_corpus("test", c.data_path, use_hub=not c.no_hub)
         train = load_corpus("train", c.data_path, use_hub=not c.no_hub)
         tw = tokenize_windows(self.tok, test.text, c.seqlen)
@@ -140,7 +163,7 @@ class Frontier:
     def _check_fingerprint(self) -> None:
         fp = self.out / "fingerprint.json"
         if fp.is_file():
-            old = json.loads(fp.read_text())
+            old = _read_json(fp, "fingerprint")
             # the model's path and name are informative only: the same weights elsewhere (another checkout) resume
             diff = [k for k in self.fingerprint if k not in INFO_ONLY and old.get(k) != self.fingerprint[k]]
             if diff:
@@ -205,6 +228,12 @@ class Frontier:
             unsparsify_(self.model)
 
     def run(self) -> dict:
+        with contextlib.ExitStack() as self._stack:
+            if self.cfg.out:  # before the model loads: a second run on the same folder is refused at once
+                self._stack.enter_context(output_lock(self.cfg.out, "frontier results folder", folder=True))
+            return self._run()
+
+    def _run(self) -> dict:
         self._setup()
         pdir = self.out / "points"
         pdir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +242,7 @@ class Frontier:
         for k, (spec, d) in enumerate(todo):
             path = pdir / _point_name(spec.name, d)
             if path.is_file():
-                old = json.loads(path.read_text())
+                old = _read_json(path, "point")
                 if self.measure is not None and self._wants_speed(spec, old, self.cfg.speed_again):
                     log.info("[%d/%d] %s at density %.3f: done, adding decode speed", k + 1, len(todo), spec.name, d)
                     atomic_write_json(path, self._speed_only(spec, d, old), "frontier point")
@@ -226,7 +255,7 @@ class Frontier:
             atomic_write_json(path, p, "frontier point")
             done += 1
             log.info("%s d=%.3f: read %.3f ppl %.3f", spec.name, d, p["weight_read_fraction"], p["ppl"])
-        points = sort_points([json.loads(f.read_text()) for f in sorted(pdir.glob("*.json"))], list(METHODS))
+        points = sort_points([_read_json(f, "point") for f in sorted(pdir.glob("*.json"))], list(METHODS))
         csv_path = write_csv(points, self.out / "frontier.csv")
         head = (f"Model {self.info.name}, corpus {self.fingerprint['corpus']}, {self.cfg.nsamples} test windows of "
                 f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows.\n\n")
@@ -241,13 +270,17 @@ def main(cfg: FrontierConfig) -> dict:
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    setup_logging()
     parser = build_parser(FrontierConfig, prog="python -m awq.frontier", description=__doc__.split("\n\n")[0])
     try:
         cfg, _ = parse_config(FrontierConfig, argv, parser)
+    except ConfigError as e:
+        fail(str(e))
+        return 2
+    setup_logging()
+    try:
         res = main(cfg)
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        fail(str(e) or type(e).__name__)
         return 2
 
     print(markdown(res["points"]), end="")

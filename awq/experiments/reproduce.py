@@ -35,10 +35,10 @@ from awq.experiments import entry
 from awq.experiments.plots import plot_all
 from awq.experiments.reproduce_state import check_or_claim, read_json, run_fingerprint
 from awq.load.arch import PROJS
-from awq.load.models import DEFAULT_MODEL_NAME
+from awq.load.models import DEFAULT_MODEL_NAME, check_model_path
 from awq.store.pattern_store import PatternStore
 from awq.store.thresholds import shipped_thresholds
-from awq.util.cli import build_parser, check_config, given_options, opt, setup_logging, to_argv
+from awq.util.cli import ConfigError, build_parser, check_config, fail, given_options, opt, setup_logging, to_argv
 from awq.util.io import atomic_write_json, atomic_write_text, check_output_path, output_lock
 from clustering.activation_aware_clustering import AWCConfig
 from clustering.error_checking import PrecisionConfig
@@ -63,17 +63,19 @@ class ReproduceConfig:
     """Options of ``python -m awq.reproduce`` (each field is one command-line option, see awq.util.cli)."""
 
     out: Path = opt(Path("results/reproduce"), help="results directory (default results/reproduce, "
-                    "results/reproduce_quick with --quick)")
-    plots_dir: Optional[Path] = opt(None, help="where the PNGs go (default <out>/plots)")
-    model_path: Optional[str] = opt(None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    data_path: Optional[str] = opt(None, help="local corpus (see awq.entry --help)")
-    thresholds: Optional[str] = opt(None, help="thresholds JSON (default: the shipped 50%% file)")
+                    "results/reproduce_quick with --quick)", kind="out_dir")
+    plots_dir: Optional[Path] = opt(None, help="where the PNGs go (default <out>/plots)", kind="out_dir")
+    model_path: Optional[str] = opt(None, help="model (default: the embedded SmolLM2-135M-Instruct)", kind="model",
+                                    check=check_model_path)
+    data_path: Optional[str] = opt(None, help="local corpus (see awq.entry --help)", kind="in_path")
+    thresholds: Optional[str] = opt(None, help="thresholds JSON (default: the shipped 50%% file)", kind="in_file",
+                                    max_mb=64)
     seqlen: int = opt(2048, min=2, help="window length (default 2048; 512 with --quick)")
     ppl_nsamples: int = opt(8, min=1, help="windows scored per perplexity run (default 8; 4 with --quick)")
     extract_nsamples: int = opt(8, min=1, help="windows recorded into the pattern store (default 8; 4 with --quick)")
     ks: list[int] = opt(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192], min=1,
                         help="comma-separated K values (default 256,...,8192; 64,256 with --quick)")
-    sparsities: list[float] = opt(default_factory=lambda: [0.2, 0.3, 0.4], min=0.0, lt=1.0,
+    sparsities: list[float] = opt(default_factory=lambda: [0.2, 0.3, 0.4], min=0.0, lt=1.0, kind="fraction",
                                   help="comma-separated centroid sparsities (default 0.2,0.3,0.4; 0.4 with --quick)")
     baseline_k: int = opt(2048, min=1, help="K for BMF/BRB-KMeans/penalized (default 2048; 256 with --quick)")
     max_rows: Optional[int] = opt(61440, min=1, help="rows sampled per clustering run (default 61440 = one "
@@ -83,12 +85,13 @@ class ReproduceConfig:
     max_iter: int = opt(3, min=0, help="AWC iterations (default 3; 2 with --quick; the artifact used 10)")
     baseline_max_iter: int = opt(10, min=0, help="baseline iterations (default 10; 3 with --quick)")
     sweep: bool = opt(True, help="skip the threshold sweep (20..70%%; always skipped with --quick)")
-    seed: int = opt(42, help="random seed of every clustering run (default 42)")
-    device: Optional[str] = opt(None, help="device for model and clustering (default auto / cpu)")
+    seed: int = opt(42, help="random seed of every clustering run (default 42)", kind="seed")
+    device: Optional[str] = opt(None, help="device for model and clustering (default auto / cpu)", kind="device",
+                                words=("auto",))
     quick: bool = opt(False, help="a few-minute version: small K, few windows, short seqlen")
     subprocess: bool = opt(False, help="run each clustering tool in its own process (python -m clustering.<tool>)")
     predictor: Optional[str] = opt(None, help="a trained cluster predictor file (python -m awq.predictor train): adds a predicted-cluster "
-                                   "perplexity run beside the oracle ones")
+                                   "perplexity run beside the oracle ones", kind="in_file")
     force: bool = opt(False, help="start over: delete this tool's outputs in --out first (needed when --out holds "
                       "the results of another model, corpus, thresholds or options)")
 
@@ -183,7 +186,8 @@ class Reproducer:
 
     def _common(self, proj: str, **kw) -> dict:
         """Store options shared by every clustering / precision run."""
-        return dict(masks=self.store, proj=proj, seed=self.cfg.seed, device=self.cfg.device or "cpu",
+        device = "cpu" if self.cfg.device in (None, "auto") else self.cfg.device  # clustering: cpu unless named
+        return dict(masks=self.store, proj=proj, seed=self.cfg.seed, device=device,
                     progress=False, **kw)
 
     def awc_file(self, proj: str, k: int, s: float) -> Path:
@@ -350,14 +354,17 @@ def main(cfg: ReproduceConfig) -> dict:
 def cli(argv: Optional[list[str]] = None) -> int:
     p = build_parser(ReproduceConfig, prog="python -m awq.reproduce", description=__doc__.split("\n\n")[0],
                      suppress_defaults=True)  # only the options given: --quick presets the others
-    given = given_options(ReproduceConfig, p.parse_args(argv))
-
+    try:
+        given = given_options(ReproduceConfig, p.parse_args(argv))
+        cfg = check_config(ReproduceConfig.quick_preset(**given) if given.get("quick") else ReproduceConfig(**given))
+    except ConfigError as e:
+        fail(str(e))
+        return 2
     setup_logging("INFO")
     try:
-        cfg = ReproduceConfig.quick_preset(**given) if given.get("quick") else ReproduceConfig(**given)
-        main(check_config(cfg))
+        main(cfg)
     except (ValueError, RuntimeError, OSError) as e:  # awq.experiments.reproduce_state.ReproduceError, OutputError, LockedError
-        print(f"error: {e}", file=sys.stderr)
+        fail(str(e))
         return 2
     return 0
 

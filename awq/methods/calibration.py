@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from awq.load.data import load_corpus, tokenize_windows
-from awq.load.models import load_model
+from awq.load.models import check_model_path, load_model
 from awq.methods.base import sparsify_
 from awq.methods.paper_mlp import SparsityConfig
 from awq.methods.recording import add_observer, remove_observer
@@ -145,21 +145,23 @@ def calibrate(model, windows: torch.Tensor, sparsity: float | list[float],
 class CalibrateConfig:
     """Options of ``python -m awq.calibrate`` (each field is one command-line option, see awq.util.cli)."""
 
-    sparsity: list[float] = opt(help="target fraction of zeros, e.g. 0.5 (or 50); comma-separated for several "
-                                "levels", min=0.0, lt=100.0)
-    output: Path = opt(help="thresholds JSON to write (artifact format); '{pct}' in the name is replaced by the level")
-    model_path: Optional[str] = opt(None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    sparsity: list[float] = opt(help="target fraction of zeros in [0, 1), e.g. 0.5 for 50%% (a fraction: 50 or 1.5 "
+                                "is refused); comma-separated for several levels", min=0.0, lt=1.0, kind="fraction")
+    output: Path = opt(help="thresholds JSON to write (artifact format); '{pct}' in the name is replaced by the "
+                       "level in percent", kind="out_file")
+    model_path: Optional[str] = opt(None, help="model (default: the embedded SmolLM2-135M-Instruct)", kind="model",
+                                    check=check_model_path)
     nsamples: int = opt(16, help="calibration windows (default 16)", min=1)
     seqlen: int = opt(2048, help="window length (default 2048)", min=2)
     split: str = opt("train", help="corpus part (default train)", choices=["train", "test"])
-    data_path: Optional[str] = opt(None, help="local corpus file/dir (see awq.entry --help)")
-    dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)")
-    device: Optional[str] = opt(None, help="device (default auto)")
+    data_path: Optional[str] = opt(None, help="local corpus file/dir (see awq.entry --help)", kind="in_path")
+    dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)",
+                               choices=["float32", "float16", "bfloat16", "auto"])
+    device: Optional[str] = opt(None, help="device (default auto)", kind="device", words=("auto",))
 
     def levels(self) -> list[float]:
-        """Sparsity levels as fractions (a value above 1 is a percentage)."""
-        vals = self.sparsity if isinstance(self.sparsity, (list, tuple)) else [self.sparsity]
-        return [s / 100.0 if s > 1.0 else float(s) for s in vals]
+        """The sparsity levels (fractions, checked by their declaration: never reinterpreted as percents)."""
+        return [float(s) for s in (self.sparsity if isinstance(self.sparsity, (list, tuple)) else [self.sparsity])]
 
 
 def main(cfg: CalibrateConfig) -> dict[str, list[float]] | list[dict[str, list[float]]]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from awq.load.arch import decoder_layers
 from awq.load.data import load_corpus, tokenize_windows
-from awq.load.models import load_model, model_slug
+from awq.load.models import check_model_path, load_model, model_slug
 from awq.methods.base import sparsify_, swapped_mlps, unsparsify_
 from awq.methods.cluster_neuron import ClusterNeuronConfig
 from awq.methods.common import CalibData, mlp_dims
@@ -231,18 +231,20 @@ def install_cluster_predictor(cfg, model: nn.Module, tokenizer, info) -> dict:
 class FitConfig:
     """Options of ``python -m awq.cluster_predictor``."""
 
-    output: str = opt(help="write the predictor here (safetensors)")
-    model_path: Optional[str] = opt(None, help="model as for awq.entry (default: SmolLM2-135M-Instruct)")
+    output: str = opt(help="write the predictor here (safetensors)", kind="out_file")
+    model_path: Optional[str] = opt(None, help="model as for awq.entry (default: SmolLM2-135M-Instruct)",
+                                    kind="model", check=check_model_path)
     variant: str = opt(DEFAULT_VARIANT, help=f"routed cluster_<variant> of awq.experiments.frontier (default {DEFAULT_VARIANT}: "
                        "routed centroid, then |silu(g)| threshold in it; also cluster_neuron, cluster_union2, "
-                       "cluster_hot, cluster_hthresh, cluster_thresh_k128, ...)")
-    read: float = opt(DEFAULT_READ, help="nominal MLP weight-read fraction (default 0.5)", gt=0, max=1)
+                       "cluster_hot, cluster_hthresh, cluster_thresh_k128, ...)", choices=tuple(routed_variants()))
+    read: float = opt(DEFAULT_READ, help="nominal MLP weight-read fraction in (0, 1] (default 0.5)", gt=0, max=1,
+                      kind="fraction")
     calib_nsamples: int = opt(2, help="train windows for calibration (default 2, as the frontier)", min=1)
     calib_tokens: int = opt(4096, help="MLP inputs per layer kept for calibration (default 4096)", min=1)
     seqlen: int = opt(2048, help="window length in tokens (default 2048)", min=2)
-    seed: int = opt(0, help="calibration subsample / router training seed (default 0)")
+    seed: int = opt(0, help="calibration subsample / router training seed (default 0)", kind="seed")
     data_path: Optional[str] = opt(None, help="local WikiText-2 data as for awq.entry (default: hub or the offline "
-                                   "substitute)")
+                                   "substitute)", kind="in_path")
     dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)",
                                choices=["float32", "float16", "bfloat16"])
     no_hub: bool = opt(False, help="never try the Hugging Face hub for data")

@@ -9,9 +9,9 @@ CLI: ``python -m awq.predictor evaluate --masks TEST_STORE --predictor P.safeten
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +25,7 @@ from awq.store.bitpack import unpack
 from awq.store.centroids import load_centroids
 from awq.store.pattern_store import PatternStore
 from awq.store.thresholds import file_sha256
+from awq.util.cli import opt
 from awq.util.io import atomic_write_json, check_not_input, check_output_path
 
 log = logging.getLogger("awq.methods.label_predictor")
@@ -155,18 +156,19 @@ def format_eval(res: dict) -> list[str]:
     return lines
 
 
-def add_evaluate_parser(sub) -> argparse.ArgumentParser:
-    e = sub.add_parser("evaluate", help="accuracy and recall of active neurons on a (test) store")
-    e.add_argument("--masks", required=True, help="pattern store recorded with --dump_inputs (test split)")
-    e.add_argument("--predictor", required=True, help="predictor file (.safetensors)")
-    e.add_argument("--centroids", default=None, help="centroid files (default: the ones recorded in the predictor; "
-                   "must match their sha256)")
-    e.add_argument("--topk", type=int, default=5, help="k for top-k accuracy and best-of-top-k recall (default 5)")
-    e.add_argument("--max_rows", type=int, default=None, help="evaluate a seeded sample of N rows per layer "
-                   "(default all)")
-    e.add_argument("--output", default=None, help="write the results JSON here (with the machine info, notes and "
-                   "wall time)")
-    return e
+@dataclass
+class EvaluateOptions:
+    """Options of ``python -m awq.predictor evaluate``."""
+
+    masks: str = opt(help="pattern store recorded with --dump_inputs (test split)", kind="in_dir")
+    predictor: str = opt(help="predictor file (.safetensors)", kind="in_file")
+    centroids: Optional[str] = opt(None, help="centroid files (default: the ones recorded in the predictor; must "
+                                   "match their sha256)", kind="centroids", check=parse_centroid_spec)
+    topk: int = opt(5, help="k for top-k accuracy and best-of-top-k recall (default 5)", min=1)
+    max_rows: Optional[int] = opt(None, help="evaluate a seeded sample of N rows per layer (default all)", min=1)
+    output: Optional[str] = opt(None, help="write the results JSON here (with the machine info, notes and wall time)",
+                                kind="out_file")
+    log_level: str = opt("INFO", help="logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
 def machine_notes(given: list[str]) -> tuple[dict, list[str]]:
@@ -184,9 +186,7 @@ def machine_notes(given: list[str]) -> tuple[dict, list[str]]:
                              "so the wall times are longer than on an idle machine"] if busy else [])]
 
 
-def run_evaluate_cli(args: argparse.Namespace) -> int:
-    if args.topk < 1:
-        raise PredictorError(f"--topk must be >= 1, got {args.topk}")
+def run_evaluate_cli(args: EvaluateOptions) -> int:
     if args.output:
         check_output_path(args.output, "evaluation results")
         spec = parse_centroid_spec(args.centroids) if getattr(args, "centroids", None) else {}

@@ -11,7 +11,6 @@ CLI: ``python -m awq.predictor train --masks TRAIN_STORE --centroids gate=F,up=F
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -45,6 +44,7 @@ from awq.predictor.evaluate import EvalCounts, block_overlaps, input_rows
 from awq.store.centroids import load_centroids
 from awq.store.pattern_store import PatternStore
 from awq.store.thresholds import file_sha256
+from awq.util.cli import opt
 from awq.util.io import check_not_input, check_output_path, output_lock
 
 log = logging.getLogger("awq.methods.label_predictor")
@@ -272,49 +272,35 @@ def train(masks: str | Path, centroids: str, output: str | Path, cfg: TrainConfi
     return meta
 
 
-def add_train_parser(sub) -> argparse.ArgumentParser:
-    t = sub.add_parser("train", help="train on a pattern store recorded with --dump_inputs (train split)")
-    t.add_argument("--masks", required=True, help="pattern store directory recorded with --dump_masks --dump_inputs")
-    t.add_argument("--centroids", required=True, help="gate=FILE,up=FILE,down=FILE (any subset) or a directory")
-    t.add_argument("--output", required=True, help="predictor file to write (.safetensors)")
-    t.add_argument("--rank", type=int, default=None, help="bottleneck rank r (default: largest within --budget)")
-    t.add_argument("--trunk", default="separate", choices=TRUNKS, help="separate x->r per projection, or one "
-                   "shared x->r trunk (default separate)")
-    t.add_argument("--act", default="none", choices=ACTS, help="activation after the x->r layer (default none)")
-    t.add_argument("--loss", default="ce", choices=LOSSES, help="ce: cross-entropy on the oracle label; coverage: "
-                   "1 - expected recall over the top-m clusters + 0.1 ce (default ce)")
-    t.add_argument("--epochs", type=int, default=8, help="passes over the sampled rows (default 8)")
-    t.add_argument("--batch_size", type=int, default=512, help="rows per Adam step (default 512)")
-    t.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine decay (default 3e-3)")
-    t.add_argument("--weight_decay", type=float, default=0.0, help="Adam weight decay (default 0)")
-    t.add_argument("--max_rows", type=int, default=65536, help="token rows sampled per layer; memory bound "
-                   "(default 65536; 0 = all)")
-    t.add_argument("--val_fraction", type=float, default=0.05, help="held-out share of the rows for the logged "
-                   "validation metrics (default 0.05)")
-    t.add_argument("--top_m", type=int, default=32, help="clusters per row kept for the coverage loss (default 32)")
-    t.add_argument("--budget", type=float, default=0.05, help="cost budget as a fraction of the MLP, for the "
-                   "default rank (default 0.05)")
-    t.add_argument("--seed", type=int, default=0, help="seed for sampling, init and shuffling (default 0)")
-    return t
+@dataclass
+class TrainOptions:
+    """Options of ``python -m awq.predictor train`` (each field one option, checked by its declaration)."""
+
+    masks: str = opt(help="pattern store directory recorded with --dump_masks --dump_inputs", kind="in_dir")
+    centroids: str = opt(help="gate=FILE,up=FILE,down=FILE (any subset) or a directory", kind="centroids",
+                         check=parse_centroid_spec)
+    output: str = opt(help="predictor file to write (.safetensors)", kind="out_file")
+    rank: Optional[int] = opt(None, help="bottleneck rank r (default: largest within --budget)", min=1)
+    trunk: str = opt("separate", choices=TRUNKS, help="separate x->r per projection, or one shared x->r trunk "
+                     "(default separate)")
+    act: str = opt("none", choices=ACTS, help="activation after the x->r layer (default none)")
+    loss: str = opt("ce", choices=LOSSES, help="ce: cross-entropy on the oracle label; coverage: 1 - expected recall "
+                    "over the top-m clusters + 0.1 ce (default ce)")
+    epochs: int = opt(8, help="passes over the sampled rows (default 8)", min=1)
+    batch_size: int = opt(512, help="rows per Adam step (default 512)", min=1)
+    lr: float = opt(3e-3, help="Adam learning rate, cosine decay (default 3e-3)", gt=0)
+    weight_decay: float = opt(0.0, help="Adam weight decay (default 0)", min=0)
+    max_rows: int = opt(65536, help="token rows sampled per layer; memory bound (default 65536; 0 = all)", min=0)
+    val_fraction: float = opt(0.05, help="held-out share of the rows for the logged validation metrics, a fraction "
+                              "in [0, 1) (default 0.05)", min=0, lt=1, kind="fraction")
+    top_m: int = opt(32, help="clusters per row kept for the coverage loss (default 32)", min=1)
+    budget: float = opt(0.05, help="cost budget as a fraction of the MLP, in (0, 1], for the default rank "
+                        "(default 0.05)", gt=0, max=1, kind="fraction")
+    seed: int = opt(0, help="seed for sampling, init and shuffling (default 0)", kind="seed")
+    log_level: str = opt("INFO", help="logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
-def _check_train_args(args: argparse.Namespace) -> None:
-    """Numeric options in range (one line naming the option), before any data is read."""
-    checks = (("epochs", lambda v: v >= 1, ">= 1"), ("batch_size", lambda v: v >= 1, ">= 1"),
-              ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-              ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-              ("max_rows", lambda v: v >= 0, ">= 0"), ("val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
-              ("top_m", lambda v: v >= 1, ">= 1"), ("budget", lambda v: 0 < v <= 1, "in (0, 1]"))
-    for name, ok, want in checks:
-        v = getattr(args, name)
-        if not ok(v):
-            raise PredictorError(f"--{name} must be {want}, got {v}")
-    if args.rank is not None and args.rank < 1:
-        raise PredictorError(f"--rank must be >= 1, got {args.rank}")
-
-
-def run_train_cli(args: argparse.Namespace) -> int:
-    _check_train_args(args)
+def run_train_cli(args: TrainOptions) -> int:
     inputs = [args.masks, *parse_centroid_spec(args.centroids).values()]
     check_output_path(args.output, "predictor")  # before the work: writable, not an input, not in use
     check_not_input(args.output, inputs, "predictor")
@@ -322,7 +308,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
         return _run_train(args)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def _run_train(args: TrainOptions) -> int:
     cfg = TrainConfig(rank=args.rank, trunk=args.trunk, act=args.act, loss=args.loss, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       max_rows=args.max_rows or None, val_fraction=args.val_fraction, top_m=args.top_m,

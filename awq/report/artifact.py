@@ -13,7 +13,6 @@ and ``artifact_full`` (commands and times taken from the results files where the
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -25,7 +24,8 @@ from awq.report.artifact_run import FULL_REL, gather, run_steps, with_checked_in
 from awq.report.importers import predictor_evidence
 from awq.report.refs import ReportError, load_refs
 from awq.util import paths
-from awq.util.cli import setup_logging
+from awq.util.cli import ConfigError, fail, opt, parse_config, setup_logging
+from awq.util.cli import build_parser as build_config_parser
 from awq.util.io import atomic_write_json
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -208,7 +208,7 @@ CLAIMS = [
           full="python -m awq.entry --dump_masks results/masks; (cd clustering && python "
                "activation_aware_clustering.py); python -m awq.entry --centroids results/centroids/awc"),
     Claim("6", "Sparse MLP speedup (batch-1 decode)", "python bench/bench_sparse_mlp.py --shapes smollm2-135m "
-          "--densities 50 --no_step --threads 1", "sparse_mlp", "none measured (TEAL, a peer: 1.43× at 50% on A100)",
+          "--densities 0.5 --no_step --threads 1", "sparse_mlp", "none measured (TEAL, a peer: 1.43× at 50% on A100)",
           "MLP block ≥ 1.2× faster than dense at 50% density (roofline bound 2.0×)", check_speedup,
           full="python bench/bench_sparse_mlp.py --threads 1 --output results/artifact_full/sparse_mlp.json"),
     Claim("7", "Cluster predictor (beyond the paper)", "python -m awq.artifact --predictor", "predictor",
@@ -322,20 +322,30 @@ def predictor_row(root: Path, force: bool, t0: float) -> int:
 ARTIFACT_BLOCKS = {"artifact_quick": quick_block, "artifact_full": full_block}
 
 
+@dataclass
+class ArtifactConfig:
+    """Options of ``python -m awq.artifact``."""
+
+    root: Optional[Path] = opt(None, help="project root (default: this checkout or $AWQ_PROJECT_ROOT)", kind="in_dir")
+    no_run: bool = opt(False, help="check the outputs already under results/artifact only")
+    force: bool = opt(False, help="rerun every step even if its output exists")
+    save_reference: bool = opt(False, help="also store this run's evidence as results_ref/quick.json (then run "
+                               "python -m awq.report)")
+    predictor: bool = opt(False, help="instead run the full path's row 7 (stores, AWC on the train store, predictor "
+                          "train and evaluate; its time: row 7 of ARTIFACT.md) into results/artifact_full/predictor and "
+                          "check it; import it with python -m awq.report --import_predictor "
+                          "results/artifact_full/predictor")
+
+
 def cli(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m awq.artifact", description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", type=Path, default=None, help="project root (default: this checkout or $AWQ_PROJECT_ROOT)")
-    p.add_argument("--no_run", action="store_true", help="check the outputs already under results/artifact only")
-    p.add_argument("--force", action="store_true", help="rerun every step even if its output exists")
-    p.add_argument("--save_reference", action="store_true",
-                   help="also store this run's evidence as results_ref/quick.json (then run python -m awq.report)")
-    p.add_argument("--predictor", action="store_true",
-                   help="instead run the full path's row 7 (stores, AWC on the train store, predictor train and "
-                   "evaluate; its time: row 7 of ARTIFACT.md) into results/artifact_full/predictor and check it; "
-                   "import it with python -m awq.report --import_predictor results/artifact_full/predictor")
-    a = p.parse_args(argv)
-    if a.predictor and (a.no_run or a.save_reference):
-        p.error("--predictor runs row 7 only: it takes neither --no_run nor --save_reference")
+    p = build_config_parser(ArtifactConfig, prog="python -m awq.artifact", description=__doc__.split("\n\n")[0])
+    try:
+        a, _ = parse_config(ArtifactConfig, argv, p)
+        if a.predictor and (a.no_run or a.save_reference):
+            raise ConfigError("--predictor: runs row 7 only: it takes neither --no_run nor --save_reference")
+    except ConfigError as e:
+        fail(str(e))
+        return 2
 
     setup_logging("INFO")
     root = Path(a.root).resolve() if a.root else paths.project_root()
@@ -343,7 +353,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
     try:
         refs = load_refs(paths.results_ref_dir(root))
     except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        fail(str(e))
         return 2
     if a.predictor:
         return predictor_row(root, a.force, t0)

@@ -36,7 +36,7 @@ def steps(root: Path) -> list[tuple[str, list[str], Path, Path]]:
         ("flow_cluster", ["activation_aware_clustering.py"], root / "clustering", cents / "down_proj.pt"),
         ("flow_centroids", ["-m", "awq.entry", "--centroids", str(cents), "--nsamples", "2", "--output_path",
                             str(out / "flow_centroids.json")], root, out / "flow_centroids.json"),
-        ("sparse_mlp", [str(root / "bench" / "bench_sparse_mlp.py"), "--shapes", "smollm2-135m", "--densities", "50",
+        ("sparse_mlp", [str(root / "bench" / "bench_sparse_mlp.py"), "--shapes", "smollm2-135m", "--densities", "0.5",
                         "--no_step", "--threads", "1", "--output", str(out / "sparse_mlp.json")], root,
          out / "sparse_mlp.json"),
     ]

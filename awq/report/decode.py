@@ -91,7 +91,7 @@ def _args(cfg: dict) -> str:
     for k in ("model_path", "threads", "densities", "methods", "prompt_tokens", "new_tokens", "repeats", "llama_cpp_path"):
         v = cfg.get(k)
         if v is not None:
-            parts.append(f" --{k} {v}")
+            parts.append(f" --{k} {','.join(map(str, v)) if isinstance(v, list) else v}")
     return "".join(parts)
 
 

@@ -16,11 +16,11 @@ rerunning the report).  A fresh run is imported first with ``--import_reproduce 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,7 +30,8 @@ from awq.report.importers import RunOutputError, import_frontier, import_predict
 from awq.report.refs import REF_FILES, ReportError, load_refs
 from awq.report.tables import predictor_table, sparse_mlp_table
 from awq.util import paths
-from awq.util.cli import setup_logging
+from awq.util.cli import ConfigError, fail, opt, parse_config, setup_logging
+from awq.util.cli import build_parser as build_config_parser
 from awq.util.io import atomic_write_text
 
 log = logging.getLogger("awq.report.generate")
@@ -279,25 +280,52 @@ def run(root: Optional[Path] = None, check: bool = False, ref_dir: Optional[Path
     return out
 
 
+FRONTIER_REFS = tuple(n for n in REF_FILES if n.startswith("frontier"))
+
+
+def _ref_name(names: tuple[str, ...]) -> Callable[[list], None]:
+    """A check of ``[FILE, NAME]`` pairs: NAME one of ``names``."""
+    def check(pair: list) -> None:
+        if pair[1] not in names:
+            raise ReportError(f"NAME must be one of {', '.join(names)}, got {pair[1]!r}")
+    return check
+
+
+@dataclass
+class ReportConfig:
+    """Options of ``python -m awq.report``."""
+
+    check: bool = opt(False, help="rewrite nothing; exit 1 naming every stale block")
+    root: Optional[Path] = opt(None, help="project root holding README.md / ARTIFACT.md (default: this checkout or "
+                               "$AWQ_PROJECT_ROOT)", kind="in_dir")
+    results: Optional[Path] = opt(None, help="summaries directory (default <root>/results_ref)", kind="in_dir")
+    import_reproduce: Optional[Path] = opt(None, metavar="DIR", kind="in_dir",
+                                           help="first copy DIR/summary.json (a fresh `make reproduce`) into "
+                                           "results_ref/reproduce.json")
+    import_frontier: Optional[list[str]] = opt(None, nargs=2, metavar=("CSV", "NAME"), kind=("in_file", None),
+                                               check=_ref_name(FRONTIER_REFS),
+                                               help="first copy a frontier.csv into results_ref/NAME.json (NAME: "
+                                               + ", ".join(FRONTIER_REFS) + ")")
+    import_sparse_mlp: Optional[Path] = opt(None, metavar="JSON", kind="in_file",
+                                            help="first copy a `bench/bench_sparse_mlp.py --output JSON` run into "
+                                            "results_ref/sparse_mlp.json")
+    import_predictor: Optional[Path] = opt(None, metavar="DIR", kind="in_dir",
+                                           help="first copy a `python -m awq.artifact --predictor` run (DIR/eval.json "
+                                           "+ DIR/timings.json, default results/artifact_full/predictor) into "
+                                           "results_ref/predictor.json")
+    import_decode: Optional[list[str]] = opt(None, nargs=2, metavar=("JSON", "NAME"), kind=("in_file", None),
+                                             check=_ref_name(DECODE_REFS),
+                                             help="first copy a `bench/bench_decode.py --output JSON` run into "
+                                             "results_ref/NAME.json (NAME: " + ", ".join(DECODE_REFS) + ")")
+
+
 def cli(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m awq.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 naming every stale block")
-    p.add_argument("--root", type=Path, default=None, help="project root holding README.md / ARTIFACT.md "
-                   "(default: this checkout or $AWQ_PROJECT_ROOT)")
-    p.add_argument("--results", type=Path, default=None, help="summaries directory (default <root>/results_ref)")
-    p.add_argument("--import_reproduce", type=Path, default=None, metavar="DIR",
-                   help="first copy DIR/summary.json (a fresh `make reproduce`) into results_ref/reproduce.json")
-    p.add_argument("--import_frontier", nargs=2, default=None, metavar=("CSV", "NAME"),
-                   help="first copy a frontier.csv into results_ref/NAME.json (NAME: frontier, frontier_qwen)")
-    p.add_argument("--import_sparse_mlp", type=Path, default=None, metavar="JSON",
-                   help="first copy a `bench/bench_sparse_mlp.py --output JSON` run into results_ref/sparse_mlp.json")
-    p.add_argument("--import_predictor", type=Path, default=None, metavar="DIR",
-                   help="first copy a `python -m awq.artifact --predictor` run (DIR/eval.json + DIR/timings.json, "
-                   "default results/artifact_full/predictor) into results_ref/predictor.json")
-    p.add_argument("--import_decode", nargs=2, default=None, metavar=("JSON", "NAME"),
-                   help="first copy a `bench/bench_decode.py --output JSON` run into results_ref/NAME.json "
-                   "(NAME: decode_smollm2, decode_qwen, decode_smollm2_avx2)")
-    a = p.parse_args(argv)
+    p = build_config_parser(ReportConfig, prog="python -m awq.report", description=__doc__.split("\n\n")[0])
+    try:
+        a, _ = parse_config(ReportConfig, argv, p)
+    except ConfigError as e:
+        fail(str(e))
+        return 2
 
     setup_logging("INFO", fmt="%(levelname)s %(name)s: %(message)s")
     if a.results is None and a.root is not None:
@@ -306,10 +334,6 @@ def cli(argv: Optional[list[str]] = None) -> int:
         if a.import_reproduce:
             log.info("imported %s", import_reproduce(a.import_reproduce, a.results))
         if a.import_frontier:
-            if a.import_frontier[1] not in REF_FILES or not a.import_frontier[1].startswith("frontier"):
-                raise ReportError("--import_frontier NAME must be frontier, frontier_qwen, frontier_cluster or "
-                                  "frontier_cluster_qwen, got "
-                                  f"{a.import_frontier[1]!r}")
             log.info("imported %s", import_frontier(Path(a.import_frontier[0]), a.import_frontier[1], a.results))
         if a.import_sparse_mlp:
             log.info("imported %s", import_sparse_mlp(a.import_sparse_mlp, a.results))
@@ -319,7 +343,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
             log.info("imported %s", import_decode(Path(a.import_decode[0]), a.import_decode[1], a.results))
         res = run(a.root, check=a.check, ref_dir=a.results)
     except (ReportError, RunOutputError, KeyError, OSError) as e:
-        print(f"error: {e if not isinstance(e, KeyError) else f'results file lacks {e}'}", file=sys.stderr)
+        fail(str(e) if not isinstance(e, KeyError) else f"results file lacks {e}")
         return 2
     stale = [f"{f}: {n}" for f, names in res.items() for n in names]
     if a.check:

@@ -142,7 +142,8 @@ def import_sparse_mlp(bench_json: Path, ref_dir: Optional[Path] = None) -> Path:
         raise RunOutputError(f"{f} holds no sparse-vs-dense ratios")
     cfg = b.get("config", {})
     cmd = ("python bench/bench_sparse_mlp.py" + "".join(
-        f" --{k} {cfg[k]}" for k in ("shapes", "densities", "threads", "dtype", "ctx", "mistral_layers")
+        f" --{k} {','.join(map(str, cfg[k])) if isinstance(cfg[k], list) else cfg[k]}"
+        for k in ("shapes", "densities", "threads", "dtype", "ctx", "mistral_layers")
         if cfg.get(k) is not None) + (" --no_step" if cfg.get("no_step") else "")
         + (f" --output {paths.display(Path(cfg['output']))}" if cfg.get("output") else ""))
     new = {"what": f"{cmd}, imported from {paths.display(f)}", "command": cmd, "config": cfg,

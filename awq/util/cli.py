@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from awq.util.validate import (INPUT_KINDS, KINDS, OUTPUT_KINDS, ConfigError, check_outputs_not_inputs,
-                                check_value, input_paths)
+                                check_value, input_paths, label)
 
 __all__ = ["ConfigError", "OneLineParser", "opt", "build_parser", "check_config", "parse_config", "given_options",
            "to_argv", "run_cli", "setup_logging", "option_fields", "fail"]
@@ -90,10 +90,12 @@ def opt(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any =
         max: Optional[float] = None, gt: Optional[float] = None, lt: Optional[float] = None,
         nargs: Optional[str | int] = None, cli: bool = True, kind: Optional[str] = None,
         words: Optional[Sequence[str]] = None, max_mb: Optional[float] = None, include_from: Optional[str] = None,
-        check: Optional[Callable[[Any], Any]] = None, positional: bool = False) -> Any:
+        check: Optional[Callable[[Any], Any]] = None, positional: bool = False,
+        aliases: Sequence[str] = (), append: bool = False) -> Any:
     """A dataclass field carrying its command-line description and checks (see the module doc)."""
-    if kind is not None and kind not in KINDS:
-        raise TypeError(f"unknown option kind {kind!r} (known: {', '.join(KINDS)})")
+    for k in (kind if isinstance(kind, tuple) else (kind,)):  # a tuple: one kind per position (nargs=N)
+        if k is not None and k not in KINDS:
+            raise TypeError(f"unknown option kind {k!r} (known: {', '.join(KINDS)})")
     meta: dict[str, Any] = {"help": help, "cli": cli}
     for k, v in (("choices", choices), ("metavar", metavar), ("min", min), ("max", max), ("gt", gt), ("lt", lt),
                  ("nargs", nargs), ("kind", kind), ("words", words), ("max_mb", max_mb),
@@ -102,6 +104,10 @@ def opt(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any =
             meta[k] = tuple(v) if k in ("choices", "words") else v
     if positional:
         meta["positional"] = True
+    if aliases:
+        meta["aliases"] = tuple(aliases)  # other spellings of the flag, e.g. ("--reps",)
+    if append:
+        meta["append"] = True  # a list option given once per value: --note A --note B
     if kind == "fraction":
         lo, hi = meta.get("min", meta.get("gt")), meta.get("max", meta.get("lt"))
         if lo is None or hi is None or lo < 0 or hi > 1:
@@ -183,7 +189,9 @@ def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional
                 flag = f"--no_{f.name}"
             kw["action"] = "store_false" if dflt else "store_true"
         else:
-            if is_list and "nargs" in m:  # space-separated values (e.g. nargs="+")
+            if is_list and m.get("append"):
+                kw["type"], kw["action"] = tp, "append"
+            elif is_list and "nargs" in m:  # space-separated values (e.g. nargs="+")
                 kw["type"], kw["nargs"] = tp, m["nargs"]
             else:
                 kw["type"] = _list_parser(tp, f.name) if is_list else tp
@@ -204,8 +212,17 @@ def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional
                 kw["nargs"] = "?"
             p.add_argument(f.name, **kw)
         else:
-            p.add_argument(flag, **kw)
+            p.add_argument(flag, *m.get("aliases", ()), **kw)
     return p
+
+
+def _positions(f: dataclasses.Field, value: Any) -> list[tuple[Any, Any]]:
+    """(kind, value) of each element of an option's value (a tuple ``kind``: one kind per position)."""
+    kind = f.metadata.get("kind")
+    vals = list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(kind, tuple):
+        return [(kind[i] if i < len(kind) else None, x) for i, x in enumerate(vals)]
+    return [(kind, x) for x in vals]
 
 
 def check_config(cfg: T) -> T:
@@ -218,15 +235,23 @@ def check_config(cfg: T) -> T:
         if v is None:
             continue
         vals = list(v) if is_list else [v]
+        name = label(f.name, bool(f.metadata.get("positional")))
         if is_list and not vals:
-            raise ConfigError(f"--{f.name}: is empty")
-        for x in vals:
-            check_value(f.name, x, tp, dict(f.metadata), lambda other: getattr(cfg, other, None))
-    inputs = [p for f, *_ in fields_ if f.metadata.get("kind") in INPUT_KINDS
-              for p in input_paths(f.metadata.get("kind"), getattr(cfg, f.name), f.metadata.get("words") or ())]
-    outputs = [(f.name, x) for f, *_ in fields_ if f.metadata.get("kind") in OUTPUT_KINDS
-               for x in (getattr(cfg, f.name) if isinstance(getattr(cfg, f.name), (list, tuple))
-                         else [getattr(cfg, f.name)])]
+            raise ConfigError(f"{name}: is empty")
+        meta = dict(f.metadata)
+        kinds = meta.get("kind")
+        if is_list:
+            meta.pop("check", None)  # a list option's check sees the whole list, after its elements
+        for i, x in enumerate(vals):
+            if isinstance(kinds, tuple):
+                meta["kind"] = kinds[i] if i < len(kinds) else None
+            check_value(name, x, tp, meta, lambda other: getattr(cfg, other, None))
+        if is_list and f.metadata.get("check") is not None:
+            check_value(name, None, type(None), {"check": f.metadata["check"]}, lambda other: None, whole=vals)
+    inputs = [p for f, *_ in fields_ for k, x in _positions(f, getattr(cfg, f.name)) if k in INPUT_KINDS
+              for p in input_paths(k, x, f.metadata.get("words") or ())]
+    outputs = [(label(f.name), x) for f, *_ in fields_ for k, x in _positions(f, getattr(cfg, f.name))
+               if k in OUTPUT_KINDS]
     if inputs and outputs:
         check_outputs_not_inputs(outputs, inputs)
     return cfg
@@ -257,6 +282,9 @@ def to_argv(cfg: Any) -> list[str]:
             argv.append(f"--no_{f.name}" if _default(f) else f"--{f.name}")
         elif v is None:
             raise ConfigError(f"--{f.name} cannot be given as None on a command line")
+        elif is_list and f.metadata.get("append"):
+            for x in v:
+                argv += [f"--{f.name}", str(x)]
         elif is_list and "nargs" in f.metadata:
             argv += [f"--{f.name}", *map(str, v)]
         else:

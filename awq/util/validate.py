@@ -46,7 +46,7 @@ from awq.util.io import OutputError, atomic_write_json, check_not_input
 
 __all__ = ["ConfigError", "KINDS", "INPUT_KINDS", "OUTPUT_KINDS", "INT_LIMIT", "SEED_MAX", "check_value",
            "check_number", "check_device", "check_tasks", "check_input_path", "check_output_file",
-           "check_output_dir", "input_paths", "lm_eval_task_names"]
+           "check_output_dir", "input_paths", "lm_eval_task_names", "label", "check_outputs_not_inputs"]
 
 INT_LIMIT = 2 ** 31 - 1
 SEED_MAX = 2 ** 32 - 1
@@ -60,8 +60,14 @@ class ConfigError(ValueError):
     """An option value is out of range or not allowed (one line, names the option)."""
 
 
+def label(name: str, positional: bool = False) -> str:
+    """How messages name an option: ``--name`` (a positional argument: ``name``)."""
+    return name if positional or name.startswith("-") else f"--{name}"
+
+
 def _err(name: str, what: str) -> ConfigError:
-    return ConfigError(f"--{name}: {what}")
+    """``name``: the option as :func:`label` shows it."""
+    return ConfigError(f"{name}: {what}")
 
 
 # ---- numbers -------------------------------------------------------------------------------------------------
@@ -327,15 +333,18 @@ def check_output_dir(name: str, value: str | Path) -> Path:
 
 
 # ---- one value -----------------------------------------------------------------------------------------------
-def check_value(name: str, x: Any, tp: type, meta: dict, get: Callable[[str], Any]) -> None:
-    """Check one (scalar) value of option ``name`` by its declared kind; ``get(other)`` reads another option."""
+def check_value(name: str, x: Any, tp: type, meta: dict, get: Callable[[str], Any], whole: Any = None) -> None:
+    """Check one (scalar) value of option ``name`` (as messages show it: ``--x``) by its declared kind;
+    ``get(other)`` reads another option; ``whole``: only run ``meta["check"]`` on this (a list option's value)."""
+    if whole is not None:
+        x = whole
     kind = meta.get("kind")
     words = tuple(meta.get("words") or ())
     if tp in (int, float):
         check_number(name, x, tp, meta)
     elif tp in (str, Path):
         s = str(x)
-        if not s.strip():
+        if not s.strip() and s not in words:
             raise _err(name, "is empty")
         if "choices" in meta and x not in meta["choices"]:
             shown = ", ".join(map(str, meta["choices"]))
@@ -373,7 +382,7 @@ def check_value(name: str, x: Any, tp: type, meta: dict, get: Callable[[str], An
             raise
         except (ValueError, OSError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise _err(name, msg.removeprefix(f"--{name} ").removeprefix(f"--{name}: ")) from None
+            raise _err(name, msg.removeprefix(f"{name} ").removeprefix(f"{name}: ")) from None
 
 
 def check_outputs_not_inputs(outputs: Iterable[tuple[str, Any]], inputs: list[Path]) -> None:
@@ -382,6 +391,6 @@ def check_outputs_not_inputs(outputs: Iterable[tuple[str, Any]], inputs: list[Pa
         if value is None:
             continue
         try:
-            check_not_input(value, list(inputs), f"--{name}")
+            check_not_input(value, list(inputs), name)
         except OutputError as e:
-            raise ConfigError(str(e).replace(f"--{name} ", f"--{name}: ", 1)) from None
+            raise ConfigError(str(e).replace(f"{name} ", f"{name}: ", 1)) from None
