@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -139,8 +140,9 @@ def option_fields(cls: type) -> list[tuple[dataclasses.Field, type, bool, bool]]
     return _fields(cls)
 
 
+@functools.lru_cache(maxsize=None)
 def _fields(cls: type) -> list[tuple[dataclasses.Field, type, bool, bool]]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)  # slow (evaluates string annotations): once per class
     out = []
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli", True) is False or not f.init:
@@ -159,11 +161,27 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
+def _path(text: str) -> Path:
+    """``Path`` that refuses an empty value (``Path("")`` would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return Path(text)
+
+
+_path.__name__ = "path"
+
+
+def _scalar(tp: type) -> Callable[[str], Any]:
+    return _path if tp is Path else tp
+
+
 def _list_parser(inner: type, name: str) -> Callable[[str], list]:
+    conv = _scalar(inner)
+
     def parse(text: str) -> list:
         try:
-            return [inner(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
+            return [conv(v.strip()) for v in text.split(",") if v.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(f"expected comma-separated {inner.__name__} values, got {text!r}") from None
     parse.__name__ = f"comma-separated {inner.__name__} list"
     return parse
@@ -190,11 +208,11 @@ def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional
             kw["action"] = "store_false" if dflt else "store_true"
         else:
             if is_list and m.get("append"):
-                kw["type"], kw["action"] = tp, "append"
+                kw["type"], kw["action"] = _scalar(tp), "append"
             elif is_list and "nargs" in m:  # space-separated values (e.g. nargs="+")
-                kw["type"], kw["nargs"] = tp, m["nargs"]
+                kw["type"], kw["nargs"] = _scalar(tp), m["nargs"]
             else:
-                kw["type"] = _list_parser(tp, f.name) if is_list else tp
+                kw["type"] = _list_parser(tp, f.name) if is_list else _scalar(tp)
             if "metavar" in m:
                 kw["metavar"] = m["metavar"]
             elif "choices" in m and len(m["choices"]) <= 12:
@@ -236,7 +254,7 @@ def check_config(cfg: T) -> T:
             continue
         vals = list(v) if is_list else [v]
         name = label(f.name, bool(f.metadata.get("positional")))
-        if is_list and not vals:
+        if is_list and not vals and not (_has_default(f) and _default(f) == []):  # given as ''
             raise ConfigError(f"{name}: is empty")
         meta = dict(f.metadata)
         kinds = meta.get("kind")
