@@ -87,9 +87,9 @@ def write_result(est: BinaryClusterer, output: Path, proj: str, extra: Optional[
     meta = est.result_meta()
     meta["proj"] = proj
     meta.update(extra or {})
-    if dist_info()[0] == 0:
-        save_centroids(output, est.cluster_centers_, meta)
+    if dist_info()[0] == 0:  # the centroid file last: once it exists, the run's every output is complete
         atomic_write_json(output.with_name(output.stem + ".results.json"), meta)
+        save_centroids(output, est.cluster_centers_, meta)
     return meta
 
 

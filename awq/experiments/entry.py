@@ -271,7 +271,7 @@ def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
         meter_ctx = nullcontext(None) if cfg.sparse_compute or own else measure_sparsity(model, info.num_layers)
         with meter_ctx as meter, metering(model) as reads:
             if cfg.dump_masks:
-                ppl = _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_path)
+                ppl = _ppl_with_recording(cfg, model, windows, meter, reads, results, info, corpus, thr_path)
             else:
                 ppl = perplexity(model, windows, batch_size=cfg.batch_size)
         results.update({
@@ -320,8 +320,9 @@ def _install_sparse_compute(cfg, model, thresholds) -> None:
     log.info("sparse compute: %d MLPs use the gathered kernel (%s)", len(mods), mods[0].extra_repr())
 
 
-def _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_path):
-    """Perplexity run that also writes the pattern store (resumable)."""
+def _ppl_with_recording(cfg, model, windows, meter, reads, results, info, corpus, thr_path):
+    """Perplexity run that also writes the pattern store (resumable: each finished window's stats carry the
+    running sparsity and weight-read counts, so a resumed run reports what an uninterrupted one does)."""
     meta = {
         "model": info.name,
         "model_path": info.path,
@@ -344,10 +345,15 @@ def _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_p
             done = rec.window_stats()
             prior = (sum(s["nll"] for s in done), sum(s["targets"] for s in done), [s["nll"] for s in done])
             meter.add(done[-1]["meter"])
+            if "reads" in done[-1]:
+                reads.add_counts(done[-1]["reads"])
+            else:  # a store from before the read counts were kept: the figure covers this run's windows only
+                log.warning("pattern store %s has no weight-read counts for its first %d windows: weight_read covers "
+                            "the windows computed now", cfg.dump_masks, start)
             log.info("resuming the pattern store at window %d of %d", start, windows.size(0))
 
         def on_end(i: int, nll: float, targets: int) -> None:
-            rec.end_window(i, {"nll": nll, "targets": targets, "meter": meter.counts()})
+            rec.end_window(i, {"nll": nll, "targets": targets, "meter": meter.counts(), "reads": reads.counts()})
 
         ppl = perplexity(model, windows, start=start, prior=prior, on_window_start=rec.start_window,
                          on_window_end=on_end, desc="perplexity+masks")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from awq.load.arch import PROJS
+from awq.util.io import atomic_path
 
 LABELS = {"awc": "AWC (ours, paper's method)", "bmf": "BMF", "brbkmeans": "BRB-KMeans",
           "penalized_brbkmeans": "Penalized BRB-KMeans"}
@@ -20,8 +21,11 @@ def _plt():
 
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path, "plot") as tmp:  # never a truncated PNG
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -172,12 +172,11 @@ class Reproducer:
                     self._entry(self.runs / f"threshold_{pct}.json", nsamples=self.cfg.ppl_nsamples, thresholds=str(f))
 
     def step_extract(self) -> None:
-        done = self.store / "meta.json"
-        if done.is_file():
-            meta = read_json(done, "pattern store meta")
-            if meta.get("windows_done") == meta.get("windows_total"):
-                log.info("skip (done): %s", self.store)
-                return
+        # the step's last output is runs/extract.json (a complete store alone is not: a run killed after the store's
+        # last window but before that file would otherwise never write it); entry resumes or finds the store complete
+        if (self.runs / "extract.json").is_file():
+            log.info("skip (done): %s", self.store)
+            return
         thr = {"thresholds": self.cfg.thresholds} if self.cfg.thresholds else {}
 
         entry.main(entry.EntryConfig(model_path=self.cfg.model_path, data_path=self.cfg.data_path, seqlen=self.cfg.seqlen,

@@ -42,6 +42,15 @@ class ReadMeter:
             self.sums[layer, j] += v
         self.tokens[layer] += tokens
 
+    def counts(self) -> dict:
+        """The sums so far, JSON-able (a resumable run stores them with each finished window)."""
+        return {"sums": self.sums.tolist(), "tokens": self.tokens.tolist()}
+
+    def add_counts(self, counts: Mapping) -> None:
+        """Add sums saved by :meth:`counts` (the windows a resumed run does not compute again)."""
+        self.sums += torch.tensor(counts["sums"], dtype=torch.float64)
+        self.tokens += torch.tensor(counts["tokens"], dtype=torch.float64)
+
     def per_projection(self) -> dict[str, float]:
         """Mean over layers and tokens of each projection's read fraction."""
         tot = float(self.tokens.sum())

@@ -88,8 +88,9 @@ def save_centroids(path: str | Path, centroids: torch.Tensor, meta: Optional[dic
     meta.setdefault("k", int(c.shape[0]))
     meta.setdefault("width", int(c.shape[1]))
     meta["density"] = float(c.float().mean().item())
-    awq_io.atomic_torch_save({"centroids": c, "meta": meta}, path, what="centroid file")
+    # the sidecar first: the centroid file is the one a run's completion is judged by, so it comes last
     awq_io.atomic_write_json(path.with_suffix(".json"), meta, what="centroid metadata")
+    awq_io.atomic_torch_save({"centroids": c, "meta": meta}, path, what="centroid file")
 
 
 def load_centroids(path: str | Path, width: Optional[int] = None) -> tuple[torch.Tensor, dict]:

@@ -37,7 +37,7 @@ from awq.store.store_format import (
     npy_header,
     read_meta,
 )
-from awq.util.io import atomic_path, atomic_write_json, output_lock
+from awq.util.io import atomic_path, atomic_write_json, disk_full_as_error, output_lock
 
 __all__ = ["StoreWriter"]
 
@@ -230,9 +230,10 @@ class StoreWriter:
         fd, offset, row_bytes = self._file(kind, layer, width, dtype)
         buf = memoryview(np.ascontiguousarray(rows)).cast("B")
         pos = offset + window * self.seqlen * row_bytes
-        while len(buf):
-            n = os.pwrite(fd, buf, pos)
-            buf, pos = buf[n:], pos + n
+        with disk_full_as_error(layer_file(self.root, kind, layer), "pattern store file"):  # rows of a window that
+            while len(buf):  # is never committed: a rerun rewrites them
+                n = os.pwrite(fd, buf, pos)
+                buf, pos = buf[n:], pos + n
         self._written.add((kind, layer))
         self._dirty.add(fd)
 
@@ -253,8 +254,9 @@ class StoreWriter:
         except (TypeError, ValueError) as e:
             raise ValueError(f"window stats are not JSON serialisable: {e}") from None
         if self.sync:  # without it a killed process is still safe (page cache); a power cut is not
-            for fd in self._dirty:
-                os.fdatasync(fd)
+            with disk_full_as_error(self.root, "pattern store"):
+                for fd in self._dirty:
+                    os.fdatasync(fd)
         self._dirty.clear()
         self._written.clear()
         self.meta["windows_done"] = window + 1

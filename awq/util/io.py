@@ -7,7 +7,9 @@ crash. A reader therefore sees the old file or the new one, never a truncated on
 the temporary file is removed.
 
 ``OutputError`` is raised (one line, naming the path) when the destination cannot be written:
-an existing directory at the path, a parent that cannot be created, no permission.
+an existing directory at the path, a parent that cannot be created, no permission; ``DiskFullError`` (one line
+naming the file, the disk's mount point and its free space) when the disk fills while writing -- the temporary
+file is removed, so the destination keeps its old content.
 
 Guards used by every CLI before it computes: :func:`check_output_path` (writable file path),
 :func:`check_not_input` (an output never resolves to an input file nor into an input folder such as
@@ -17,8 +19,10 @@ a pattern store), and :func:`output_lock` (an advisory ``fcntl.flock`` on ``<dir
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -26,7 +30,8 @@ from typing import Any, Callable, Iterator, Optional
 __all__ = [
     "OutputError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "atomic_torch_save", "atomic_save_safetensors", "check_output_path", "file_sha256", "fsync_dir",
-    "LockedError", "output_lock", "check_not_input", "is_pattern_store",
+    "LockedError", "output_lock", "check_not_input", "is_pattern_store", "DiskFullError", "is_disk_full",
+    "disk_full_error", "disk_full_as_error",
 ]
 
 
@@ -36,6 +41,75 @@ class OutputError(OSError):
 
 class LockedError(OutputError):
     """Another process holds the advisory lock of an output file or folder."""
+
+
+class DiskFullError(OutputError):
+    """The disk (or quota) holding an output is full; the message names the file and the disk."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "File too large")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) is a full disk: ``ENOSPC``/``EDQUOT``/``EFBIG``, also as
+    wrapped by torch (a ``RuntimeError`` from an ``OSError``) or safetensors (``... (os error 28)``)."""
+    x: Optional[BaseException] = e
+    for _ in range(8):
+        if x is None:
+            return False
+        if isinstance(x, OSError) and x.errno in _FULL_ERRNOS:
+            return True
+        if any(w in str(x) for w in _FULL_WORDS):
+            return True
+        x = x.__cause__ or x.__context__
+    return False
+
+
+def _mount_point(path: Path) -> Path:
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    dev = p.stat().st_dev
+    while p.parent != p and p.parent.stat().st_dev == dev:
+        p = p.parent
+    return p
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def disk_full_error(path: str | Path, what: str = "output") -> DiskFullError:
+    """The one-line error for a write of ``what`` at ``path`` that ran out of space: names the file, the disk
+    (its mount point) and what is free there."""
+    path = Path(path)
+    try:
+        disk = _mount_point(path.parent)
+        usage = shutil.disk_usage(disk)
+        where = f"the disk mounted at {disk} is full ({_size(usage.total)}, {_size(usage.free)} free now)"
+    except OSError:
+        where = f"the disk holding {path.parent} is full"
+    return DiskFullError(f"{what} {path}: no space left: {where}; free space there or write elsewhere "
+                         "(nothing half-written was kept: a rerun resumes from the last complete step)")
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | Path, what: str = "output") -> Iterator[None]:
+    """Turn a full-disk failure inside the block into :class:`DiskFullError` (one line naming ``path`` and the
+    disk); other errors pass unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:  # torch / safetensors wrap the OSError
+        if is_disk_full(e):
+            raise disk_full_error(path, what) from None
+        raise
 
 
 def _lock_file(target: Path, folder: Optional[bool]) -> Path:
@@ -159,21 +233,29 @@ def atomic_path(path: str | Path, what: str = "output") -> Iterator[Path]:
     fsynced before the rename and the folder after it; on an exception it is removed.
     """
     path = check_output_path(path, what)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with disk_full_as_error(path, what):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
+        _commit(tmp_path, path)
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e):
+            raise disk_full_error(path, what) from None  # one line naming the file and the disk (space now free)
         raise
     fsync_dir(path.parent)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """fsync the finished temporary file and rename it over ``path`` (the one place a file becomes visible)."""
+    with open(tmp, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, what: str = "output") -> Path:
