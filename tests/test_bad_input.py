@@ -239,8 +239,7 @@ def test_clustering_outputs_never_replace_an_input(store, centroids, capsys):
     refused(capsys, awc(*common, "--k", 4, "--output", centroids.with_name("x.json")), "must not end in .json")
     refused(capsys, awc(*common, "--k", 4, "--output", store / "meta.json"), "pattern store")
     refused(capsys, awc(*common, "--k", 4, "--output", store / "up_proj" / "c.pt"), "pattern store")
-    refused(capsys, awc(*common, "--k", 4, "--output", centroids.parent / "init.pt", "--init", centroids.parent /
-                        "init.pt"), "input")
+    refused(capsys, awc(*common, "--k", 4, "--output", centroids, "--init", centroids), "input")
     refused(capsys, precision([*map(str, common), "--centroids", str(centroids), "--output", str(centroids)]), "input")
     refused(capsys, precision([*map(str, common), "--centroids", str(centroids), "--output", str(side)]), "input")
     refused(capsys, precision([*map(str, common), "--centroids", str(centroids), "--output",

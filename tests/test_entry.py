@@ -58,14 +58,14 @@ def test_cli_end_to_end_tiny(tiny_model_dir, tiny_corpus, thr_file, tmp_path, ca
 
 
 @pytest.mark.parametrize("case,match", [
-    ("missing_model", "model path not found"),
+    ("missing_model", "--model_path: no such file or folder"),
     ("bad_gguf", "not a GGUF"),
     ("not_a_model_dir", "without config.json"),
     ("bad_json", "not valid JSON"),
     ("layer_mismatch", "has 3 layers but the model has 2"),
     ("nsamples", "exceeds the"),
     ("seqlen", "exceeds the model's context"),
-    ("missing_data", "not found"),
+    ("missing_data", "--data_path: no such file or folder"),
 ])
 def test_bad_inputs_one_line_errors(case, match, tiny_model_dir, tiny_corpus, thr_file, tmp_path, capsys):
     args = ["--model_path", tiny_model_dir, "--data_path", tiny_corpus, "--seqlen", 32, "--nsamples", 1,

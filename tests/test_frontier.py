@@ -94,9 +94,9 @@ def test_frontier_refuses_other_corpus(tiny_model_dir, tiny_corpus, tmp_path, ca
     assert len(err) == 1 and "corpus_test_sha256" in err[0]
 
 
-@pytest.mark.parametrize("args, msg", [(["--methods", "teal,bogus"], "unknown method 'bogus'"),
-                                       (["--densities", "0.5,0"], "density must be in (0, 1]"),
-                                       (["--nsamples", "0"], "--nsamples must be >= 1"),
+@pytest.mark.parametrize("args, msg", [(["--methods", "teal,bogus"], "--methods: 'bogus' is not one of"),
+                                       (["--densities", "0.5,0"], "--densities: must be a fraction in (0.0, 1.0]"),
+                                       (["--nsamples", "0"], "--nsamples: must be >= 1"),
                                        (["--methods", "cluster_predicted"], "cluster_predicted needs a trained predictor"),
                                        (["--methods", "cluster_oracle"], "cluster_oracle needs centroid files"),
                                        (["--methods", "teal", "--predictor", "/nonexistent/p.safetensors"],

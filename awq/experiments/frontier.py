@@ -143,7 +143,7 @@ class Frontier:
         self.slug = model_slug(self.info)
         self.out = Path(c.out) if c.out else Path("results/frontier") / self.slug
         if not c.out:  # the default folder is known now: one run at a time in it
-            self._stack.enter_context(output_lock(self.out, "frontier results folder", folder=True))
+            self._stack.enter_context(output_lock(self.out, "frontier results folder", folder=False))
         test = load_corpus("test", c.data_path, use_hub=not c.no_hub)
         train = load_corpus("train", c.data_path, use_hub=not c.no_hub)
         tw = tokenize_windows(self.tok, test.text, c.seqlen)
@@ -229,8 +229,10 @@ class Frontier:
 
     def run(self) -> dict:
         with contextlib.ExitStack() as self._stack:
-            if self.cfg.out:  # before the model loads: a second run on the same folder is refused at once
-                self._stack.enter_context(output_lock(self.cfg.out, "frontier results folder", folder=True))
+            if self.cfg.out:  # before the model loads: a second run on the same folder is refused at once (the lock
+                # is .OUT.lock beside the folder, so a run refused later -- e.g. a model it cannot sparsify -- leaves
+                # no folder behind)
+                self._stack.enter_context(output_lock(self.cfg.out, "frontier results folder", folder=False))
             return self._run()
 
     def _run(self) -> dict:

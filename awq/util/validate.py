@@ -213,7 +213,7 @@ def check_input_path(name: str, value: str | Path, want: str = "in_path", max_mb
     if want == "in_dir" and not is_dir:
         raise _err(name, f"{value} is {'a file' if is_file else _kind_of(st.st_mode)}, not a folder")
     if want == "in_file" and not is_file:
-        raise _err(name, f"{value} is {'a folder' if is_dir else _kind_of(st.st_mode)}, not a regular file")
+        raise _err(name, f"{value} is {'a directory' if is_dir else _kind_of(st.st_mode)}, not a regular file")
     if not (is_dir or is_file):
         raise _err(name, f"{value} is {_kind_of(st.st_mode)}: refusing to read it")
     if not os.access(p, os.R_OK | (os.X_OK if is_dir else 0)):
@@ -276,11 +276,11 @@ def _check_creatable(name: str, p: Path, value: Any, what: str) -> None:
     try:
         anc, st = _nearest_existing(p.parent if what == "file" else p)
     except NotADirectoryError:
-        raise _err(name, f"{value}: a parent of it is a file, not a folder") from None
+        raise _err(name, f"cannot create the folder of {value}: a parent of it is a file") from None
     except (OSError, ValueError) as e:
         raise _err(name, f"cannot use {value}: {getattr(e, 'strerror', None) or e}") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise _err(name, f"{value}: {anc} is a file, not a folder: cannot create the {what} there")
+        raise _err(name, f"cannot create the folder of {value}: {anc} is a file")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise _err(name, f"{value}: the folder {anc} is not writable")
 
@@ -290,18 +290,18 @@ def check_output_file(name: str, value: str | Path) -> Path:
     writable.  Nothing is created."""
     p = Path(value).expanduser()
     if str(value).endswith(("/", os.sep)):
-        raise _err(name, f"{value} names a folder, not a file")
+        raise _err(name, f"{value} names a directory, not a file")
     try:
         st = p.stat()
     except FileNotFoundError:
         st = None
     except NotADirectoryError:
-        raise _err(name, f"{value}: a parent of it is a file, not a folder") from None
+        raise _err(name, f"cannot create the folder of {value}: a parent of it is a file") from None
     except (OSError, ValueError) as e:
         raise _err(name, f"cannot use {value}: {getattr(e, 'strerror', None) or e}") from None
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
-            raise _err(name, f"{value} is a folder, not a file")
+            raise _err(name, f"{value} is a directory, not a file")
         if not stat.S_ISREG(st.st_mode):
             raise _err(name, f"{value} is {_kind_of(st.st_mode)}: refusing to write there")
         if not os.access(p, os.W_OK):
@@ -318,13 +318,13 @@ def check_output_dir(name: str, value: str | Path) -> Path:
     except FileNotFoundError:
         st = None
     except NotADirectoryError:
-        raise _err(name, f"{value}: a parent of it is a file, not a folder") from None
+        raise _err(name, f"cannot create the folder {value}: a parent of it is a file") from None
     except (OSError, ValueError) as e:
         raise _err(name, f"cannot use {value}: {getattr(e, 'strerror', None) or e}") from None
     if st is not None:
         if not stat.S_ISDIR(st.st_mode):
-            raise _err(name, f"{value} is {'a file' if stat.S_ISREG(st.st_mode) else _kind_of(st.st_mode)}, "
-                             "not a folder")
+            raise _err(name, f"cannot create the folder {value}: it is "
+                             f"{'a file' if stat.S_ISREG(st.st_mode) else _kind_of(st.st_mode)}")
         if not os.access(p, os.W_OK | os.X_OK):
             raise _err(name, f"the folder {value} is not writable")
         return p
