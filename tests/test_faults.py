@@ -626,3 +626,47 @@ def test_full_tmpfs_pattern_store(store_run, tmp_path):
     same_store(ref / "store", out / "store")
     same_results(ref / "res.json", out / "res.json")
     print(f"real tmpfs, full after {rep['done']} of {rep['total']} windows: {line}")
+
+
+def test_full_tmpfs_every_writer(tmp_path):
+    """On a real full tmpfs, each way a file is written (torch.save, safetensors, JSON, the store's rows) fails
+    with the one-line DiskFullError naming the file and the disk, and leaves no file behind: the kernel's ENOSPC
+    comes wrapped differently by each library (a RuntimeError from torch, a SafetensorError)."""
+    from awq.util.io import DiskFullError, atomic_save_safetensors, atomic_torch_save, atomic_write_json
+
+    big = torch.zeros(1 << 16)  # 256 KiB, more than the disk
+
+    def body(mnt: Path) -> dict:
+        out = {}
+        for name, write in (("a.pt", lambda p: atomic_torch_save(big, p, "checkpoint")),
+                            ("b.safetensors", lambda p: atomic_save_safetensors({"x": big}, p, what="predictor")),
+                            ("c.json", lambda p: atomic_write_json(p, list(range(100000)), "results"))):
+            try:
+                write(mnt / name)
+                out[name] = "written"
+            except DiskFullError as e:
+                out[name] = str(e)
+            out[name + " left"] = sorted(os.listdir(mnt))
+        w = StoreWriter(mnt / "store", meta={"model": "t"}, total_windows=8, seqlen=64, num_layers=2)
+        try:
+            for win in range(8):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    for layer in range(2):
+                        w.write(proj, layer, win, _rows(win, layer, 256, 64), width=256)
+                w.end_window(win)
+            out["store"] = "written"
+        except DiskFullError as e:
+            out["store"] = str(e)
+        out["store done"] = w.windows_done
+        w.close()
+        return out
+
+    rep = _tmpfs_child(body, tmp_path / "mnt", 64, tmp_path / "report.json")
+    if rep is None:
+        pytest.skip("this machine cannot mount a private tmpfs (user namespaces unavailable)")
+    disk = f"the disk mounted at {tmp_path / 'mnt'} is full"
+    for name in ("a.pt", "b.safetensors", "c.json"):
+        assert str(tmp_path / "mnt" / name) in rep[name], rep
+        assert disk in rep[name] and "\n" not in rep[name], rep[name]
+        assert rep[name + " left"] == [], rep  # neither the file nor its temporary
+    assert disk in rep["store"] and 0 < rep["store done"] < 8, rep

@@ -303,10 +303,10 @@ class ReportConfig:
                                            help="first copy DIR/summary.json (a fresh `make reproduce`) into "
                                            "results_ref/reproduce.json")
     import_frontier: Optional[list[str]] = opt(None, nargs=2, metavar=("CSV", "NAME"), kind=("in_file", None),
-                                               check=_ref_name(FRONTIER_REFS),
+                                               max_mb=256, check=_ref_name(FRONTIER_REFS),
                                                help="first copy a frontier.csv into results_ref/NAME.json (NAME: "
                                                + ", ".join(FRONTIER_REFS) + ")")
-    import_sparse_mlp: Optional[Path] = opt(None, metavar="JSON", kind="in_file",
+    import_sparse_mlp: Optional[Path] = opt(None, metavar="JSON", kind="in_file", max_mb=256,
                                             help="first copy a `bench/bench_sparse_mlp.py --output JSON` run into "
                                             "results_ref/sparse_mlp.json")
     import_predictor: Optional[Path] = opt(None, metavar="DIR", kind="in_dir",
@@ -314,7 +314,7 @@ class ReportConfig:
                                            "+ DIR/timings.json, default results/artifact_full/predictor) into "
                                            "results_ref/predictor.json")
     import_decode: Optional[list[str]] = opt(None, nargs=2, metavar=("JSON", "NAME"), kind=("in_file", None),
-                                             check=_ref_name(DECODE_REFS),
+                                             max_mb=256, check=_ref_name(DECODE_REFS),
                                              help="first copy a `bench/bench_decode.py --output JSON` run into "
                                              "results_ref/NAME.json (NAME: " + ", ".join(DECODE_REFS) + ")")
 
