@@ -126,13 +126,13 @@ def test_wrong_model_and_conflicting_options_one_line(cluster_file, tiny_corpus,
     base = ["--model_path", tiny_model_dir, "--data_path", tiny_corpus, *SEQ, "--nsamples", 1, "--no_hub"]
     for extra, match in ((["--predictor", bad], "3 layers"),
                          (["--predictor", cluster_file, "--dense"], "--dense does not apply"),
-                         (["--predictor", cluster_file, "--centroids", "gate=x.pt"], "--centroids does not apply"),
-                         (["--predictor", "cluster_nope"], "not a routed cluster variant")):
+                         (["--predictor", cluster_file, "--centroids", f"gate={bad}"], "--centroids does not apply"),
+                         (["--predictor", "cluster_nope"], "not one of cluster_neuron")):
         rc, _, err = _run(entry_cli, base + extra, capsys)
         assert rc == 2 and "Traceback" not in err and len(_errors(err)) == 1 and match in _errors(err)[0], err
     rc, _, err = _run(fit_cli, ["--model_path", tiny_model_dir, "--data_path", tiny_corpus, *SEQ, "--variant",
                                 "cluster_neuron_oracle", "--output", tmp_path / "o.safetensors"], capsys)
-    assert rc == 2 and len(_errors(err)) == 1 and "not a routed cluster variant" in _errors(err)[0], err
+    assert rc == 2 and len(_errors(err)) == 1 and "--variant: 'cluster_neuron_oracle' is not one of" in _errors(err)[0], err
     with pytest.raises(ClusterPredictorError, match="hidden/intermediate"):
         load_cluster_predictor(cluster_file, tiny_model(hidden=32, inter=128))
 

@@ -352,24 +352,30 @@ def test_runs_by_path_and_as_module_from_any_cwd(tmp_path, module):
     assert r.returncode == 0 and "--centroids" in r.stdout, r.stderr
     r = run_script("activation_aware_clustering", "--masks", tmp_path, "--proj", "gate_proj", "--k", 0, "--output",
                    tmp_path / "x.pt", module=module, cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip() == "error: --k must be >= 1, got 0", r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == "error: --k: must be >= 1, got 0", r.stderr
 
 
 def test_option_ranges_checked_before_reading_data(tmp_path, capsys):
     from clustering import activation_aware_clustering as awc
     from clustering import bmf, error_checking
 
-    base = ["--masks", tmp_path / "missing_store", "--proj", "gate_proj"]
-    for mod, extra, msg in ((awc, ["--k", 4, "--output", tmp_path / "a.pt", "--sparsity", 1.0], "--sparsity must be < 1"),
-                            (awc, ["--k", 4, "--output", tmp_path / "a.pt", "--max_rows", 0], "--max_rows must be >= 1"),
-                            (bmf, ["--k", 4, "--output", tmp_path / "a.pt", "--seed_batch", 0], "--seed_batch must be >= 1"),
-                            (error_checking, ["--centroids", tmp_path / "c.pt", "--penalty", -1], "--penalty must be >= 0")):
+    make_store(tmp_path / "store")
+    save_centroids(tmp_path / "c.pt", rand01(4, 48, 0.5, 1), {"proj": "gate_proj"})
+    base = ["--masks", tmp_path / "store", "--proj", "gate_proj"]
+    for mod, extra, msg in ((awc, ["--k", 4, "--output", tmp_path / "a.pt", "--sparsity", 1.0],
+                             "--sparsity: must be a fraction in [0.0, 1.0)"),
+                            (awc, ["--k", 4, "--output", tmp_path / "a.pt", "--max_rows", 0], "--max_rows: must be >= 1"),
+                            (bmf, ["--k", 4, "--output", tmp_path / "a.pt", "--seed_batch", 0], "--seed_batch: must be >= 1"),
+                            (error_checking, ["--centroids", tmp_path / "c.pt", "--penalty", -1], "--penalty: must be >= 0")):
+        before = sorted(p.name for p in tmp_path.iterdir())
         assert mod.cli([str(a) for a in base + extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {msg}"), err
-    # the store is only opened once the options are valid: now the missing store is the error
-    assert awc.cli([str(a) for a in base + ["--k", 4, "--output", tmp_path / "a.pt"]]) == 2
-    assert "does not exist" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # refused before anything was written
+    # a missing store is refused by its declaration too, before any data is read
+    assert awc.cli([str(a) for a in ["--masks", tmp_path / "missing_store", "--proj", "gate_proj", "--k", 4,
+                                     "--output", tmp_path / "a.pt"]]) == 2
+    assert "--masks: no such folder" in capsys.readouterr().err
 
 
 def test_main_with_config_equals_cli(tmp_path):
@@ -465,7 +471,7 @@ def test_analysis_and_replace(tmp_path):
     assert res["empty_centroids"] == 1 and res["all_ones_centroids"] == 1 and sum(res["histogram"]["counts"]) == 6
     src = tmp_path / "c.pt"
     save_centroids(src, C, {"method": "test"})
-    with pytest.raises(ClusteringError, match="differ"):
+    with pytest.raises(ValueError, match="is the input"):  # the declaration's output-is-not-an-input check
         replace_main(ReplaceConfig(centroids=src, output=src, min_sparsity=0.3, max_sparsity=0.7))
     idx = replace_main(ReplaceConfig(centroids=src, output=tmp_path / "r.pt", min_sparsity=0.3, max_sparsity=0.7))
     new, _ = load_centroids(tmp_path / "r.pt")

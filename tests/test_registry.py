@@ -111,7 +111,7 @@ def test_entry_method_equals_frontier_point(tiny_model_dir, tiny_corpus, tmp_pat
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--method", "nope", "--density", "0.5"], "unknown method 'nope'"),
+    (["--method", "nope", "--density", "0.5"], "--method: 'nope' is not one of"),
     (["--method", "teal"], "needs --density"),
     (["--method", "teal", "--density", "0.5", "--dense"], "--dense does not apply with --method"),
     (["--method", "cluster_oracle", "--density", "0.5"], "cluster_oracle needs centroid files"),
