@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import importlib
 import io
-import math
 import os
 import signal
 import subprocess

@@ -37,7 +37,6 @@ import torch
 import awq.util.io as awq_io
 from awq.store.centroids import load_centroids, save_centroids
 from awq.store.pattern_store import PatternStore, StoreError, StoreWriter
-from awq.util.io import output_lock
 from tests.test_clustering import make_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,6 +265,7 @@ def test_clustering_full_disk_and_kill(cluster_store, tmp_path, monkeypatch):
     disk = Disk(monkeypatch, out.parent, full_at=2)
     rc, err = run(awc, _awc_argv(cluster_store, out))
     one_line(err, "no space left", "c.ckpt.pt", "disk mounted at")
+    assert disk.failed == [str(out.with_name("c.ckpt.pt").resolve())]  # one failed write: the run stopped there
     assert rc == 2 and not out.exists() and not temp_files(out.parent)
     assert torch.load(out.with_name("c.ckpt.pt"), weights_only=True)["it"] == 1
     monkeypatch.undo()

@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import functools
 import logging
-import math
 import sys
 import types
 import typing
