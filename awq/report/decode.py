@@ -1,10 +1,10 @@
-"""Generated decode-speed tables (README "Decode speed"): one block per model from a bench_decode JSON.
+"""Generated decode-speed tables (docs/kernels.md "Decode speed"): one block per model from a bench_decode JSON.
 
 ``results_ref/decode_<model>.json`` is the JSON ``bench/bench_decode.py --output`` writes, copied as is
 (``python -m awq.report --import_decode FILE NAME``).  The block lists every row (tok/s, spread, ms per
 token, weight bytes per token), then each sparse row's speedup against the fastest dense baseline beside
 its roofline (a ratio the bench flagged as above its roofline is shown as a measurement error), and the
-two checks of issue 14: lean dense time / llama.cpp F32 time, and whether the best sparse row at
+two checks: lean dense time / llama.cpp F32 time, and whether the best sparse row at
 <= 50% of the MLP's weights read is faster than llama.cpp F32.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from awq.report.importers import RunOutputError, _load, _ref
+from awq.report import provenance
+from awq.report.importers import RunOutputError, _load, _ref, _root, bench_versions
 from awq.util.io import atomic_write_json
 
 DECODE_REFS = ("decode_smollm2", "decode_qwen", "decode_smollm2_avx2")  # _avx2: AWQ_HW_FLAGS + AVX2 llama.cpp
@@ -39,7 +40,8 @@ def _ratio_cell(rec: Optional[dict]) -> str:
 def decode_table(data: dict) -> str:
     """Markdown for one bench_decode JSON."""
     cfg, sysinfo, rows = data["config"], data["system"], _rows(data)
-    head = (f"`python bench/bench_decode.py{_args(cfg)}` — CPU `{sysinfo['cpu']}`, flags "
+    cmd = (data.get("provenance") or {}).get("command") or f"python bench/bench_decode.py{_args(cfg)}"
+    head = (f"`{cmd}` — CPU `{sysinfo['cpu']}`, flags "
             f"{' '.join(sysinfo['flags'])}, {cfg['threads']} thread(s) of {sysinfo['cpus']}, torch "
             f"{sysinfo['torch']}; load average {sysinfo.get('loadavg')} at start, "
             f"{sysinfo.get('loadavg_end')} at the end; {cfg['prompt_tokens']}-token prompt, {cfg['new_tokens']} new "
@@ -101,14 +103,17 @@ def decode_block(key: str):
     return block
 
 
-def import_decode(bench_json: Path, name: str, ref_dir: Optional[Path] = None) -> Path:
-    """A ``bench/bench_decode.py --output F`` JSON -> ``results_ref/<name>.json`` (name in DECODE_REFS)."""
+def import_decode(bench_json: Path, name: str, ref_dir: Optional[Path] = None, command: Optional[str] = None) -> Path:
+    """A ``bench/bench_decode.py --output F`` JSON -> ``results_ref/<name>.json`` (name in DECODE_REFS), as is plus
+    its ``provenance``."""
     if name not in DECODE_REFS:
         raise RunOutputError(f"--import_decode NAME must be one of {', '.join(DECODE_REFS)}, got {name!r}")
     f = Path(bench_json)
     b = _load(f, "run `python bench/bench_decode.py --output FILE` first")
     if b.get("bench") != "bench_decode" or not _rows(b):
         raise RunOutputError(f"{f} is not a bench_decode.py output with timings")
+    b["provenance"] = provenance.make(command or f"python bench/bench_decode.py{_args(b['config'])}", b["config"],
+                                      bench_versions(b), root=_root(ref_dir))
     ref = _ref(ref_dir, name)
     atomic_write_json(ref, b)
     return ref
