@@ -1,8 +1,8 @@
 """Generated summaries across results files: the README's headline table and the cluster-method findings.
 
 * ``headline`` (README.md): per method, its best point at about half the MLP weights read per token on both
-  models (``results_ref/frontier.json``, ``frontier_qwen.json``), with the measured decode speedup beside its
-  roofline where the frontier ran ``--speed``.
+  models (``results_ref/frontier.json``, ``frontier_qwen.json``), and the fastest decode row at that budget
+  against llama.cpp (``decode_smollm2.json``, ``decode_qwen.json``).
 * ``cluster_findings`` (docs/frontier.md): what the cluster-method frontiers (``frontier_cluster.json``,
   ``frontier_cluster_qwen.json``) say, each statement computed from their points (a statement whose points are
   missing is left out).
@@ -11,18 +11,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+from awq.report.decode import fastest_half
+
 HALF, THIRD = 0.51, 0.31  # read budgets 0.5 and 0.3, +0.01 as the frontier tables
 HEADLINE = ("dense", "paper", "teal", "wina", "cats", "larosa", "neuron_predictor", "cluster_thresh",
             "cluster_predicted", "cluster_oracle", "cluster_ideal_oracle")
 MODELS = (("frontier", "SmolLM2-135M"), ("frontier_qwen", "Qwen2.5-Coder-0.5B"))
-
-
-def _speed(q: Optional[dict]) -> str:
-    if q is None or q.get("roofline") is None:
-        return "–"
-    if q.get("decode_speedup") is None:
-        return f"above roofline ({q['roofline']:.2f}×): measurement error"
-    return f"{q['decode_speedup']:.2f}× ({q['roofline']:.2f}×)"
 
 
 def best_at(pts: list[dict], method: str, budget: float = HALF) -> Optional[dict]:
@@ -39,26 +33,32 @@ def best_at(pts: list[dict], method: str, budget: float = HALF) -> Optional[dict
 
 def headline(refs: dict) -> str:
     models = [(k, name) for k, name in MODELS if k in refs]
-    cols = "".join(f" {n}: read | PPL | decode speedup (roofline) |" for _, n in models)
-    lines = ["| method |" + cols, "|---|" + "---|---|---|" * len(models)]
+    lines = ["| method |" + "".join(f" {n}: MLP weight read | PPL |" for _, n in models),
+             "|---|" + "---|---|" * len(models)]
     for m in HEADLINE:
         cells, any_pt, oracle = [], False, False
         for k, _ in models:
             q = best_at(refs[k]["points"], m)
             if q is None:
-                cells += ["—", "—", "—"]
+                cells += ["—", "—"]
                 continue
             any_pt, oracle = True, oracle or not q["realizable"]
-            cells += [f"{q['weight_read_fraction']:.2f}" + (f" (d={q['param']:g})" if m != "dense" else ""),
-                      f"{q['ppl']:,.1f}", _speed(q)]
+            cells += [f"{q['weight_read_fraction']:.2f}" + (f" (density {q['param']:g})" if m != "dense" else ""),
+                      f"{q['ppl']:,.1f}"]
         if any_pt:
             lines.append(f"| `{m}`{' (oracle)' if oracle else ''} | " + " | ".join(cells) + " |")
-    wins = [f"{n}: " + (f"`{b['method']}` (PPL {b['ppl']:,.1f} at {b['weight_read_fraction']:.2f} read)" if b else "none")
-            for k, n in models for b in [_best_realizable(refs[k]["points"], HALF)]]
     windows = ", ".join(f"{n} {refs[k]['fingerprint'].get('nsamples', '?')}" for k, n in models)
-    return ("\n".join(lines) + "\n\n"
-            + f"Best realizable at ≤ 0.5 of the MLP weights read: {'; '.join(wins)}. Test windows of 2048 tokens "
-            f"per point: {windows}.\n")
+    out = "\n".join(lines) + f"\n\nTest windows of 2048 tokens per point: {windows}."
+    speed = []
+    for k, name in (("decode_smollm2", "SmolLM2-135M"), ("decode_qwen", "Qwen2.5-Coder-0.5B")):
+        half = fastest_half(refs[k]) if k in refs else None
+        if half:
+            n, t, f = half
+            speed.append(f"{name} `{n}` {1 / t:.1f} tok/s, {f / t:.2f}× llama.cpp F32 on the same fp32 weights")
+    if speed:
+        out += (" Batch-1 decode, fastest row reading ≤ 0.5 of the MLP weights (`bench/bench_decode.py`, 2 threads): "
+                + "; ".join(speed) + ".")
+    return out + "\n"
 
 
 def _best_realizable(pts: list[dict], budget: float, cluster: Optional[bool] = None) -> Optional[dict]:
