@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None, help="write the figures as JSON here")
     p.add_argument("--llama_cpp_path", default=None,
                    help="import llama_cpp from this folder first (e.g. an AVX2-only build made with pip --target; "
-                        "see README); its build's CPU features are printed")
+                        "see docs/kernels.md); its build's CPU features are printed")
     a = p.parse_args(argv)
     try:
         dens = [float(d) for d in a.densities.split(",") if d.strip()]

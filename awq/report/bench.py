@@ -20,9 +20,9 @@ from awq.util.io import atomic_write_json
 BENCH_REFS = {  # block / results_ref name -> (script, how to run it)
     "bench_ppl": ("bench_ppl", "python bench/bench_ppl.py --repeats 5 --output F"),
     "bench_clustering": ("bench_clustering", "python bench/bench_clustering.py --output F"),
-    "bench_clustering_avx2": ("bench_clustering", 'AWQ_HW_FLAGS="avx2 fma" ATEN_CPU_CAPABILITY=avx2 '
-                              "OPENBLAS_CORETYPE=Haswell MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 "
-                              "python bench/bench_clustering.py --output F"),
+    "bench_clustering_avx2": ("bench_clustering", ('AWQ_HW_FLAGS="avx2 fma" ATEN_CPU_CAPABILITY=avx2 '
+                                                   "OPENBLAS_CORETYPE=Haswell MKL_ENABLE_INSTRUCTIONS=AVX2 "
+                                                   "ONEDNN_MAX_CPU_ISA=AVX2 python bench/bench_clustering.py --output F")),
     "bench_predictor": ("bench_predictor", "python bench/bench_predictor.py --output F"),
 }
 DERIVED = ("cap_m", "kernel_used", "model", "thresholds_file", "windows", "note", "kernel_path", "output")

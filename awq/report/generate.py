@@ -29,14 +29,20 @@ from awq.report import provenance
 from awq.report.artifact import ARTIFACT_BLOCKS
 from awq.report.bench import BENCH_BLOCKS, import_bench
 from awq.report.decode import DECODE_REFS, decode_block, import_decode
-from awq.report.importers import (RunOutputError, import_frontier, import_predictor, import_reproduce,  # noqa: F401
-                                  import_run_default, import_sparse_mlp)
-from awq.report.refs import REF_FILES, TARGETS, ReportError, load_refs, target_files  # noqa: F401
+from awq.report.importers import (
+    RunOutputError,
+    import_frontier,
+    import_predictor,
+    import_reproduce,
+    import_run_default,
+    import_sparse_mlp,
+)
+from awq.report.refs import REF_FILES, TARGETS, ReportError, load_refs, target_files
 from awq.report.summaries import cluster_findings, headline
 from awq.report.tables import predictor_table, sparse_mlp_table
 from awq.util import paths
-from awq.util.env import markdown_table
 from awq.util.cli import setup_logging
+from awq.util.env import markdown_table
 from awq.util.io import atomic_write_text
 
 log = logging.getLogger("awq.report.generate")

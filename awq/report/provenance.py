@@ -49,7 +49,7 @@ def git_state(root: Optional[Path]) -> dict[str, Any]:
     """``{"commit": HEAD or None, "dirty": bool or None}`` of the checkout at ``root`` (None outside git)."""
     def git(*args: str) -> Optional[str]:
         try:
-            r = subprocess.run(["git", "-C", str(root or "."), *args], capture_output=True, text=True, timeout=20)
+            r = subprocess.run(["git", "-C", str(root or "."), *args], capture_output=True, text=True, timeout=20, check=False)
         except (OSError, subprocess.SubprocessError):
             return None
         return r.stdout if r.returncode == 0 else None

@@ -35,10 +35,10 @@ def load_refs(ref_dir: Optional[Path] = None) -> dict:
             except json.JSONDecodeError as e:
                 raise ReportError(f"{f}: not valid JSON ({e})") from None
     if "reproduce" not in refs:
-        raise ReportError(f"no {ref_dir / 'reproduce.json'}: the README's results come from it")
+        raise ReportError(f"no {ref_dir / 'reproduce.json'}: the reproduced results (docs/results.md) come from it")
     return refs
 
 
 # ---------------------------------------------------------------------------------------------
-# README "Results" blocks (from results_ref/reproduce.json)
+# docs/results.md blocks (from results_ref/reproduce.json)
 # ---------------------------------------------------------------------------------------------
