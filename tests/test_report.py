@@ -247,3 +247,20 @@ def test_import_bench_and_its_block(tmp_path):
         report.import_bench(tmp_path / "b.json", "bench_nope", tmp_path / "ref")
     with pytest.raises(report.RunOutputError, match="is not a bench_clustering.py output"):
         report.import_bench(tmp_path / "b.json", "bench_clustering", tmp_path / "ref")
+
+
+def test_artifact_save_reference_records_provenance(tmp_path, capsys):
+    from awq.report import artifact
+
+    root = tmp_path / "proj"
+    shutil.copytree(REPO / "results_ref", root / "results_ref")
+    (root / "results" / "artifact").mkdir(parents=True)
+    (root / "results" / "artifact" / "flow_extract.json").write_text(json.dumps({"versions": {"torch": "9.9.9"}}))
+    artifact.cli(["--root", str(root), "--no_run", "--save_reference"])  # nothing ran: rows FAIL, the file is written
+    capsys.readouterr()
+    p = json.loads((root / "results_ref" / "quick.json").read_text())["provenance"]
+    assert p["command"] == "python -m awq.artifact --save_reference --no_run"
+    assert set(p["config"]["steps"]) == {"reproduce", "flow_extract", "flow_cluster", "flow_centroids", "sparse_mlp"}
+    assert p["config"]["steps"]["flow_cluster"] == "python activation_aware_clustering.py (in clustering)"
+    assert p["config"]["steps"]["reproduce"].endswith("--out results/artifact/reproduce_quick")
+    assert p["versions"]["torch"] == "9.9.9" and provenance.problems(root / "results_ref") == []

@@ -363,7 +363,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
     if a.save_reference:
         ev["provenance"] = provenance.make(
             "python -m awq.artifact --save_reference" + (" --no_run" if a.no_run else "") + (" --force" if a.force else ""),
-            {"steps": {name: " ".join(["python", *argv]) + ("" if cwd == root else f" (in {paths.display(cwd, root)})")
+            {"steps": {name: " ".join(["python", *argv]).replace(f"{root}/", "")
+                       + ("" if cwd == root else f" (in {paths.display(cwd, root)})")
                        for name, argv, cwd, _done in steps(root)}},
             _first_versions(root), root=root)
         atomic_write_json(paths.results_ref_dir(root) / "quick.json", ev)
