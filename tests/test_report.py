@@ -201,6 +201,10 @@ def test_import_run_default_slims_the_results_and_records_provenance(tmp_path):
     assert p["git_commit"] is None and p["git_commit_note"] and p["imported_at"]  # tmp_path is no git checkout
     assert provenance.problems(tmp_path / "ref") == []
     block = report.make_run({"run_default": got})
+    run = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps({**run, "git_commit": "ab" * 20}))
+    p2 = json.loads(report.import_run_default(tmp_path / "run.json", tmp_path / "ref").read_text())["provenance"]
+    assert p2["git_commit"] == "ab" * 20 and p2["git_commit_from"] == "run"  # a commit the run recorded wins
     assert block.startswith("`ppl=3.2500 tokens=30 windows=2 dataset=enwiki-2016-substitute (substitute) sparsity: "
                             "gate=50.00% up=51.00% down=52.00% mlp_weight_read=0.750`")
     assert "1.5 min" in block

@@ -49,7 +49,7 @@ def import_bench(bench_json: Path, name: Optional[str] = None, ref_dir: Optional
         raise RunOutputError(f"{f} is not a {BENCH_REFS[name][0]}.py output (bench: {bench!r})")
     cmd = command or bench_command(b)
     b["provenance"] = provenance.make(cmd, b.get("config", {}), {"torch": b.get("system", {}).get("torch")},
-                                      root=_root(ref_dir),
+                                      run_commit=b.get("git_commit"), root=_root(ref_dir),
                                       note=None if command else "command rebuilt from the recorded config")
     ref = _ref(ref_dir, name)
     atomic_write_json(ref, b)

@@ -122,7 +122,8 @@ def import_decode(bench_json: Path, name: str, ref_dir: Optional[Path] = None, c
     if b.get("bench") != "bench_decode" or not _rows(b):
         raise RunOutputError(f"{f} is not a bench_decode.py output with timings")
     b["provenance"] = provenance.make(command or f"python bench/bench_decode.py{_args(b['config'])}", b["config"],
-                                      bench_versions(b), root=_root(ref_dir))
+                                      bench_versions(b), run_commit=b.get("git_commit"),
+                                      root=_root(ref_dir))
     ref = _ref(ref_dir, name)
     atomic_write_json(ref, b)
     return ref

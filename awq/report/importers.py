@@ -14,7 +14,8 @@ ARTIFACT.md traces back to one run:
   ``run_default.json`` (the README's first figure).
 
 Every importer adds a ``provenance`` object (command, config, package versions, git commit, import time;
-:mod:`awq.report.provenance`); ``command`` overrides the command it would otherwise rebuild from the output.
+:mod:`awq.report.provenance`); ``command`` overrides the command it would otherwise rebuild from the output.  The
+commit is the one the output records under ``git_commit`` when it does, else the checkout's HEAD at import time.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def import_reproduce(summary_dir: Path, ref_dir: Optional[Path] = None, command:
     cmd = command or ("python -m awq.reproduce" + (" --quick" if c.get("quick") else "")
                       + (f" --out {paths.display(Path(c['out']))}" if c.get("out") else "")
                       + (f" --plots_dir {paths.display(Path(c['plots_dir']))}" if c.get("plots_dir") else ""))
-    new["provenance"] = provenance.make(cmd, c, _run_versions(Path(summary_dir)), root=_root(ref_dir))
+    new["provenance"] = provenance.make(cmd, c, _run_versions(Path(summary_dir)), run_commit=s.get("git_commit"),
+                                        root=_root(ref_dir))
     atomic_write_json(ref, new)
     return ref
 
@@ -198,7 +200,8 @@ def import_sparse_mlp(bench_json: Path, ref_dir: Optional[Path] = None, command:
            "notes": b.get("notes", []), "seconds": b.get("wall_s"),
            "figures": {k: b.get("figures", {}).get(k) for k in ("stream_gbs",)}, "lines": b.get("lines", []),
            "rows": rows,
-           "provenance": provenance.make(cmd, cfg, bench_versions(b), root=_root(ref_dir))}
+           "provenance": provenance.make(cmd, cfg, bench_versions(b), run_commit=b.get("git_commit"),
+                                         root=_root(ref_dir))}
     ref = _ref(ref_dir, "sparse_mlp")
     atomic_write_json(ref, new)
     return ref
@@ -248,8 +251,8 @@ def import_predictor(run_dir: Path, ref_dir: Optional[Path] = None, command: Opt
            "seconds": round(sum(timings.values()), 1) if timings else None}
     if command:
         new["command"] = command
-    new["provenance"] = provenance.make(new["command"], new["config"],
-                                        ev.get("versions") or bench_versions(ev), root=_root(ref_dir))
+    new["provenance"] = provenance.make(new["command"], new["config"], ev.get("versions") or bench_versions(ev),
+                                        run_commit=ev.get("git_commit"), root=_root(ref_dir))
     ref = _ref(ref_dir, "predictor")
     atomic_write_json(ref, new)
     return ref
@@ -274,7 +277,8 @@ def import_run_default(results_json: Path, ref_dir: Optional[Path] = None, comma
     new["what"] = f"{cmd}, imported from {paths.display(f)}"
     new["dataset"] = (r.get("dataset") or {}).get("name")
     new["model"] = (r.get("model") or {}).get("name")
-    new["provenance"] = provenance.make(cmd, cfg, r.get("versions"), root=_root(ref_dir))
+    new["provenance"] = provenance.make(cmd, cfg, r.get("versions"), run_commit=r.get("git_commit"),
+                                        root=_root(ref_dir))
     ref = _ref(ref_dir, "run_default")
     atomic_write_json(ref, new)
     return ref
