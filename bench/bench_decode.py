@@ -270,7 +270,7 @@ class DecodeBenchConfig:
     output: Optional[str] = opt(None, help="write the figures as JSON here", kind="out_file")
     llama_cpp_path: Optional[str] = opt(None, kind="in_dir", check=lambda p: _has_llama_cpp(p),
                                         help="import llama_cpp from this folder first (e.g. an AVX2-only build made "
-                                             "with pip --target; see README); its build's CPU features are printed")
+                                             "with pip --target; see docs/kernels.md); its build's CPU features are printed")
 
 
 def _has_llama_cpp(path: str) -> None:

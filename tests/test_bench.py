@@ -229,7 +229,7 @@ def test_bench_decode_method_rows_tiny(tiny_model_dir, tiny_corpus, tmp_path):
         assert any(line.startswith(f"{key} vs ") for line in data["lines"])
     assert any("roofline" in line or "ABOVE ROOFLINE" in line for line in data["lines"])
     assert any(line.startswith("CPU ") and "this project's kernels" in line for line in data["lines"])
-    # the README block generated from it (python -m awq.report --import_decode JSON decode_smollm2)
+    # the docs/kernels.md block generated from it (python -m awq.report --import_decode JSON decode_smollm2)
     from awq.report.decode import decode_table, import_decode
     from awq.report.importers import RunOutputError
 

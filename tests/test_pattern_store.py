@@ -156,7 +156,7 @@ def test_read_rows_with_repeated_ids(tmp_path):
 # compatibility: the documented layout, written by numpy alone
 # --------------------------------------------------------------------------------------------
 def numpy_store(root: Path, layers=2, windows=3, done=2, seqlen=4, widths=(12, 12, 7), seed=0) -> dict:
-    """A partial store written with numpy and json only, as the README describes the format."""
+    """A partial store written with numpy and json only, as docs/formats.md describes the format."""
     rng = np.random.default_rng(seed)
     ref = {}
     for k, p in enumerate(PROJS):

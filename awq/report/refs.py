@@ -8,7 +8,16 @@ from typing import Optional
 from awq.util import paths
 
 REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "frontier_qwen", "quick", "run_default",
-             "decode_smollm2", "decode_qwen", "decode_smollm2_avx2", "frontier_cluster", "frontier_cluster_qwen")
+             "decode_smollm2", "decode_qwen", "decode_smollm2_avx2", "frontier_cluster", "frontier_cluster_qwen",
+             "bench_ppl", "bench_clustering", "bench_clustering_avx2", "bench_predictor")
+TARGETS = ("README.md", "ARTIFACT.md")  # plus every docs/*.md: see target_files
+
+
+def target_files(root: Path) -> list[str]:
+    """The files holding generated blocks, relative to ``root``: README.md, ARTIFACT.md and docs/*.md."""
+    root = Path(root)
+    return [*TARGETS, *sorted(str(f.relative_to(root)) for f in (root / "docs").glob("*.md"))]
+
 
 class ReportError(ValueError):
     """Missing results file, unknown block name or unbalanced markers (one line)."""
@@ -26,10 +35,10 @@ def load_refs(ref_dir: Optional[Path] = None) -> dict:
             except json.JSONDecodeError as e:
                 raise ReportError(f"{f}: not valid JSON ({e})") from None
     if "reproduce" not in refs:
-        raise ReportError(f"no {ref_dir / 'reproduce.json'}: the README's results come from it")
+        raise ReportError(f"no {ref_dir / 'reproduce.json'}: the reproduced results (docs/results.md) come from it")
     return refs
 
 
 # ---------------------------------------------------------------------------------------------
-# README "Results" blocks (from results_ref/reproduce.json)
+# docs/results.md blocks (from results_ref/reproduce.json)
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Bit-packed, streamed, resumable store of MLP activation patterns: the one reader (and the public names).
 
-Layout of a store directory (readable with numpy alone, see the README "Pattern store")::
+Layout of a store directory (readable with numpy alone, see docs/formats.md "Pattern store")::
 
     DIR/meta.json                 identity + shape information, windows_done, per-window stats
     DIR/<proj>/layer_<ll>.npy     uint8 [windows_total * seqlen, ceil(width / 8)], proj in gate_proj/up_proj/down_proj
