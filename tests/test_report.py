@@ -225,8 +225,8 @@ def test_import_run_default_from_the_cli_then_check(tmp_path, capsys):
     assert report.cli(["--import_run_default", str(bad), "--root", str(root)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not an `awq.entry` perplexity results JSON" in err and "\n" not in err
-    with pytest.raises(SystemExit):
-        report.cli(["--command", "make run", "--root", str(root)])  # --command needs one --import_*
+    assert report.cli(["--command", "make run", "--root", str(root)]) == 2  # --command needs one --import_*
+    assert capsys.readouterr().err.strip() == "error: --command: goes with exactly one --import_* option"
 
 
 def test_import_bench_and_its_block(tmp_path):
