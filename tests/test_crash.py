@@ -71,7 +71,8 @@ def test_killed_clustering_run_resumes_to_the_same_result(tmp_path):
     timed_run(cmd(tmp_path / "full.pt"))
     delay = rng.uniform(0.0, 0.05)  # after the first checkpoint: mid-run, iterations left to do
     ckpt = tmp_path / "crash.ckpt.pt"
-    killed = kill_when(cmd(tmp_path / "crash.pt"), ckpt, delay, tmp_path / "crash.results.json")
+    # the centroid file is the run's last output (its results JSON and sidecar come before it)
+    killed = kill_when(cmd(tmp_path / "crash.pt"), ckpt, delay, tmp_path / "crash.pt")
     print(f"seed {SEED}: killed {delay:.3f}s after the first checkpoint")
     assert killed, "the run finished before the kill: the crash was not exercised"
     assert ckpt.exists() and not (tmp_path / "crash.pt").exists()
