@@ -109,6 +109,16 @@ class SwappedMLP(nn.Module):
         for obs in self.observers:
             obs(self.layer_idx, name, y)
 
+    # prompt -> continuation protocol (awq.protocol): a method that chooses from the prompt overrides these
+    needs_prompt = False  # True: cannot run under the standard protocol (no prompt to choose from)
+
+    def observe_prompt(self, x: Any, h: Any) -> None:
+        """The prompt ran dense: its MLP input ``x [B, P, H]`` and ``h = act(gate(x)) * up(x)`` ``[B, P, F]``
+        (row b = sequence b; may be called more than once per sequence: accumulate).  Default: ignored."""
+
+    def end_sequence(self) -> None:
+        """The current sequences are finished: drop per-sequence state.  Default: nothing."""
+
 
 def check_supported(model: nn.Module) -> int:
     """Raise UnsupportedModelError naming the offending module; return the number of layers."""

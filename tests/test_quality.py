@@ -1,0 +1,233 @@
+"""KL / top-1 against dense (awq.quality) and the prompt -> continuation protocol (awq.protocol), against plain
+float64 references on tiny random models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model
+from awq.methods.teal import TealConfig
+from awq.protocol import Protocol, ProtocolError, prompt_phase, window_logits
+from awq.quality import DenseReference, QualityError, evaluate
+from awq.sparsify import SwappedMLP, base_mlp, decoder_layers, register_method, sparsify_, unsparsify_
+
+VOCAB, T = 96, 40
+
+
+@torch.no_grad()
+def _model(arch="llama", layers=2):
+    """A tiny random model with peaked next-token distributions and MLPs that matter (a random init is near
+    uniform, where every KL is tiny)."""
+    m = tiny_model(arch, vocab=VOCAB, layers=layers)
+    m.lm_head.weight.mul_(40)
+    for layer in decoder_layers(m):
+        layer.mlp.down_proj.weight.mul_(20)
+    return m
+
+
+def _windows(n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, T), generator=g)
+
+
+def _teal(model, tx=0.6, th=0.05):
+    n = len(decoder_layers(model))
+    return TealConfig([tx] * n, [th] * n)
+
+
+def _ref_kl_top1(dense_logits, logits):
+    """Plain float64: mean over rows of sum_v p (log p - log q), and the share of equal argmaxes."""
+    kls, same = [], 0
+    for p_row, q_row in zip(dense_logits.double(), logits.double()):
+        p = torch.softmax(p_row, 0)
+        q = torch.softmax(q_row, 0)
+        kls.append(float((p * (p.log() - q.log())).sum()))
+        same += int(p_row.argmax() == q_row.argmax())
+    return sum(kls) / len(kls), same / len(kls)
+
+
+def _ref_nll(logits, targets):
+    lp = torch.log_softmax(logits.double(), -1)
+    return -float(lp.gather(-1, targets[:, None]).sum())
+
+
+@torch.no_grad()
+def test_kl_top1_ppl_match_float64_reference(tmp_path):
+    model = _model("llama", layers=2)
+    win = _windows()
+    dense = torch.cat([model(w[None]).logits[0, :-1] for w in win])
+    ref = DenseReference(tmp_path / "ref", "w|float32")
+    assert ref.ensure(model, win) == 2 and ref.ensure(model, win) == 0  # cached: nothing recomputed
+    sparsify_(model, _teal(model))
+    sparse = torch.cat([model(w[None]).logits[0, :-1] for w in win])
+    res = evaluate(model, win, reference=ref)
+    kl, top1 = _ref_kl_top1(dense, sparse)
+    assert kl > 1e-3 and top1 < 1.0  # the method changes the model (else the test proves nothing)
+    assert res.kl == pytest.approx(kl, rel=2e-3, abs=1e-5)
+    assert res.top1 == pytest.approx(top1, abs=1e-12)
+    tg = torch.cat([w[1:] for w in win])
+    assert res.tokens == tg.numel() == 2 * (T - 1)
+    assert res.ppl == pytest.approx(math.exp(_ref_nll(sparse, tg) / tg.numel()), rel=1e-6)
+    from awq.eval import perplexity
+
+    assert res.ppl == pytest.approx(perplexity(model, win).ppl, rel=1e-6)  # the frontier's old PPL, same tokens
+
+
+@torch.no_grad()
+def test_dense_against_its_own_reference(tmp_path):
+    model = _model("llama", layers=2)
+    win = _windows(1)
+    ref = DenseReference(tmp_path, "w|float32")
+    ref.ensure(model, win)
+    res = evaluate(model, win, reference=ref)
+    assert res.top1 == 1.0
+    assert 0.0 <= res.kl < 1e-5  # float16 storage of log p only
+
+
+@torch.no_grad()
+def test_reference_is_keyed_and_checked(tmp_path):
+    model = _model("llama", layers=1)
+    win = _windows(1)
+    ref = DenseReference(tmp_path, "w|float32")
+    other = DenseReference(tmp_path, "other-weights|float32")
+    assert ref.key(win[0]) != other.key(win[0]) != ref.key(_windows(1, seed=2)[0])
+    with pytest.raises(QualityError, match="no dense reference"):
+        ref.load(win[0])
+    sparsify_(model, _teal(model))
+    with pytest.raises(QualityError, match="dense model"):
+        ref.ensure(model, win)
+    unsparsify_(model)
+    ref.ensure(model, win)
+    assert not other.has(win[0])
+    npy = next(tmp_path.glob("*.logp.npy"))
+    npy.write_bytes(npy.read_bytes()[:200])  # truncated
+    with pytest.raises(QualityError):
+        ref.load(win[0])
+
+
+def test_protocol_parse():
+    assert Protocol.parse(None).name == "standard" == Protocol.parse("standard").name
+    assert Protocol.parse("prompt:16").prompt_tokens == 16
+    for bad in ("prompt", "prompt:0", "prompt:x", "prefix:3", "prompt:-2"):
+        with pytest.raises(ProtocolError):
+            Protocol.parse(bad)
+    with pytest.raises(ProtocolError, match="at least 2"):
+        Protocol.parse("prompt:39").check(40)
+
+
+class _PositionSwitch(nn.Module):
+    """Reference for prompt:P in ONE full forward: dense MLP at positions < P, the method's at >= P."""
+
+    def __init__(self, method: nn.Module, P: int) -> None:
+        super().__init__()
+        self.method, self.P = method, P
+        self.dense = base_mlp(method)
+
+    def forward(self, x):
+        y = self.method(x)
+        y[:, : self.P] = self.dense(x[:, : self.P])
+        return y
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@torch.no_grad()
+def test_prompt_protocol_matches_position_switch_reference(arch):
+    P = 13
+    model = _model(arch, layers=2)
+    win = _windows(2)
+    dense_full = model(win).logits
+    # dense under the protocol: the same function as one full forward
+    got = window_logits(model, win, Protocol(P))
+    torch.testing.assert_close(got, dense_full[:, P:-1], rtol=1e-4, atol=1e-4)
+    sparsify_(model, _teal(model))
+    got = window_logits(model, win, Protocol(P))
+    layers = decoder_layers(model)
+    mods = [layer.mlp for layer in layers]
+    for layer, m in zip(layers, mods):
+        layer.mlp = _PositionSwitch(m, P)
+    ref = model(win).logits[:, P:-1]
+    for layer, m in zip(layers, mods):
+        layer.mlp = m
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, dense_full[:, P:-1], atol=1e-3)  # the method is active on the continuation
+
+
+
+class _PromptSet(SwappedMLP):
+    """A toy prompt-chosen method: keeps the neurons with the largest prompt-mean |h| per sequence."""
+
+    needs_prompt = True
+
+    def __init__(self, base, i, k):
+        super().__init__(base, i)
+        self.k, self.keep, self.calls = k, None, []
+
+    def observe_prompt(self, x, h):
+        self.calls.append(("prompt", tuple(x.shape), tuple(h.shape)))
+        m = self.base
+        torch.testing.assert_close(h, m.act_fn(m.gate_proj(x)) * m.up_proj(x))  # the dense h of the prompt
+        idx = h.abs().mean(1).topk(self.k, dim=-1).indices  # [B, k]
+        self.keep = torch.zeros(h.shape[0], h.shape[-1], dtype=torch.bool).scatter_(1, idx, True)
+
+    def end_sequence(self):
+        self.calls.append(("end",))
+        self.keep = None
+
+    def forward(self, x):
+        self.calls.append(("forward", tuple(x.shape)))
+        m = self.base
+        h = m.act_fn(m.gate_proj(x)) * m.up_proj(x)
+        return m.down_proj(h * self.keep[:, None, :])
+
+
+class _PromptSetConfig:
+    k = 16
+
+
+@register_method(_PromptSetConfig)
+def _build(mlp, i, cfg):
+    return _PromptSet(mlp, i, cfg.k)
+
+
+@torch.no_grad()
+def test_prompt_hook_sequence_sets_batched():
+    P = 11
+    model = _model("llama", layers=2)
+    win = _windows(3)
+    sparsify_(model, _PromptSetConfig())
+    batched = window_logits(model, win, Protocol(P))
+    mods = [layer.mlp for layer in decoder_layers(model)]
+    assert mods[0].calls == [("prompt", (3, P, 64), (3, P, 128)), ("forward", (3, T - P, 64)), ("end",)]
+    assert mods[0].keep is None
+    one = torch.cat([window_logits(model, w[None], Protocol(P)) for w in win])  # one sequence at a time
+    torch.testing.assert_close(batched, one, rtol=1e-4, atol=1e-4)
+    with prompt_phase(model) as n:
+        assert n == 2 and all(type(layer.mlp).__name__ == "DensePromptMLP" for layer in decoder_layers(model))
+    assert all(isinstance(layer.mlp, _PromptSet) for layer in decoder_layers(model))
+    from awq.protocol import needs_prompt
+
+    assert needs_prompt(model) == ["_PromptSet"]
+
+
+@torch.no_grad()
+def test_prompt_protocol_scores_same_tokens_as_dense(tmp_path):
+    P = 9
+    model = _model("llama", layers=2)
+    win = _windows(2)
+    ref = DenseReference(tmp_path, "w|float32")
+    ref.ensure(model, win)
+    d = evaluate(model, win, protocol=f"prompt:{P}", reference=ref)
+    full = model(win).logits
+    tg = win[:, P + 1 :]
+    assert d.tokens == tg.numel() == 2 * (T - 1 - P) and d.protocol == f"prompt:{P}"
+    nll = sum(_ref_nll(full[b, P:-1], tg[b]) for b in range(2))
+    assert d.ppl == pytest.approx(math.exp(nll / tg.numel()), rel=1e-5)
+    assert d.top1 == 1.0 and d.kl < 1e-5
+    sparsify_(model, _teal(model))
+    s = evaluate(model, win, protocol=f"prompt:{P}", reference=ref)
+    sl = window_logits(model, win, Protocol(P))
+    kl, top1 = _ref_kl_top1(full[:, P:-1].reshape(-1, VOCAB), sl.reshape(-1, VOCAB))
+    assert s.kl == pytest.approx(kl, rel=2e-3, abs=1e-5) and s.top1 == pytest.approx(top1)
