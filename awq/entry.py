@@ -71,6 +71,13 @@ class EntryConfig:
     num_fewshot: int = opt(0, help="lm-eval few-shot count (default 0)", min=0)
     limit: Optional[float] = opt(None, help="lm-eval: limit examples per task", gt=0)
     lm_eval_include_path: Optional[str] = opt(None, help="lm-eval: extra directory of task YAMLs")
+    protocol: str = opt("standard", help="wikitext scoring protocol: 'standard' (each window one forward, every token "
+                        "scored) or 'prompt:P' (the first P tokens of each window run dense as a prompt, the rest "
+                        "scored with the sparsity active; see awq.protocol); recorded in the results JSON")
+    kl: bool = opt(False, help="wikitext: also the mean KL divergence from the dense model and the top-1 agreement "
+                   "with it, on the scored tokens (dense log-probabilities cached in --dense_ref)")
+    dense_ref: Optional[str] = opt(None, help="--kl: folder of the cached dense log-probabilities (default "
+                                   "results/dense_ref)")
     no_hub: bool = opt(False, help="never try the Hugging Face hub for data")
 
 
@@ -125,6 +132,13 @@ def main(cfg: EntryConfig) -> dict:
     if cfg.sparse_compute and not cfg.predictor:
         raise ValueError("--sparse_compute needs --predictor: oracle labels need the true mask, which sparse "
                          "compute never computes")
+    from awq.protocol import Protocol
+
+    proto = Protocol.parse(cfg.protocol).check(cfg.seqlen)
+    if (proto.prompt_tokens or cfg.kl) and cfg.dump_masks:
+        raise ValueError("--dump_masks records the standard protocol's perplexity run: drop --protocol/--kl")
+    if cfg.dense_ref and not cfg.kl:
+        raise ValueError("--dense_ref is the cache of --kl: add --kl")
     if cfg.sparse_compute and cfg.dump_masks:
         raise ValueError("--sparse_compute cannot record masks (it never computes the inactive neurons)")
     from awq.cluster_predictor import check_entry_options, names_cluster_predictor
@@ -219,11 +233,15 @@ def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
         with meter_ctx as meter, metering(model) as reads:
             if cfg.dump_masks:
                 ppl = _ppl_with_recording(cfg, model, windows, meter, results, info, corpus, thr_path)
+            elif cfg.kl or cfg.protocol.strip().lower() != "standard":
+                ppl = _quality(cfg, model, windows, info)
             else:
                 ppl = perplexity(model, windows, batch_size=cfg.batch_size)
         results.update({
             "ppl": ppl.ppl,
             "tokens": ppl.tokens,
+            "protocol": getattr(ppl, "protocol", "standard"),
+            **({"kl": ppl.kl, "top1": ppl.top1} if cfg.kl else {}),
             "nsamples": ppl.windows,
             "windows_available": None if cfg.nsamples else avail,  # unknown when only a prefix was tokenized
             "seqlen": cfg.seqlen,
@@ -253,6 +271,21 @@ def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
         p = atomic_write_json(cfg.output_path, results, what="results file")
         log.info("results written to %s", p)
     return results
+
+
+def _quality(cfg, model, windows, info):
+    """PPL (and with --kl, KL / top-1 against the cached dense reference) under --protocol (awq.quality)."""
+    from awq.quality import DenseReference, evaluate, weights_id
+
+    ref = None
+    if cfg.kl:
+        from awq.frontier import _weights_sha
+        from awq.paths import project_root
+
+        folder = Path(cfg.dense_ref) if cfg.dense_ref else project_root() / "results" / "dense_ref"
+        ref = DenseReference(folder, weights_id(_weights_sha(info), info.dtype))
+        ref.ensure(model, windows)  # with the original MLPs, once per window
+    return evaluate(model, windows, protocol=cfg.protocol, reference=ref, batch_size=cfg.batch_size)
 
 
 def _install_sparse_compute(cfg, model, thresholds) -> None:
@@ -352,7 +385,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
         spars = " ".join(f"{p.split('_')[0]}={100 * ms[p]['mean']:.2f}%" for p in ms)
         print(f"ppl={res['ppl']:.4f} tokens={res['tokens']} windows={res['nsamples']} dataset={res['dataset']['name']}"
               f"{' (substitute)' if res['dataset']['substitute'] else ''} sparsity: {spars}"
-              f" mlp_weight_read={res['weight_read']['weight_read_fraction']:.3f}")
+              f" mlp_weight_read={res['weight_read']['weight_read_fraction']:.3f}"
+              + (f" protocol={res['protocol']}" if res.get("protocol", "standard") != "standard" else "")
+              + (f" kl={res['kl']:.5f} top1={res['top1']:.4f}" if res.get("kl") is not None else ""))
     if "lm_eval" in res:
         for task, metrics in res["lm_eval"]["results"].items():
             shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

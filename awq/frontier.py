@@ -8,7 +8,15 @@ rotation the method reads besides (``extra``). Resumable: one JSON per point und
 ``<out>/points/``; points already done are skipped. The directory's ``fingerprint.json`` (weights
 sha256, corpus sha256, seqlen, windows, calibration settings; the model's path and name are recorded
 only) must match, else the run is refused.
-Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_<model>.png``.
+Every point also carries ``kl`` and ``top1`` (:mod:`awq.quality`): the mean KL divergence from the dense
+model's next-token distribution and the share of tokens whose top-1 token is dense's, on the tokens
+perplexity scores; the dense log-probabilities are computed once per window and cached (``--dense_ref``,
+default ``<out>/../dense_ref``). Points made before these columns existed get them on the next run
+(re-evaluated: calibration is deterministic for the seed); ``--quality_again`` re-evaluates every point.
+``--protocol prompt:P`` scores every method on the continuation of a dense P-token prompt
+(:mod:`awq.protocol`); the protocol is part of the fingerprint.
+Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_<model>.png`` (PPL in full and
+zoomed to 3x dense, KL, top-1).
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ ALL_METHODS = ["dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "pap
 
 
 INFO_ONLY = ("model", "model_name")  # recorded, not compared: weights_sha256 identifies the model
+FINGERPRINT_DEFAULTS = {"protocol": "standard"}  # the value of a key an older fingerprint.json lacks
 
 
 class FrontierError(ValueError):
@@ -68,6 +77,14 @@ class FrontierConfig:
     speed_repeats: int = opt(3, help="--speed: interleaved repeats, medians (default 3)", min=1)
     speed_again: bool = opt(False, help="--speed: time again the points already timed (after a decoder or kernel "
                             "change); perplexity and cost are kept")
+    protocol: str = opt("standard", help="evaluation protocol: 'standard' (each window one forward with the method "
+                        "active, every token scored) or 'prompt:P' (the first P tokens of each window run dense as a "
+                        "prompt, PPL/KL/top-1 on the rest with the method active; methods that choose from the prompt "
+                        "see it; default results folder <model>_prompt<P>); see awq.protocol")
+    dense_ref: Optional[Path] = opt(None, help="folder of the cached dense log-probabilities for kl/top1 (default "
+                                    "<out>/../dense_ref; keyed by weights and window tokens, shared safely)")
+    quality_again: bool = opt(False, help="evaluate again every point already done (ppl, kl, top1 and the read "
+                              "fraction; decode speed kept); points without kl/top1 are re-evaluated anyway")
     no_hub: bool = opt(False, help="never try the Hugging Face hub for the corpus")
 
 
@@ -125,6 +142,16 @@ class Frontier:
         if cfg.predictor and not Path(cfg.predictor).is_file():
             raise FrontierError(f"--predictor {cfg.predictor}: no such file")
         check_config(cfg)
+        from awq.protocol import Protocol, ProtocolError
+
+        try:
+            self.protocol = Protocol.parse(cfg.protocol).check(cfg.seqlen)
+        except ProtocolError as e:
+            raise FrontierError(str(e)) from None
+        if self.protocol.prompt_tokens == 0:
+            bad = [s.name for s in self.specs if getattr(s, "needs_prompt", False)]
+            if bad:
+                raise FrontierError(f"{bad[0]} chooses its neurons from a prompt: run it with --protocol prompt:P")
         if cfg.speed_again and not cfg.speed:
             raise FrontierError("--speed_again needs --speed")
         self.measure = None
@@ -144,7 +171,8 @@ class Frontier:
         c = self.cfg
         self.model, self.tok, self.info = load_model(c.model_path, c.dtype, c.device)
         self.slug = model_slug(self.info)
-        self.out = Path(c.out) if c.out else Path("results/frontier") / self.slug
+        self.suffix = "" if self.protocol.prompt_tokens == 0 else f"_prompt{self.protocol.prompt_tokens}"
+        self.out = Path(c.out) if c.out else Path("results/frontier") / f"{self.slug}{self.suffix}"
         test = load_corpus("test", c.data_path, use_hub=not c.no_hub)
         train = load_corpus("train", c.data_path, use_hub=not c.no_hub)
         tw = tokenize_windows(self.tok, test.text, c.seqlen)
@@ -158,8 +186,13 @@ class Frontier:
                             "weights_sha256": _weights_sha(self.info), "dtype": self.info.dtype,
                             "corpus": test.name, "corpus_test_sha256": test.sha256, "corpus_train_sha256": train.sha256,
                             "seqlen": c.seqlen, "nsamples": c.nsamples, "calib_nsamples": c.calib_nsamples,
-                            "calib_tokens": c.calib_tokens, "seed": c.seed}
+                            "calib_tokens": c.calib_tokens, "seed": c.seed, "protocol": self.protocol.name}
         self._check_fingerprint()
+        from awq.quality import DenseReference, weights_id
+
+        self.reference = DenseReference(Path(c.dense_ref) if c.dense_ref else self.out.parent / "dense_ref",
+                                        weights_id(self.fingerprint["weights_sha256"], self.info.dtype))
+        self.reference.ensure(self.model, self.test_windows)
 
     def _check_fingerprint(self) -> None:
         from awq.io import atomic_write_json
@@ -168,7 +201,8 @@ class Frontier:
         if fp.is_file():
             old = json.loads(fp.read_text())
             # the model's path and name are informative only: the same weights elsewhere (another checkout) resume
-            diff = [k for k in self.fingerprint if k not in INFO_ONLY and old.get(k) != self.fingerprint[k]]
+            diff = [k for k in self.fingerprint if k not in INFO_ONLY
+                    and old.get(k, FINGERPRINT_DEFAULTS.get(k)) != self.fingerprint[k]]
             if diff:
                 k = diff[0]
                 raise FrontierError(f"{self.out} was made with another setup ({k}: {old.get(k)!r} there, "
@@ -177,10 +211,12 @@ class Frontier:
             atomic_write_json(fp, self.fingerprint, "frontier fingerprint")
 
     # ------------------------------------------------------------------------------------------
-    def _point(self, spec, density: float) -> dict:
+    def _evaluate(self, spec, density: float) -> tuple[dict, float]:
+        """Calibrate, install, evaluate (PPL, KL, top-1, reads) under the protocol; the method stays installed."""
         from awq.cost import metering
-        from awq.eval import perplexity
         from awq.methods import config_summary, extra_read
+        from awq.protocol import needs_prompt
+        from awq.quality import evaluate
         from awq.sparsify import sparsify_, unsparsify_
 
         t0 = time.perf_counter()
@@ -188,26 +224,60 @@ class Frontier:
         t_cal = time.perf_counter() - t0
         unsparsify_(self.model)
         desc = f"{spec.name} d={density:.2f}"
+        run = lambda: evaluate(self.model, self.test_windows, protocol=self.protocol,  # noqa: E731
+                               reference=self.reference, desc=desc)
         if cfg is None:  # dense: reads every weight
-            res = perplexity(self.model, self.test_windows, desc=desc)
+            res = run()
             summ = {"weight_read_fraction": 1.0, "per_projection": {"gate_proj": 1.0, "up_proj": 1.0, "down_proj": 1.0},
                     "per_layer": None, "extra": 0.0}
         else:
             sparsify_(self.model, cfg)
+            if self.protocol.prompt_tokens == 0 and (getattr(cfg, "needs_prompt", False) or needs_prompt(self.model)):
+                unsparsify_(self.model)
+                raise FrontierError(f"{spec.name} chooses its neurons from a prompt: run it with --protocol prompt:P")
             extra = extra_read(cfg, self.model)
             with metering(self.model) as meter:
-                res = perplexity(self.model, self.test_windows, desc=desc)
+                res = run()
             summ = meter.summary(extra)
-        point = {"model": self.slug, "method": spec.name, "param": float(density),
-                 "weight_read_fraction": summ["weight_read_fraction"], "ppl": res.ppl, "tokens": res.tokens,
-                 "realizable": spec.realizable, "decode_speedup": None, "roofline": None,
-                 "extra": summ["extra"], "per_projection": summ["per_projection"], "per_layer": summ["per_layer"],
-                 "config": config_summary(cfg), "calib_seconds": t_cal, "eval_seconds": res.seconds,
-                 "fingerprint": self.fingerprint}
-        if self.measure is not None and self._wants_speed(spec, point):
-            point.update(self.measure(self.model, self.tok, point))
-        unsparsify_(self.model)
+        return {"weight_read_fraction": summ["weight_read_fraction"], "ppl": res.ppl, "kl": res.kl, "top1": res.top1,
+                "tokens": res.tokens, "protocol": res.protocol, "extra": summ["extra"],
+                "per_projection": summ["per_projection"], "per_layer": summ["per_layer"], "config": config_summary(cfg),
+                "calib_seconds": t_cal, "eval_seconds": res.seconds, "per_window_kl": res.per_window_kl,
+                "fingerprint": self.fingerprint}, t_cal
+
+    def _point(self, spec, density: float) -> dict:
+        from awq.sparsify import unsparsify_
+
+        try:
+            q, _ = self._evaluate(spec, density)
+            point = {"model": self.slug, "method": spec.name, "param": float(density),
+                     "weight_read_fraction": q["weight_read_fraction"], "ppl": q["ppl"], "kl": q["kl"], "top1": q["top1"],
+                     "tokens": q["tokens"], "realizable": spec.realizable, "decode_speedup": None, "roofline": None,
+                     **{k: v for k, v in q.items() if k not in ("weight_read_fraction", "ppl", "kl", "top1", "tokens")}}
+            if self.measure is not None and self._wants_speed(spec, point):
+                point.update(self.measure(self.model, self.tok, point))
+        finally:
+            unsparsify_(self.model)
         return point
+
+    @staticmethod
+    def _wants_quality(point: dict, again: bool) -> bool:
+        return again or point.get("kl") is None or point.get("top1") is None
+
+    def _quality_only(self, spec, density: float, point: dict) -> dict:
+        """A done point evaluated again (calibration is deterministic for the seed): PPL, KL, top-1 and reads
+        replaced, decode speed kept; a PPL that moved by more than 1e-4 (relative) is logged."""
+        from awq.sparsify import unsparsify_
+
+        try:
+            q, _ = self._evaluate(spec, density)
+        finally:
+            unsparsify_(self.model)
+        old = point.get("ppl")
+        if old is not None and abs(q["ppl"] - old) > 1e-4 * abs(old):
+            log.warning("%s d=%.3f: ppl %.4f now, %.4f when first measured", spec.name, density, q["ppl"], old)
+            q["ppl_before"] = old
+        return {**point, **q}
 
     @staticmethod
     def _wants_speed(spec, point: dict, again: bool = False) -> bool:
@@ -248,24 +318,37 @@ class Frontier:
             path = pdir / _point_name(spec.name, d)
             if path.is_file():
                 old = json.loads(path.read_text())
+                redone = self._wants_quality(old, self.cfg.quality_again)
+                if redone:
+                    log.info("[%d/%d] %s at density %.3f: done, evaluating again for kl/top1", k + 1, len(todo),
+                             spec.name, d)
+                    old = self._quality_only(spec, d, old)
+                    atomic_write_json(path, old, "frontier point")
+                    done += 1
+                    log.info("%s d=%.3f: read %.3f ppl %.3f kl %.4f top1 %.3f", spec.name, d,
+                             old["weight_read_fraction"], old["ppl"], old["kl"], old["top1"])
                 if self.measure is not None and self._wants_speed(spec, old, self.cfg.speed_again):
                     log.info("[%d/%d] %s at density %.3f: done, adding decode speed", k + 1, len(todo), spec.name, d)
                     atomic_write_json(path, self._speed_only(spec, d, old), "frontier point")
-                    done += 1
-                else:
+                    done += 0 if redone else 1
+                elif not redone:
                     log.info("[%d/%d] skip (done): %s", k + 1, len(todo), path)
                 continue
             log.info("[%d/%d] %s at density %.3f", k + 1, len(todo), spec.name, d)
             p = self._point(spec, d)
             atomic_write_json(path, p, "frontier point")
             done += 1
-            log.info("%s d=%.3f: read %.3f ppl %.3f", spec.name, d, p["weight_read_fraction"], p["ppl"])
+            log.info("%s d=%.3f: read %.3f ppl %.3f kl %.4f top1 %.3f", spec.name, d, p["weight_read_fraction"], p["ppl"],
+                     p["kl"], p["top1"])
         points = sort_points([json.loads(f.read_text()) for f in sorted(pdir.glob("*.json"))], ALL_METHODS)
         csv_path = write_csv(points, self.out / "frontier.csv")
         head = (f"Model {self.info.name}, corpus {self.fingerprint['corpus']}, {self.cfg.nsamples} test windows of "
-                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows.\n\n")
+                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows, protocol "
+                f"{self.protocol.name}; kl: mean KL(dense || method) in nats, top1: share of tokens whose most likely "
+                f"next token is dense's (same tokens as PPL).\n\n")
         md_path = write_markdown(points, self.out / "frontier.md", head)
-        png = plot(points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}.png", self.info.name)
+        png = plot(points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}{self.suffix}.png",
+                   f"{self.info.name}, protocol {self.protocol.name}")
         return {"points": points, "computed": done, "csv": str(csv_path), "markdown": str(md_path), "plot": str(png),
                 "out": str(self.out)}
 

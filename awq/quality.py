@@ -21,6 +21,7 @@ model over a whole window is the same function under every protocol, so one refe
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -46,6 +47,21 @@ FORMAT = "awq-dense-reference-v1"
 
 class QualityError(ValueError):
     """A missing / mismatched dense reference or a bad evaluation setting (one line)."""
+
+
+@contextlib.contextmanager
+def dense_mlps(model: nn.Module) -> Iterator[None]:
+    """Every decoder layer runs its original MLP inside the ``with`` block; the swapped modules come back after."""
+    from awq.sparsify import base_mlp, decoder_layers, is_swapped
+
+    saved = [(layer, layer.mlp) for layer in decoder_layers(model) if is_swapped(layer.mlp)]
+    for layer, mod in saved:
+        layer.mlp = base_mlp(mod)
+    try:
+        yield
+    finally:
+        for layer, mod in saved:
+            layer.mlp = mod
 
 
 def weights_id(weights_sha256: str, dtype: str) -> str:
@@ -74,37 +90,37 @@ class DenseReference:
 
     @torch.no_grad()
     def ensure(self, model: nn.Module, windows: torch.Tensor, desc: str = "dense reference") -> int:
-        """Compute and store the entries of ``windows [N, T]`` not cached yet (``model`` must be dense);
-        returns how many were computed."""
-        from awq.io import atomic_path, atomic_write_json
-        from awq.sparsify import decoder_layers, is_swapped
-
+        """Compute and store the entries of ``windows [N, T]`` not cached yet, with every MLP's original
+        (dense) module (a sparsified model gets its swapped modules back afterwards); returns how many
+        were computed."""
         todo = [i for i in range(windows.size(0)) if not self.has(windows[i])]
         if not todo:
             return 0
-        if any(is_swapped(layer.mlp) for layer in decoder_layers(model)):
-            raise QualityError("the dense reference needs the dense model: un-sparsify it first "
-                               "(awq.sparsify.unsparsify_)")
         self.folder.mkdir(parents=True, exist_ok=True)
         device = next(model.parameters()).device
-        for i in tqdm(todo, desc=desc, unit="win", dynamic_ncols=True, disable=None):
-            ids = windows[i : i + 1].to(device)
-            logits = model(ids, use_cache=False).logits[0, :-1]  # [T-1, V]
-            logp = np.empty(tuple(logits.shape), dtype=np.float16)
-            top1 = torch.empty(logits.size(0), dtype=torch.int64)
-            for a in range(0, logits.size(0), ROWS):
-                chunk = logits[a : a + ROWS].float()
-                logp[a : a + ROWS] = F.log_softmax(chunk, dim=-1).cpu().numpy().astype(np.float16)
-                top1[a : a + ROWS] = chunk.argmax(-1).cpu()
-            del logits
-            npy, meta = self._paths(windows[i])
-            with atomic_path(npy, "dense reference") as tmp, open(tmp, "wb") as f:
-                np.save(f, logp)
-            atomic_write_json(meta, {"format": FORMAT, "key": self.key(windows[i]), "weights": self.weights,
-                                     "tokens": int(windows.size(1)), "vocab": int(logp.shape[1]),
-                                     "top1": top1.tolist()}, "dense reference", indent=None)
+        with dense_mlps(model):
+            for i in tqdm(todo, desc=desc, unit="win", dynamic_ncols=True, disable=None):
+                self._store(model, windows[i], device)
         log.info("dense reference: %d window(s) computed into %s", len(todo), self.folder)
         return len(todo)
+
+    def _store(self, model: nn.Module, window: torch.Tensor, device) -> None:
+        from awq.io import atomic_path, atomic_write_json
+
+        logits = model(window[None].to(device), use_cache=False).logits[0, :-1]  # [T-1, V]
+        logp = np.empty(tuple(logits.shape), dtype=np.float16)
+        top1 = torch.empty(logits.size(0), dtype=torch.int64)
+        for a in range(0, logits.size(0), ROWS):
+            chunk = logits[a : a + ROWS].float()
+            logp[a : a + ROWS] = F.log_softmax(chunk, dim=-1).cpu().numpy().astype(np.float16)
+            top1[a : a + ROWS] = chunk.argmax(-1).cpu()
+        del logits
+        npy, meta = self._paths(window)
+        with atomic_path(npy, "dense reference") as tmp, open(tmp, "wb") as f:
+            np.save(f, logp)
+        atomic_write_json(meta, {"format": FORMAT, "key": self.key(window), "weights": self.weights,
+                                 "tokens": int(window.numel()), "vocab": int(logp.shape[1]), "top1": top1.tolist()},
+                          "dense reference", indent=None)
 
     def load(self, ids: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """``(log p [T-1, V] float16, memory-mapped; dense top-1 [T-1] int64)`` of one window ``ids [T]``."""

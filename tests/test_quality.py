@@ -2,6 +2,7 @@
 float64 references on tiny random models."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import tiny_model
 from awq.methods.teal import TealConfig
 from awq.protocol import Protocol, ProtocolError, prompt_phase, window_logits
 from awq.quality import DenseReference, QualityError, evaluate
-from awq.sparsify import SwappedMLP, base_mlp, decoder_layers, register_method, sparsify_, unsparsify_
+from awq.sparsify import SwappedMLP, base_mlp, decoder_layers, register_method, sparsify_
 
 VOCAB, T = 96, 40
 
@@ -96,11 +97,15 @@ def test_reference_is_keyed_and_checked(tmp_path):
     assert ref.key(win[0]) != other.key(win[0]) != ref.key(_windows(1, seed=2)[0])
     with pytest.raises(QualityError, match="no dense reference"):
         ref.load(win[0])
+    dense = model(win).logits[0, :-1]
     sparsify_(model, _teal(model))
-    with pytest.raises(QualityError, match="dense model"):
-        ref.ensure(model, win)
-    unsparsify_(model)
-    ref.ensure(model, win)
+    mods = [layer.mlp for layer in decoder_layers(model)]
+    ref.ensure(model, win)  # computed with the original MLPs, the swapped ones put back
+    assert [layer.mlp for layer in decoder_layers(model)] == mods
+    logp, top1 = ref.load(win[0])
+    torch.testing.assert_close(torch.from_numpy(logp.astype("float32")), torch.log_softmax(dense, -1),
+                               rtol=2e-3, atol=2e-3)
+    assert torch.equal(top1, dense.argmax(-1))
     assert not other.has(win[0])
     npy = next(tmp_path.glob("*.logp.npy"))
     npy.write_bytes(npy.read_bytes()[:200])  # truncated
@@ -231,3 +236,34 @@ def test_prompt_protocol_scores_same_tokens_as_dense(tmp_path):
     sl = window_logits(model, win, Protocol(P))
     kl, top1 = _ref_kl_top1(full[:, P:-1].reshape(-1, VOCAB), sl.reshape(-1, VOCAB))
     assert s.kl == pytest.approx(kl, rel=2e-3, abs=1e-5) and s.top1 == pytest.approx(top1)
+
+
+def test_entry_protocol_and_kl(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    from awq.entry import cli
+    from awq.sparse_mlp import save_thresholds
+
+    thr = tmp_path / "t.json"
+    save_thresholds({"gate_proj": [0.02, 0.02], "up_proj": [0.02, 0.02], "down_proj": [0.0005, 0.0005]}, thr)
+    base = ["--model_path", str(tiny_model_dir), "--data_path", str(tiny_corpus), "--seqlen", "32", "--nsamples", "2",
+            "--device", "cpu", "--kl", "--dense_ref", str(tmp_path / "ref")]
+    out = {}
+    for name, extra in (("dense", ["--dense"]), ("thr", ["--thresholds", str(thr)]),
+                        ("thr_prompt", ["--thresholds", str(thr), "--protocol", "prompt:10"]),
+                        ("plain", ["--thresholds", str(thr)])):
+        args = base + extra + ["--output_path", str(tmp_path / f"{name}.json")]
+        if name == "plain":
+            args = [a for a in args if a not in ("--kl", "--dense_ref", str(tmp_path / "ref"))]
+        assert cli(args) == 0
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert out["dense"]["kl"] < 1e-5 and out["dense"]["top1"] == 1.0 and out["dense"]["protocol"] == "standard"
+    assert out["thr"]["kl"] > 0 and out["thr"]["ppl"] == pytest.approx(out["plain"]["ppl"], rel=1e-6)
+    assert "kl" not in out["plain"]
+    p = out["thr_prompt"]
+    assert p["protocol"] == "prompt:10" and p["tokens"] == 2 * (31 - 10) and p["config"]["protocol"] == "prompt:10"
+    assert "protocol=prompt:10 kl=" in capsys.readouterr().out
+    for bad, msg in ((["--protocol", "prompt:31"], "at least 2"), (["--protocol", "tail:3"], "'standard' or 'prompt:P'"),
+                     (["--dense_ref", "x"], "--dense_ref is the cache of --kl")):
+        assert cli(["--model_path", str(tiny_model_dir), "--data_path", str(tiny_corpus), "--seqlen", "32",
+                    "--dense"] + bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
