@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 from typing import Mapping, Optional, Sequence
@@ -135,6 +136,11 @@ def missing_kernel(mlps: Sequence[Optional[nn.Module]]) -> Optional[tuple[str, s
         if not fn():
             why_fn = getattr(m, "decode_unsupported", None)
             why = why_fn() if callable(why_fn) else None
+            if why is None:  # the shared reason of the dynamic kernels (e.g. "activation is not SiLU")
+                from awq.dynamic_sparse import unsupported
+
+                with contextlib.suppress(AttributeError):
+                    why = unsupported(base_mlp(m))
             return f"{NO_KERNEL} ({name}: {why or 'prepare_decode() declined, see the log'})", class_path(m)
     return None
 

@@ -179,6 +179,13 @@ class Frontier:
         if tw.size(0) < c.nsamples:
             raise FrontierError(f"--nsamples {c.nsamples} but the test part has only {tw.size(0)} windows of {c.seqlen}")
         self.test_windows = tw[: c.nsamples]
+        if self.measure is not None:  # --speed needs the lean decoder: refuse before any point, not after the first
+            from awq.decode import SUPPORTED_TYPES
+
+            mtype = getattr(self.model.config, "model_type", "?")
+            if mtype not in SUPPORTED_TYPES:
+                raise FrontierError(f"--speed: the lean decoder runs {', '.join(SUPPORTED_TYPES)} models, not "
+                                    f"'{mtype}' (drop --speed)")
         self.calib = CalibData(tokenize_windows(self.tok, train.text, c.seqlen)[: c.calib_nsamples],
                                model_name=self.info.name, max_tokens=c.calib_tokens, seed=c.seed,
                                centroids=c.centroids, predictor=c.predictor)
