@@ -165,7 +165,7 @@ def score_chunk(logits: torch.Tensor, targets: torch.Tensor, ref_logp: Optional[
         return nll, 0.0, 0
     lp = torch.from_numpy(np.asarray(ref_logp, dtype=np.float32)).to(lq.device)
     lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
-    kl = float((lp.exp() * (lp - lq)).sum(-1).double().sum())
+    kl = float((lp.exp() * (lp - lq)).double().sum(-1).clamp(min=0.0).sum())  # >= 0 (float32 rounding: -1e-9)
     hits = int((lq.argmax(-1).cpu() == ref_top1.reshape(-1)).sum())
     return nll, kl, hits
 

@@ -38,6 +38,7 @@ class CalibData:
     centroids: Optional[str] = None  # cluster_*: a --centroids spec (gate=FILE,up=FILE,down=FILE or a folder)
     predictor: Optional[str] = None  # cluster_predicted: an awq.predictor file
     _xs: Optional[list] = field(default=None, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)  # per-calibration-set results a method reuses across densities
 
     def xs(self, model: nn.Module) -> list[torch.Tensor]:
         if self._xs is None:
@@ -145,6 +146,22 @@ for _k in (128, 256):  # K sweep (issue 10): the same variants with K centroids 
 for _name, (_kw, _about) in CLUSTER_NEURON.items():
     METHODS[_name] = MethodSpec(_name, _cluster_neuron(**_kw), (0.3, 0.5), realizable=_kw.get("routed", True),
                                 about=_about)
+
+
+def _greedy(kind: str) -> Callable:
+    def cal(model: nn.Module, calib: CalibData, density: float):
+        from awq.methods.greedy import calibrate_greedy
+
+        return calibrate_greedy(model, calib.xs(model), check_density(density), kind=kind, cache=calib.cache,
+                                seed=calib.seed)
+    return cal
+
+
+# TEAL's block-wise greedy split of each layer's density between x (gate/up) and h (down) (awq.methods.greedy)
+METHODS["teal_greedy"] = MethodSpec("teal_greedy", _greedy("teal"), (0.3, 0.5, 0.7),
+                                    about="TEAL, per-layer x/h split by TEAL's block-wise greedy output-error search")
+METHODS["wina_greedy"] = MethodSpec("wina_greedy", _greedy("wina"), (0.3, 0.5, 0.7),
+                                    about="WINA, per-layer x/h split by TEAL's block-wise greedy output-error search")
 
 
 def get_method(name: str) -> MethodSpec:
