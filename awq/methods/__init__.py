@@ -164,6 +164,21 @@ METHODS["wina_greedy"] = MethodSpec("wina_greedy", _greedy("wina"), (0.3, 0.5, 0
                                     about="WINA, per-layer x/h split by TEAL's block-wise greedy output-error search")
 
 
+def _larosa_folded(wina: bool) -> Callable:
+    def cal(model: nn.Module, calib: CalibData, density: float):
+        from awq.methods.larosa_fold import calibrate_larosa_folded
+
+        return calibrate_larosa_folded(model, calib.xs(model), check_density(density), wina=wina)
+    return cal
+
+
+# LaRoSA with one global PCA rotation folded into the model by computational invariance (awq.methods.larosa_fold)
+METHODS["larosa_folded"] = MethodSpec("larosa_folded", _larosa_folded(False), (0.3, 0.5, 0.7),
+                                      about="LaRoSA, one global rotation folded into the weights (no extra reads)")
+METHODS["larosa_folded_wina"] = MethodSpec("larosa_folded_wina", _larosa_folded(True), (0.3, 0.5, 0.7),
+                                           about="larosa_folded with WINA's column-norm criterion")
+
+
 def get_method(name: str) -> MethodSpec:
     if name in METHODS:
         return METHODS[name]

@@ -1,0 +1,103 @@
+"""LaRoSA's rotation folded into the model (awq.methods.larosa_fold): the fold keeps the function, and the
+evaluation module equals TEAL / WINA run on the really folded model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from awq.methods import get_method, CalibData
+from awq.methods.common import MethodError, collect_mlp_inputs
+from awq.methods.larosa_fold import LarosaFoldedConfig, calibrate_larosa_folded, fold_rotation, norm_scale
+from awq.methods.teal import TealConfig, WinaConfig
+from awq.sparsify import decoder_layers, sparsify_
+from tests.conftest import tiny_model
+
+
+def _qwen2(seed=0):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, use_cache=False,
+                      tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@torch.no_grad()
+def _randomise_norms(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if type(mod).__name__.endswith("RMSNorm"):
+            mod.weight.copy_(0.5 + torch.rand(mod.weight.shape, generator=g))
+        if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+            mod.bias.normal_(0, 0.3, generator=g)
+    for layer in decoder_layers(model):
+        layer.mlp.down_proj.weight.mul_(10)
+    return model
+
+
+def _mlp_inputs(model, ids):
+    got = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a: got.append(a[0][0].clone()))
+             for layer in decoder_layers(model)]
+    out = model(ids).logits
+    for h in hooks:
+        h.remove()
+    return out, got
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("llama", layers=2, hidden=48, inter=100), _qwen2])
+@torch.no_grad()
+def test_fold_keeps_the_function_and_mlp_inputs_are_rotated(make):
+    model = _randomise_norms(make())
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
+    q, _ = torch.linalg.qr(torch.randn(48, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    ref, xs = _mlp_inputs(model, ids)
+    scales = [norm_scale(layer.post_attention_layernorm) for layer in decoder_layers(model)]
+    folded = fold_rotation(copy.deepcopy(model), q.float())
+    got, zs = _mlp_inputs(folded, ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    for x, z, s in zip(xs, zs, scales):
+        torch.testing.assert_close(z.double(), (x.double() / s) @ q, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("wina", [False, True])
+@torch.no_grad()
+def test_evaluation_module_is_teal_on_the_folded_model(wina):
+    model = _randomise_norms(_qwen2(seed=4))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    calib = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(6))  # not the scored tokens:
+    cfg = calibrate_larosa_folded(model, collect_mlp_inputs(model, calib, None), 0.5, wina=wina)  # no score at t
+    assert cfg.extra_read(model) == 0.0
+    folded = fold_rotation(copy.deepcopy(model), cfg.rotation)
+    sparsify_(model, cfg)
+    want_cls = WinaConfig if wina else TealConfig
+    sparsify_(folded, want_cls(list(cfg.x_thresholds), list(cfg.h_thresholds)))
+    a, b = model(ids).logits, folded(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    dense = _qwen2(seed=4)
+    assert not torch.allclose(a, _randomise_norms(dense)(ids).logits, atol=1e-3)  # the sparsity is active
+    mod = decoder_layers(model)[0].mlp
+    assert not mod.prepare_decode() and "folded model" in mod.decode_unsupported() and mod.extra_bytes == 0
+
+
+def test_refusals_one_line():
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    g2 = AutoModelForCausalLM.from_config(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                       num_key_value_heads=1, head_dim=16)).eval()
+    win = torch.randint(0, 64, (1, 16))
+    with pytest.raises(MethodError, match="post_feedforward_layernorm"):
+        get_method("larosa_folded").calibrate(g2, CalibData(win, max_tokens=None), 0.5)
+    m = tiny_model("llama", layers=1)
+    with torch.no_grad():
+        m.model.layers[0].post_attention_layernorm.weight[3] = 0.0
+    with pytest.raises(MethodError, match="not invertible"):
+        get_method("larosa_folded").calibrate(m, CalibData(win, max_tokens=None), 0.5)
+    assert isinstance(get_method("larosa_folded_wina").calibrate(tiny_model("llama", layers=1),
+                                                                 CalibData(win, max_tokens=None), 0.5),
+                      LarosaFoldedConfig)
