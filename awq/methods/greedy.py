@@ -113,9 +113,16 @@ def layer_path(mlp: nn.Module, x_all: torch.Tensor, kind: str, until: float, ste
     y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
     norm = float(y.double().square().sum()) or 1.0
 
+    h_of: dict[int, torch.Tensor] = {}  # h at x-step count kx (an h step reuses it: only down is recomputed)
+
     def error(kx: int, kh: int) -> float:
         tx, th = tab.thresholds(1.0 - X_STEP * step * kx, 1.0 - H_STEP * step * kh)
-        return float((sparse_mlp_out(mlp, x, tx, th, sx, sh) - y).double().square().sum()) / norm
+        if kx not in h_of:
+            xs = x * ((x.abs() if sx is None else x.abs() * sx) >= tx)
+            h_of[kx] = mlp.act_fn(mlp.gate_proj(xs)) * mlp.up_proj(xs)
+        h = h_of[kx]
+        out = mlp.down_proj(h * ((h.abs() if sh is None else h.abs() * sh) >= th))
+        return float((out - y).double().square().sum()) / norm
 
     kx = kh = 0
     choices, errors = [], []
@@ -125,14 +132,16 @@ def layer_path(mlp: nn.Module, x_all: torch.Tensor, kind: str, until: float, ste
         ok_h = 1.0 - H_STEP * step * (kh + 1) >= -1e-9
         if not (ok_x or ok_h):
             break
-        ex = error(kx + 1, kh) if ok_x else math.inf
         eh = error(kx, kh + 1) if ok_h else math.inf
+        ex = error(kx + 1, kh) if ok_x else math.inf
         if ex <= eh:
             kx, c, e = kx + 1, "x", ex
         else:
             kh, c, e = kh + 1, "h", eh
         choices.append(c)
         errors.append(e)
+        for k in [k for k in h_of if k != kx]:
+            del h_of[k]
     return "".join(choices), errors
 
 
