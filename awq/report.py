@@ -28,7 +28,7 @@ from typing import Callable, Optional
 from awq import paths
 from awq.io import atomic_write_text
 from awq.report_import import (RunOutputError, import_frontier, import_predictor, import_reproduce,  # noqa: F401
-                               import_sparse_mlp)
+                               import_sparse_mlp, merge_frontier_quality)
 
 log = logging.getLogger("awq.report")
 
@@ -201,7 +201,7 @@ def make_run(refs: dict) -> str:
 
 
 FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
-                  "larosa", "neuron_predictor", "cluster_oracle", "cluster_predicted", "cluster_thresh",
+                  "teal_greedy", "wina_greedy", "larosa", "larosa_folded", "larosa_folded_wina", "neuron_predictor", "cluster_oracle", "cluster_predicted", "cluster_thresh",
                   "cluster_ideal_oracle", "cluster_thresh_oracle", "cluster_hthresh", "cluster_hthresh_oracle",
                   "cluster_neuron", "cluster_neuron_oracle", "cluster_union2", "cluster_union4", "cluster_hot",
                   "cluster_pooled_oracle", "cluster_binary_oracle")
@@ -223,14 +223,19 @@ def frontier(refs: dict, key: str = "frontier") -> str:
     for q in sorted(pts, key=lambda q: (order.get(q["method"], 99), q["param"])):
         by.setdefault(q["method"], []).append(q)
     speed = any(q.get("roofline") is not None for q in pts)
-    lines = ["| method | density swept | MLP weight read / token | PPL |" + (" decode speedup (roofline) |" if speed else ""),
-             "|---|---|---|---|" + ("---|" if speed else "")]
+    qual = any(q.get("kl") is not None for q in pts)  # KL / top-1 against dense (awq.quality)
+    lines = ["| method | density swept | MLP weight read / token | PPL |" + (" KL vs dense | top-1 = dense |" if qual else "")
+             + (" decode speedup (roofline) |" if speed else ""),
+             "|---|---|---|---|" + ("---|---|" if qual else "") + ("---|" if speed else "")]
     for m, qs in by.items():
         tag = "" if all(q["realizable"] for q in qs) else " (oracle)"
         dens = " / ".join(f"{q['param']:g}" for q in qs)
         reads = " / ".join(f"{q['weight_read_fraction']:.3f}" for q in qs)
         ppls = " / ".join(f"{q['ppl']:,.1f}" for q in qs)
         row = f"| `{m}`{tag} | {dens} | {reads} | {ppls} |"
+        if qual:
+            row += (" " + " / ".join("–" if q.get("kl") is None else f"{q['kl']:.3f}" for q in qs) + " | "
+                    + " / ".join("–" if q.get("top1") is None else f"{100 * q['top1']:.0f}%" for q in qs) + " |")
         if speed:
             row += " " + " / ".join(_speed_cell(q) for q in qs) + " |"
         lines.append(row)
@@ -247,6 +252,7 @@ def frontier(refs: dict, key: str = "frontier") -> str:
         out += (f"At most {budget:.0%} of the MLP weights read (+0.01): best `{best['method']}` "
                 f"(density {best['param']:g}, reads {best['weight_read_fraction']:.3f}) at PPL {best['ppl']:,.1f}"
                 + (f" ({best['ppl'] / dense:.2f}x dense)" if dense else "")
+                + (f", KL {best['kl']:.3f}, top-1 {100 * best['top1']:.0f}%" if best.get("kl") is not None else "")
                 + (f"; next `{runner['method']}` at PPL {runner['ppl']:,.1f}" if runner else "") + ".\n")
     return out
 
@@ -315,6 +321,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
                    help="first copy DIR/summary.json (a fresh `make reproduce`) into results_ref/reproduce.json")
     p.add_argument("--import_frontier", nargs=2, default=None, metavar=("CSV", "NAME"),
                    help="first copy a frontier.csv into results_ref/NAME.json (NAME: frontier, frontier_qwen)")
+    p.add_argument("--merge_frontier_quality", nargs=2, default=None, metavar=("CSV", "NAME"),
+                   help="first add kl/top1 of a frontier.csv to the points of results_ref/NAME.json, keeping their "
+                   "decode speed where the PPL agrees (awq.report_import.merge_frontier_quality)")
     p.add_argument("--import_sparse_mlp", type=Path, default=None, metavar="JSON",
                    help="first copy a `bench/bench_sparse_mlp.py --output JSON` run into results_ref/sparse_mlp.json")
     p.add_argument("--import_predictor", type=Path, default=None, metavar="DIR",
@@ -338,6 +347,11 @@ def cli(argv: Optional[list[str]] = None) -> int:
                                   "frontier_cluster_qwen, got "
                                   f"{a.import_frontier[1]!r}")
             log.info("imported %s", import_frontier(Path(a.import_frontier[0]), a.import_frontier[1], a.results))
+        if a.merge_frontier_quality:
+            csv_path, name = a.merge_frontier_quality
+            if name not in REF_FILES or not name.startswith("frontier"):
+                raise ReportError(f"--merge_frontier_quality NAME must be one of the frontier files, got {name!r}")
+            log.info("merged kl/top1 into %s: %s", name, merge_frontier_quality(Path(csv_path), name, a.results))
         if a.import_sparse_mlp:
             log.info("imported %s", import_sparse_mlp(a.import_sparse_mlp, a.results))
         if a.import_predictor:

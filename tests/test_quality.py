@@ -267,3 +267,36 @@ def test_entry_protocol_and_kl(tiny_model_dir, tiny_corpus, tmp_path, capsys):
                     "--dense"] + bad) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_merge_frontier_quality_keeps_speed_where_ppl_agrees(tmp_path):
+    from awq.report_import import RunOutputError, merge_frontier_quality
+
+    ref = {"what": "x", "fingerprint": {"weights_sha256": "a", "corpus_test_sha256": "b", "seqlen": 8, "nsamples": 1},
+           "points": [{"method": "dense", "param": 1.0, "weight_read_fraction": 1.0, "ppl": 10.0, "tokens": 7,
+                       "realizable": True},
+                      {"method": "teal", "param": 0.5, "weight_read_fraction": 0.5, "ppl": 20.0, "tokens": 7,
+                       "realizable": True, "decode_speedup": 1.2, "roofline": 1.4},
+                      {"method": "paper", "param": 0.5, "weight_read_fraction": 0.75, "ppl": 30.0, "tokens": 7,
+                       "realizable": True, "decode_speedup": 0.9, "roofline": 1.1},
+                      {"method": "cats", "param": 0.3, "weight_read_fraction": 0.5, "ppl": 40.0, "tokens": 7,
+                       "realizable": True}]}
+    (tmp_path / "frontier.json").write_text(json.dumps(ref))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "fingerprint.json").write_text(json.dumps(ref["fingerprint"]))
+    (run / "frontier.csv").write_text(
+        "model,method,param,weight_read_fraction,ppl,kl,top1,tokens,realizable,decode_speedup,roofline,protocol\n"
+        "m,dense,1.0,1.0,10.0,0.0,1.0,7,true,,,standard\n"
+        "m,teal,0.5,0.5,20.001,0.3,0.7,7,true,,,standard\n"
+        "m,paper,0.5,0.76,33.0,0.5,0.6,7,true,,,standard\n"
+        "m,teal_greedy,0.5,0.5,18.0,0.2,0.8,7,true,,,standard\n")
+    c = merge_frontier_quality(run / "frontier.csv", "frontier", tmp_path)
+    assert c == {"added": 2, "replaced": 1, "appended": 1, "untouched": 1}
+    pts = {p["method"]: p for p in json.loads((tmp_path / "frontier.json").read_text())["points"]}
+    assert pts["teal"]["kl"] == 0.3 and pts["teal"]["decode_speedup"] == 1.2 and pts["teal"]["ppl"] == 20.0
+    assert pts["paper"]["ppl"] == 33.0 and pts["paper"]["ppl_before"] == 30.0 and "decode_speedup" not in pts["paper"]
+    assert pts["teal_greedy"]["top1"] == 0.8 and "kl" not in pts["cats"]
+    (run / "fingerprint.json").write_text(json.dumps({**ref["fingerprint"], "nsamples": 2}))
+    with pytest.raises(RunOutputError, match="nsamples"):
+        merge_frontier_quality(run / "frontier.csv", "frontier", tmp_path)
