@@ -83,7 +83,7 @@ def plot(points: list[dict], path: Path, model: str) -> Path:
         if m == "dense":
             for ax in (ax_ppl, ax_zoom):
                 ax.axhline(pts[0]["ppl"], color="black", ls="--", lw=1, label=f"dense ({pts[0]['ppl']:.2f})")
-            ax_top1.axhline(1.0, color="black", ls="--", lw=1)
+            ax_top1.axhline(100.0, color="black", ls="--", lw=1)
             continue
         oracle = not pts[0]["realizable"]
         col = cmap(k % 20)
