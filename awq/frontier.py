@@ -248,7 +248,8 @@ class Frontier:
             summ = meter.summary(extra)
         return {"weight_read_fraction": summ["weight_read_fraction"], "ppl": res.ppl, "kl": res.kl, "top1": res.top1,
                 "tokens": res.tokens, "protocol": res.protocol, "extra": summ["extra"],
-                "per_projection": summ["per_projection"], "per_layer": summ["per_layer"], "config": config_summary(cfg),
+                "per_projection": summ["per_projection"], "per_layer": summ["per_layer"],
+                "per_layer_projection": summ.get("per_layer_projection"), "config": config_summary(cfg),
                 "calib_seconds": t_cal, "eval_seconds": res.seconds, "per_window_kl": res.per_window_kl,
                 "fingerprint": self.fingerprint}, t_cal
 
