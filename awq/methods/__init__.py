@@ -166,15 +166,24 @@ METHODS["wina_greedy"] = MethodSpec("wina_greedy", _greedy("wina"), (0.3, 0.5, 0
 
 def _larosa_folded(wina: bool) -> Callable:
     def cal(model: nn.Module, calib: CalibData, density: float):
-        from awq.methods.larosa_fold import calibrate_larosa_folded
+        from awq.methods.larosa import calibrate_larosa_folded
 
         return calibrate_larosa_folded(model, calib.xs(model), check_density(density), wina=wina)
     return cal
 
 
-# LaRoSA with one global PCA rotation folded into the model by computational invariance (awq.methods.larosa_fold)
+def _larosa_topk(model: nn.Module, calib: CalibData, density: float):
+    from awq.methods.larosa import calibrate_larosa_topk
+
+    return calibrate_larosa_topk(model, calib.xs(model), check_density(density))
+
+
+# LaRoSA with one global PCA rotation folded into the model by computational invariance (awq.methods.larosa)
 METHODS["larosa_folded"] = MethodSpec("larosa_folded", _larosa_folded(False), (0.3, 0.5, 0.7),
                                       about="LaRoSA, one global rotation folded into the weights (no extra reads)")
+METHODS["larosa_topk"] = MethodSpec("larosa_topk", _larosa_topk, (0.25, 0.375, 0.5),
+                                    about="LaRoSA's own selection: per-layer rotation (counted), top-k per token "
+                                    "on |xQ| and |h| (exact densities)")
 METHODS["larosa_folded_wina"] = MethodSpec("larosa_folded_wina", _larosa_folded(True), (0.3, 0.5, 0.7),
                                            about="larosa_folded with WINA's column-norm criterion")
 

@@ -1,4 +1,4 @@
-"""LaRoSA's rotation folded into the model (awq.methods.larosa_fold): the fold keeps the function, and the
+"""LaRoSA's rotation folded into the model (awq.methods.larosa): the fold keeps the function, and the
 evaluation module equals TEAL / WINA run on the really folded model."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from awq.methods import get_method, CalibData
 from awq.methods.common import MethodError, collect_mlp_inputs
-from awq.methods.larosa_fold import LarosaFoldedConfig, calibrate_larosa_folded, fold_rotation, norm_scale
+from awq.methods.larosa import LarosaFoldedConfig, calibrate_larosa_folded, fold_rotation, norm_scale
 from awq.methods.teal import TealConfig, WinaConfig
 from awq.sparsify import decoder_layers, sparsify_
 from tests.conftest import tiny_model
@@ -101,3 +101,40 @@ def test_refusals_one_line():
     assert isinstance(get_method("larosa_folded_wina").calibrate(tiny_model("llama", layers=1),
                                                                  CalibData(win, max_tokens=None), 0.5),
                       LarosaFoldedConfig)
+
+
+@torch.no_grad()
+def test_larosa_topk_matches_reference_and_meters_exact_densities():
+    from awq.cost import metering
+    from awq.methods.teal import pca_rotation
+
+    model = tiny_model("llama", layers=2, hidden=48, inter=100)
+    ids = torch.randint(0, 128, (1, 17), generator=torch.Generator().manual_seed(1))
+    xs = collect_mlp_inputs(model, ids, None)
+    cfg = get_method("larosa_topk").calibrate(model, CalibData(ids, max_tokens=None), 0.375)
+    assert cfg.extra_read(model) == pytest.approx(48 / (3 * 100))
+    bases = [layer.mlp for layer in decoder_layers(model)]
+    want = []
+    for i, (mlp, x) in enumerate(zip(bases, xs)):  # plain per-token loop: rotate, top-k, rotate back, top-k of h
+        q = pca_rotation(x).double()
+        out = []
+        for row in x.double():
+            z = row @ q
+            z[z.abs().argsort(descending=True)[18:]] = 0  # keep round(0.375 * 48) = 18
+            xx = (z @ q.T).float()
+            h = mlp.act_fn(mlp.gate_proj(xx)) * mlp.up_proj(xx)
+            h[h.abs().argsort(descending=True)[38:]] = 0  # round(0.375 * 100) = 38 (37.5 rounds to even: 38)
+            out.append(mlp.down_proj(h))
+        want.append(torch.stack(out))
+    sparsify_(model, cfg)
+    got = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, y: got.append(y[0])) for layer in decoder_layers(model)]
+    with metering(model) as meter:
+        model(ids)
+    for h in hooks:
+        h.remove()
+    # layer 1's input differs from the dense run's (layer 0 is sparse): layer 0 is compared
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    pp = meter.per_projection()
+    assert pp["gate_proj"] == pytest.approx(18 / 48) and pp["down_proj"] == pytest.approx(38 / 100)
+    assert not decoder_layers(model)[0].mlp.prepare_decode()

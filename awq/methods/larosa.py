@@ -12,7 +12,7 @@ RMSNorm commutes with an orthogonal ``Q`` once its weight ``w`` is absorbed into
 its output (``n(r Q) = n(r) Q``, ``n`` the weightless RMS normalisation), so with ``E' = E Q``,
 ``W_in' = W_in diag(w) Q`` (q/k/v, gate/up; every norm weight set to 1), ``W_out' = Q^T W_out`` (o, down: as
 rows ``W_out Q``), ``W_lm' = W_lm diag(w_final) Q`` the model computes the same function, and each MLP's input
-is ``z = n(r) Q = (x / w_l) Q`` (:func:`fold_rotation` does it; ``tests/test_larosa_fold.py`` checks both).
+is ``z = n(r) Q = (x / w_l) Q`` (:func:`fold_rotation` does it; ``tests/test_larosa.py`` checks both).
 Sparsifying ``z`` then reads columns of ``W_in'`` exactly as TEAL reads columns of ``W_in``: no rotation is read
 at run time.
 
@@ -113,7 +113,7 @@ class LarosaFoldedMLP(InputSparseMLP):
 
     def decode_unsupported(self) -> Optional[str]:
         return ("evaluation module: the folded model runs TEAL's kernel on rotated weights, this one rotates at run "
-                "time (use awq.methods.larosa_fold.fold_rotation for a model to time)")
+                "time (use awq.methods.larosa.fold_rotation for a model to time)")
 
     def prepare_decode(self) -> bool:
         return False
@@ -151,6 +151,81 @@ def calibrate_larosa_folded(model: nn.Module, xs: list[torch.Tensor], density: f
             h = h * mlp.down_proj.weight.detach().float().square().sum(0).sqrt().cpu()
         th.append(keep_threshold(h, density))
     return LarosaFoldedConfig(tx, th, rotation=q.float(), norm_scales=[s.float() for s in scales], wina=wina)
+
+
+# ------------------------------------------------------------------------------------------------
+# LaRoSA's own selection: top-k per token (the released code), per-layer rotation charged as ``larosa``
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LarosaTopkConfig:
+    """Per layer ``l``: keep the ``round(density * H)`` largest ``|x Q_l|`` and the ``round(density * F)`` largest
+    ``|h|`` of every token (LaRoSA's Top-K: the same density for every token, no calibrated threshold)."""
+
+    density: float
+    rotations: list[torch.Tensor] = field(default_factory=list)
+
+    def validate(self, model: nn.Module) -> None:
+        _check_layers(model, "LarosaTopkConfig", rotations=self.rotations)
+
+    def extra_read(self, model: nn.Module) -> float:
+        from awq.methods.common import mlp_dims
+
+        hidden, inter = mlp_dims(model)
+        return hidden * hidden / (3.0 * hidden * inter)  # the per-layer rotation, read at run time
+
+    def summary(self) -> dict:
+        return {"density": self.density, "selection": "top-k per token on |x Q_l| and |h|"}
+
+
+class LarosaTopkMLP(InputSparseMLP):
+    """LaRoSA with per-token top-k masks (masked dense; no batch-1 kernel: the C++ kernel thresholds)."""
+
+    def __init__(self, base: nn.Module, layer_idx: int, density: float, q: torch.Tensor) -> None:
+        super().__init__(base, layer_idx, 0.0, 0.0, rotation=q)
+        self.kx = max(1, round(density * base.gate_proj.in_features))
+        self.kh = max(1, round(density * base.gate_proj.out_features))
+
+    @staticmethod
+    def _topk_mask(v: torch.Tensor, k: int) -> torch.Tensor:
+        idx = v.abs().topk(k, dim=-1).indices
+        return torch.zeros_like(v, dtype=torch.bool).scatter_(-1, idx, True)
+
+    def decode_unsupported(self) -> Optional[str]:
+        return "top-k selection (the C++ input-sparse kernel takes thresholds)"
+
+    def prepare_decode(self) -> bool:
+        return False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xr = x @ self.rotation
+        keep_x = self._topk_mask(xr, self.kx)
+        xs = xr * keep_x
+        g = torch.nn.functional.linear(xs, self.w_gate, self.gate_proj.bias)
+        u = torch.nn.functional.linear(xs, self.w_up, self.up_proj.bias)
+        h = self.act_fn(g) * u
+        keep_h = self._topk_mask(h, self.kh)
+        y = self.down_proj(h * keep_h)
+        if self.read_meter is not None:
+            from awq.methods.common import token_density
+
+            dx = token_density(keep_x)
+            self.read_meter.add(self.layer_idx, dx.numel(), dx, dx, token_density(keep_h))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, larosa_topk, k_x={self.kx}, k_h={self.kh}"
+
+
+@register_method(LarosaTopkConfig)
+def _build_topk(mlp: nn.Module, i: int, cfg: LarosaTopkConfig) -> LarosaTopkMLP:
+    return LarosaTopkMLP(mlp, i, cfg.density, cfg.rotations[i])
+
+
+@torch.no_grad()
+def calibrate_larosa_topk(model: nn.Module, xs: list[torch.Tensor], density: float) -> LarosaTopkConfig:
+    from awq.methods.teal import pca_rotation
+
+    return LarosaTopkConfig(density, [pca_rotation(x) for x in xs])
 
 
 # ------------------------------------------------------------------------------------------------
