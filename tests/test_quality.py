@@ -300,3 +300,16 @@ def test_merge_frontier_quality_keeps_speed_where_ppl_agrees(tmp_path):
     (run / "fingerprint.json").write_text(json.dumps({**ref["fingerprint"], "nsamples": 2}))
     with pytest.raises(RunOutputError, match="nsamples"):
         merge_frontier_quality(run / "frontier.csv", "frontier", tmp_path)
+
+
+def test_report_frontier_table_shows_kl_and_top1():
+    from awq.report import frontier
+
+    pts = [{"method": "dense", "param": 1.0, "weight_read_fraction": 1.0, "ppl": 10.0, "realizable": True, "kl": 0.0,
+            "top1": 1.0},
+           {"method": "teal", "param": 0.5, "weight_read_fraction": 0.49, "ppl": 15.0, "realizable": True, "kl": 0.4321,
+            "top1": 0.655}]
+    out = frontier({"frontier": {"points": pts}})
+    assert "| KL vs dense | top-1 = dense |" in out and "| 0.432 | 66% |" in out and "KL 0.432, top-1 66%" in out
+    old = frontier({"frontier": {"points": [{k: v for k, v in p.items() if k not in ("kl", "top1")} for p in pts]}})
+    assert "KL" not in old  # files without the columns render as before
