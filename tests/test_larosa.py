@@ -138,3 +138,18 @@ def test_larosa_topk_matches_reference_and_meters_exact_densities():
     pp = meter.per_projection()
     assert pp["gate_proj"] == pytest.approx(18 / 48) and pp["down_proj"] == pytest.approx(38 / 100)
     assert not decoder_layers(model)[0].mlp.prepare_decode()
+
+
+@torch.no_grad()
+def test_larosa_folded_greedy_is_teal_greedy_on_the_folded_model():
+    from awq.methods.greedy import calibrate_greedy
+
+    model = _randomise_norms(_qwen2(seed=7))
+    calib = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(8))
+    cfg = get_method("larosa_folded_greedy").calibrate(model, CalibData(calib, max_tokens=None), 0.5)
+    folded = fold_rotation(copy.deepcopy(model), cfg.rotation)
+    want = calibrate_greedy(folded, collect_mlp_inputs(folded, calib, None), 0.5, kind="teal")
+    assert cfg.info["density_x"] == pytest.approx(want.density_x) and cfg.info["density_h"] == pytest.approx(want.density_h)
+    torch.testing.assert_close(torch.tensor(cfg.x_thresholds), torch.tensor(want.x_thresholds), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(cfg.h_thresholds), torch.tensor(want.h_thresholds), rtol=1e-3, atol=1e-6)
+    assert "density_x" in cfg.summary()

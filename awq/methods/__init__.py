@@ -181,6 +181,15 @@ def _larosa_topk(model: nn.Module, calib: CalibData, density: float):
 # LaRoSA with one global PCA rotation folded into the model by computational invariance (awq.methods.larosa)
 METHODS["larosa_folded"] = MethodSpec("larosa_folded", _larosa_folded(False), (0.3, 0.5, 0.7),
                                       about="LaRoSA, one global rotation folded into the weights (no extra reads)")
+def _larosa_folded_greedy(model: nn.Module, calib: CalibData, density: float):
+    from awq.methods.larosa import calibrate_larosa_folded_greedy
+
+    return calibrate_larosa_folded_greedy(model, calib.xs(model), check_density(density), cache=calib.cache,
+                                          seed=calib.seed)
+
+
+METHODS["larosa_folded_greedy"] = MethodSpec("larosa_folded_greedy", _larosa_folded_greedy, (0.3, 0.5, 0.7),
+                                             about="larosa_folded with TEAL's greedy per-layer x/h split")
 METHODS["larosa_topk"] = MethodSpec("larosa_topk", _larosa_topk, (0.25, 0.375, 0.5),
                                     about="LaRoSA's own selection: per-layer rotation (counted), top-k per token "
                                     "on |xQ| and |h| (exact densities)")

@@ -84,7 +84,8 @@ class LarosaFoldedConfig(TealConfig):
         return 0.0  # folded: nothing read besides the (rotated) MLP weights
 
     def summary(self) -> dict:
-        return {**super().summary(), "wina": self.wina, "rotation": "one global PCA basis, folded"}
+        return {**super().summary(), "wina": self.wina, "rotation": "one global PCA basis, folded",
+                **getattr(self, "info", {})}
 
 
 def folded_weights(mlp: nn.Module, s: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +152,58 @@ def calibrate_larosa_folded(model: nn.Module, xs: list[torch.Tensor], density: f
             h = h * mlp.down_proj.weight.detach().float().square().sum(0).sqrt().cpu()
         th.append(keep_threshold(h, density))
     return LarosaFoldedConfig(tx, th, rotation=q.float(), norm_scales=[s.float() for s in scales], wina=wina)
+
+
+class _FoldedView(nn.Module):
+    """One layer's MLP as the folded model has it (input z, gate/up ``W diag(s) Q``; down unchanged)."""
+
+    def __init__(self, mlp: nn.Module, s: torch.Tensor, q: torch.Tensor) -> None:
+        super().__init__()
+        wg, wu = folded_weights(mlp, s, q.double())
+        dt = mlp.gate_proj.weight.dtype
+        self.gate_proj = nn.Linear(wg.shape[1], wg.shape[0], bias=mlp.gate_proj.bias is not None).to(dt)
+        self.up_proj = nn.Linear(wu.shape[1], wu.shape[0], bias=mlp.up_proj.bias is not None).to(dt)
+        with torch.no_grad():
+            self.gate_proj.weight.copy_(wg)
+            self.up_proj.weight.copy_(wu)
+            for a, b in ((self.gate_proj, mlp.gate_proj), (self.up_proj, mlp.up_proj)):
+                if b.bias is not None:
+                    a.bias.copy_(b.bias)
+        self.down_proj, self.act_fn = mlp.down_proj, mlp.act_fn
+
+
+@torch.no_grad()
+def calibrate_larosa_folded_greedy(model: nn.Module, xs: list[torch.Tensor], density: float,
+                                   cache: Optional[dict] = None, seed: int = 0) -> LarosaFoldedConfig:
+    """``larosa_folded`` with each layer's (d_x, d_h) split by TEAL's block-wise greedy search
+    (:mod:`awq.methods.greedy`) on the folded layer: the rotation is free, so the greedy allocation applies as to
+    TEAL."""
+    from awq.methods.greedy import STEP, TOKENS, LayerTables, layer_path, split_at
+
+    base = calibrate_larosa_folded(model, xs, 1.0)  # the rotation and norm scales (thresholds unused)
+    q, scales = base.rotation.double(), [s.double() for s in base.norm_scales]
+    views = [_FoldedView(mlp_of(model, i), scales[i], q) for i in range(len(xs))]
+    zs = [((x.double() / s) @ q).float() for x, s in zip(xs, scales)]
+    key = ("larosa_folded", STEP, TOKENS, seed)
+    got = None if cache is None else cache.get(key)
+    if got is None or got["until"] > density + 1e-12:
+        got = {"until": density, "paths": [layer_path(v, z, "teal", density, STEP, TOKENS, seed)
+                                           for v, z in zip(views, zs)]}
+        if cache is not None:
+            cache[key] = got
+        log.info("larosa_folded greedy: x/h choices per layer down to density %.3f: %s", density,
+                 " ".join(c for c, _ in got["paths"]))
+    tx, th, dxs, dhs = [], [], [], []
+    for i, (v, z) in enumerate(zip(views, zs)):
+        d_x, d_h = split_at(got["paths"][i][0], density, STEP)
+        t_x, t_h = LayerTables(v, z, "teal").thresholds(d_x, d_h)
+        tx.append(t_x)
+        th.append(t_h)
+        dxs.append(d_x)
+        dhs.append(d_h)
+    cfg = LarosaFoldedConfig(tx, th, rotation=base.rotation, norm_scales=base.norm_scales)
+    cfg.info = {"density_x": dxs, "density_h": dhs}  # type: ignore[attr-defined]
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------
