@@ -206,6 +206,8 @@ def _bad_values(meta: dict, tp: type, kind: Optional[str], bad: Bad, inputs: dic
     vals = [""]
     if "choices" in meta:
         vals.append("no_such_choice_xyz")
+    if kind is None and meta.get("check") is not None:  # a rule of a higher layer (e.g. --protocol, --methods)
+        vals.append("no_such_value_xyz")
     if kind == "device":
         vals += ["tpu", "cpu:x", "gpu", "cuda:99" if torch.cuda.is_available() else "cuda"]
     elif kind == "tasks":

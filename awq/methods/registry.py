@@ -10,7 +10,9 @@ the layer's :class:`~awq.methods.base.SwappedMLP`, and a calibration) plus one :
 * ``realizable``: whether it runs without knowing the true mask (oracles are bounds, not methods);
 * ``kernel``: its batch-1 decode kernel, or why it has none;
 * ``default``: in the frontier's default method list; ``needs``: the file option it needs (``centroids``,
-  ``predictor``), without which it is left out of defaults and refused when named.
+  ``predictor``), without which it is left out of defaults and refused when named;
+* ``needs_prompt``: it chooses its neurons from a prompt (:mod:`awq.methods.protocol`), so it runs only under
+  ``--protocol prompt:P``.
 
 ``python -m awq.entry --method NAME --density D``, ``python -m awq.frontier --methods``, ``python -m
 awq.generate --method`` and ``bench/bench_decode.py --methods`` all read :data:`METHODS`.
@@ -28,6 +30,14 @@ from awq.methods.cluster import ClusterConfig, calibrate_cluster
 from awq.methods.cluster_neuron import ClusterNeuronConfig, ClusterVariant, calibrate_cluster_neuron
 from awq.methods.common import CalibData, MethodError, check_density
 from awq.methods.gathered import GatheredConfig, random_sets
+from awq.methods.greedy import TealGreedyConfig, WinaGreedyConfig, calibrate_greedy
+from awq.methods.larosa import (
+    LarosaFoldedConfig,
+    LarosaTopkConfig,
+    calibrate_larosa_folded,
+    calibrate_larosa_folded_greedy,
+    calibrate_larosa_topk,
+)
 from awq.methods.neuron_predictor import NeuronPredictorConfig, calibrate_neuron_predictor
 from awq.methods.paper import VARIANTS, paper_config, paper_thresholds
 from awq.methods.paper_mlp import SparsityConfig
@@ -55,6 +65,7 @@ class MethodSpec:
     about: str = ""
     default: bool = True  # in the frontier's default method list
     needs: Optional[str] = None  # "centroids" / "predictor": the file option the method needs
+    needs_prompt: bool = False  # chooses its neurons from a prompt: refused under the standard protocol
 
 
 def on_inputs(fn: Callable) -> Calibrate:
@@ -90,6 +101,20 @@ def _cluster_neuron(**variant) -> Calibrate:
     return cal
 
 
+def _greedy(kind: str) -> Calibrate:
+    def cal(model: nn.Module, calib: CalibData, density: float) -> MethodConfig:
+        return calibrate_greedy(model, calib.xs(model), check_density(density), kind=kind, cache=calib.cache,
+                                seed=calib.seed)
+    return cal
+
+
+def _larosa_folded_greedy(model: nn.Module, calib: CalibData, density: float) -> LarosaFoldedConfig:
+    return calibrate_larosa_folded_greedy(model, calib.xs(model), check_density(density), cache=calib.cache,
+                                          seed=calib.seed)
+
+
+FOLDED_KERNEL = ("none: an evaluation module (rotates at run time); the folded model "
+                 "(awq.methods.larosa.fold_rotation) runs TEAL's column-gathered kernel")
 PAPER_KERNEL = "paper ([gate; up] GEMV, thresholds, rows of W_down for nonzero h)"
 _PAPER_ABOUT = {"paper": "thresholds on gate, up and down outputs", "paper_gate": "paper, gate output only",
                 "paper_up": "paper, up output only", "paper_gate_up": "paper, gate and up outputs",
@@ -107,6 +132,23 @@ _SPECS: list[MethodSpec] = [
                about="small |x_i|·‖W[:, i]‖ entries"),
     MethodSpec("larosa", LarosaConfig, on_inputs(calibrate_larosa), (0.25, 0.45, 0.65), kernel=COLUMN_KERNEL,
                about="TEAL after a per-layer PCA rotation of x (rotation counted)"),
+    MethodSpec("teal_greedy", TealGreedyConfig, _greedy("teal"), (0.3, 0.5, 0.7), kernel=COLUMN_KERNEL, default=False,
+               about="TEAL, per-layer x/h split by TEAL's block-wise greedy output-error search"),
+    MethodSpec("wina_greedy", WinaGreedyConfig, _greedy("wina"), (0.3, 0.5, 0.7), kernel=COLUMN_KERNEL, default=False,
+               about="WINA, per-layer x/h split by TEAL's block-wise greedy output-error search"),
+    MethodSpec("larosa_folded", LarosaFoldedConfig, on_inputs(calibrate_larosa_folded), (0.3, 0.5, 0.7),
+               kernel=FOLDED_KERNEL, default=False,
+               about="LaRoSA, one global rotation folded into the weights (no extra reads)"),
+    MethodSpec("larosa_folded_wina", LarosaFoldedConfig,
+               on_inputs(lambda model, xs, density: calibrate_larosa_folded(model, xs, density, wina=True)),
+               (0.3, 0.5, 0.7), kernel=FOLDED_KERNEL, default=False,
+               about="larosa_folded with WINA's column-norm criterion"),
+    MethodSpec("larosa_folded_greedy", LarosaFoldedConfig, _larosa_folded_greedy, (0.3, 0.5, 0.7),
+               kernel=FOLDED_KERNEL, default=False, about="larosa_folded with TEAL's greedy per-layer x/h split"),
+    MethodSpec("larosa_topk", LarosaTopkConfig, on_inputs(calibrate_larosa_topk), (0.25, 0.375, 0.5),
+               kernel="none: top-k selection (the C++ input-sparse kernel takes thresholds)", default=False,
+               about="LaRoSA's own selection: per-layer rotation (counted), top-k per token on |xQ| and |h| (exact "
+                     "densities)"),
     MethodSpec("topk", TopKConfig, calibrate_topk, (0.1, 0.3, 0.5), kernel="[gate; up] GEMV, top-k, kept rows of "
                "W_down", about="per-token top-k of |h| (gate and up read in full)", default=False),
     MethodSpec("gathered", GatheredConfig, lambda model, calib, density: random_sets(model, check_density(density),
