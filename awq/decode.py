@@ -139,7 +139,8 @@ class LeanDecoder:
     """Batch-1 greedy decoder over the weights of ``model`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, capacity: int = 512, gemv: Optional[str] = None,
-                 fused: Optional[bool] = None) -> None:
+                 fused: Optional[bool] = None, weights: str = "f32", head_weights: Optional[str] = None,
+                 weights_gguf=None) -> None:
         self.gemv = (gemv or os.environ.get("AWQ_DECODE_GEMV") or "auto").lower()
         if self.gemv not in GEMVS:
             raise DecodeError(f"gemv must be one of {', '.join(GEMVS)}, got '{self.gemv}'")
@@ -190,6 +191,12 @@ class LeanDecoder:
         self._pick_fused()
         self._zero = torch.zeros(1, self.H, dtype=self.dtype, device=self.device)
         self.capacity = 0
+        self.weights = str(weights).lower()
+        self._q = None  # awq.quant_decode.QuantStep: every linear of a step on block-quantised weights
+        if self.weights != "f32":
+            from awq.quant_decode import QuantStep, model_qweights
+
+            self._q = QuantStep(self, model_qweights(model, self.weights, head_weights, weights_gguf))
         self._ensure(capacity)
         self.pos = 0
         self.stats = DecodeStats()
@@ -211,6 +218,8 @@ class LeanDecoder:
                     ly.act, ly.dense_src = _act(base), base
                 plain = not is_swapped(mlp) and all(hasattr(mlp, a) for a in _DENSE_ATTRS)
                 ly.mlp = None if plain else _prepared(mlp)
+        if getattr(self, "_q", None) is not None:
+            self._q.sync_mlps()
 
     def set_mlps(self, mlps: Optional[Sequence[Optional[nn.Module]]]) -> None:
         """Run these per-layer MLP modules (``None`` or a ``None`` entry: the fused dense MLP) without
@@ -222,6 +231,8 @@ class LeanDecoder:
             if m is None and ly.wgu is None:
                 raise DecodeError(f"layer {i} has no dense MLP weights (its module keeps no original projections)")
             ly.mlp = None if m is None else _prepared(m)
+        if self._q is not None:
+            self._q.sync_mlps()
 
     def _ensure(self, n: int) -> None:
         """Make the KV cache and the rotary table hold ``n`` positions (kept contents)."""
@@ -246,6 +257,8 @@ class LeanDecoder:
                     v[:, :self.capacity] = ly.v
                 ly.k, ly.v = k, v
         self.capacity = cap
+        if getattr(self, "_q", None) is not None:
+            self._q.set_capacity()
 
     # -- compute -------------------------------------------------------------------------------
     def _rope(self, qk: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -328,6 +341,10 @@ class LeanDecoder:
         if T == 0:
             raise DecodeError("empty prompt")
         self._ensure(T)
+        if self._q is not None:  # token by token through the quantised step (its own cache)
+            logits = self._q.prefill(ids)
+            self.pos = T
+            return logits
         nh, nkv, hd, H = self.nh, self.nkv, self.hd, self.H
         qk_end = (nh + nkv) * hd
         fr = self.freqs[:T, None, :]
@@ -360,6 +377,10 @@ class LeanDecoder:
         if p == 0:
             raise DecodeError("call prefill() before step()")
         self._ensure(p + 1)
+        if self._q is not None:
+            logits = self._q.step(token, p)
+            self.pos = p + 1
+            return logits
         h = self.embed[token:token + 1].clone()
         if self.fused_attn:
             return self._fused_step(h, p)
