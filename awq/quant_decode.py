@@ -202,6 +202,9 @@ class QuantStep:
         embed_p = head_p if qw.embed is qw.head else self._pack_rows(qw.embed)
         self.c = self.k.QDecoder(H, dec.nh, dec.nkv, dec.hd, F, dec.eps, dec.norm.float().contiguous(), head_p,
                                  code[qw.head_fmt], embed_p, code[qw.embed.fmt])
+        from awq.sparse_compute import MIN_BYTES_PER_THREAD
+
+        self.c.set_min_bytes(MIN_BYTES_PER_THREAD)  # threads only from this many weight bytes per thread and layer
         perm_q, perm_k = _pair_perm(dec.nh, dec.hd), _pair_perm(dec.nkv, dec.hd)
         self._gu: list[torch.Tensor] = []
         self._cols: dict = {}
@@ -392,3 +395,69 @@ def teacher_forced_nll(dec, ids: torch.Tensor) -> tuple[float, int]:
 
 def ppl(nll: float, n: int) -> float:
     return math.exp(nll / max(1, n))
+
+
+class fake_quantized:
+    """``with fake_quantized(model, qw):`` the model holds the dequantised weights of ``qw`` (every swapped
+    MLP module sees them too, they share the projections); the original weights come back on exit."""
+
+    def __init__(self, model: nn.Module, qw: Optional[QWeights]) -> None:
+        self.model, self.qw, self.saved = model, qw, []
+
+    def __enter__(self) -> nn.Module:
+        if self.qw is not None:
+            from awq.sparsify import base_mlp, decoder_layers
+
+            params = [model_p for layer in decoder_layers(self.model)
+                      for model_p in ([getattr(layer.self_attn, p).weight for p in ATTN_PROJS]
+                                      + [getattr(base_mlp(layer.mlp), p).weight for p in MLP_PROJS])]
+            params += [self.model.get_input_embeddings().weight]
+            if not self.qw.tied:
+                params.append(self.model.get_output_embeddings().weight)
+            self.saved = [(p, p.detach().clone()) for p in params]
+            fake_quant_(self.model, self.qw)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for p, v in self.saved:
+                p.copy_(v)
+        self.saved = []
+
+
+@torch.inference_mode()
+def batched_nll(model: nn.Module, ids: torch.Tensor, mlps=None) -> tuple[float, int]:
+    """(sum of next-token NLL, tokens) of the window in one batched forward, with ``mlps`` (per-layer modules,
+    None entries / None: the model's own) installed for the call."""
+    from awq.sparsify import decoder_layers
+
+    layers = decoder_layers(model)
+    old = [layer.mlp for layer in layers]
+    try:
+        if mlps is not None:
+            for layer, m in zip(layers, mlps):
+                if m is not None:
+                    layer.mlp = m
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+        logits = model(ids).logits[0].double()
+    finally:
+        for layer, m in zip(layers, old):
+            layer.mlp = m
+    nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
+    return float(nll), ids.numel() - 1
+
+
+def decode_path_check(model: nn.Module, dec, ids: torch.Tensor, mlps=None) -> dict:
+    """The decode-path check: perplexity of ``ids`` fed one token at a time through ``dec``'s step (its
+    weight format, ``mlps`` set on it) vs the batched evaluation of the same point (for a quantised decoder
+    on the dequantised weights it reads).  ``{"ppl_batched", "ppl_decode", "rel_diff"}``."""
+    qw = dec._q.qw if getattr(dec, "_q", None) is not None else None
+    dec.set_mlps(mlps)
+    try:
+        nd, n = teacher_forced_nll(dec, ids)
+    finally:
+        dec.set_mlps(None)
+    with fake_quantized(model, qw):
+        nb, _ = batched_nll(model, ids, mlps)
+    pb, pd = ppl(nb, n), ppl(nd, n)
+    return {"ppl_batched": pb, "ppl_decode": pd, "rel_diff": abs(pd - pb) / pb, "tokens": n}

@@ -339,6 +339,7 @@ class QDecoder {
     return step(ip[T - 1], pos0 + T - 1);
   }
 
+  void set_min_bytes(int64_t b) { min_bytes_ = b; }
   torch::Tensor counts() const { return counts_; }
   void reset_counts() { counts_.zero_(); }
 
@@ -555,7 +556,13 @@ class QDecoder {
       TORCH_CHECK(layers_[l].mlp.kind >= 0, "layer ", l, ": no MLP set");
       TORCH_CHECK(layers_[l].kc.defined() && layers_[l].kc.size(1) > p, "layer ", l, ": cache too small");
     }
-    const int nt_req = std::max(1, at::get_num_threads());
+    // threads only where a layer has at least min_bytes of weights per thread: a parallel region's
+    // barriers cost more than a small model's work (and a time slice each when the other core is busy)
+    const Layer& L0 = layers_[0];
+    const int64_t layer_bytes = L0.qkv.R * L0.qkv.rb + L0.o.R * L0.o.rb +
+                                3 * H_ * q_row_bytes(L0.qkv.fmt, F_);
+    const int64_t by_size = std::max<int64_t>(1, layer_bytes / std::max<int64_t>(1, min_bytes_));
+    const int nt_req = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_size)));
     ensure(nt_req);
     const float* rope = rope_.data_ptr<float>() + p * hd_;
     const int64_t Rqkv = (nh_ + 2 * nkv_) * hd_, A = nh_ * hd_;
@@ -598,6 +605,7 @@ class QDecoder {
   std::vector<std::vector<float>> gu_part_, y_part_;
   std::vector<std::atomic<int64_t>> ctr_;
   int64_t cap_ = -1;
+  int64_t min_bytes_ = 1 << 18;
 };
 
 void register_quant_decode(pybind11::module_& m) {
@@ -612,6 +620,7 @@ void register_quant_decode(pybind11::module_& m) {
       .def("mlp_neuron", &QDecoder::mlp_neuron)
       .def("step", &QDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("prefill", &QDecoder::prefill, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("set_min_bytes", &QDecoder::set_min_bytes)
       .def("counts", &QDecoder::counts)
       .def("reset_counts", &QDecoder::reset_counts);
 }
