@@ -34,7 +34,7 @@ torch::Tensor pack_rows(torch::Tensor qs, torch::Tensor d, torch::Tensor m, int6
   int64_t R, nb;
   check_planes(qs, d, m, fmt, C, R, nb);
   const int f = static_cast<int>(fmt);
-  const int64_t rb = q_row_bytes(f, C), qb = q_quant_bytes(f, C), qsb = qs.size(1);
+  const int64_t rb = q_row_bytes(f, C), sbytes = q_scale_bytes(f, C), qsb = qs.size(1);
   auto out = torch::zeros({R, rb}, qs.options());
   uint8_t* op = out.data_ptr<uint8_t>();
   const uint8_t* qp = qs.data_ptr<uint8_t>();
@@ -42,7 +42,7 @@ torch::Tensor pack_rows(torch::Tensor qs, torch::Tensor d, torch::Tensor m, int6
   const auto* mp = f == QF_Q4_1 ? reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()) : nullptr;
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      uint8_t* o = op + r * rb;
+      uint8_t* o = op + r * rb + sbytes;  // quants after the scales
       const uint8_t* q = qp + r * qsb;
       if (f == QF_Q8_0) {
         std::memcpy(o, q, C);
@@ -55,8 +55,8 @@ torch::Tensor pack_rows(torch::Tensor qs, torch::Tensor d, torch::Tensor m, int6
           g0 += G;
         }
       }
-      std::memcpy(o + qb, dp + r * nb, 2 * nb);
-      if (mp) std::memcpy(o + qb + 2 * nb, mp + r * nb, 2 * nb);
+      std::memcpy(op + r * rb, dp + r * nb, 2 * nb);
+      if (mp) std::memcpy(op + r * rb + 2 * nb, mp + r * nb, 2 * nb);
     }
   });
   return out;
@@ -218,5 +218,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_cols", &gemv_cols, "quantised GEMV over the cols layout, nonzero inputs only");
   m.def("cols_order", &cols_order, "cols layout order within a chunk");
   m.def("simd", &quant_simd, "vector path of this build");
+  m.def("dev_set", [](int nr, int pf) { q_dev_nr = nr; q_dev_pf = pf; }, "DEV");
   register_quant_decode(m);
 }

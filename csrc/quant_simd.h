@@ -14,8 +14,8 @@
 // +1 Q4_1 with cw = m; cw = d otherwise).
 //
 // Layouts (made once by pack_rows / pack_cols from ggml's planes; bits are moved, values unchanged):
-// * rows (GEMV over output rows, blocks along a row): row r = [quants][d: nb f16][m: nb f16 (Q4_1)],
-//   contiguous, exactly the format's bits per weight.  Q4 nibbles in groups of G = 128 (then one 64 and
+// * rows (GEMV over output rows, blocks along a row): row r = [d: nb f16][m: nb f16 (Q4_1)][quants],
+//   contiguous (the scales first: one ascending stream per row), exactly the format's bits per weight.  Q4 nibbles in groups of G = 128 (then one 64 and
 //   one 32 at the row's end): byte j of a group = entry j (low nibble) | entry G/2 + j (high nibble), so
 //   one 64-byte load and two masks give 128 entries in order.
 // * cols (input-channel sparsity: W^T, one row per input channel i holding q[:, i] for every output):
@@ -57,6 +57,7 @@ static inline int64_t q_row_bytes(int fmt, int64_t C) {
   const int64_t nb = C / QBLK;
   return q_quant_bytes(fmt, C) + 2 * nb + (fmt == QF_Q4_1 ? 2 * nb : 0);
 }
+static inline int64_t q_scale_bytes(int fmt, int64_t C) { return (C / QBLK) * (fmt == QF_Q4_1 ? 4 : 2); }
 static inline int64_t q_pad64(int64_t n) { return (n + 63) / 64 * 64; }
 
 // correction factor k of the activation term (see the header comment)
@@ -185,8 +186,10 @@ static inline void q_sparse_act(const int32_t* idx, const float* v, int64_t n, i
 // ------------------------------------------------------------------------------------------------
 template <int FMT, int NR>
 static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& a, float* out) {
-  const int64_t nb = C / QBLK, qb = q_quant_bytes(FMT, C);
+  const int64_t nb = C / QBLK, sbytes = q_scale_bytes(FMT, C);
   const float* xcp = a.c[FMT].data();
+  const uint8_t* wq[NR];  // the quants of each row (after its scales)
+  for (int r = 0; r < NR; ++r) wq[r] = wr[r] + sbytes;
 #if defined(QK512)
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
@@ -203,10 +206,10 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
     const __m512 xc = _mm512_maskz_loadu_ps(km, xcp + sb);
     __m512 s[NR];
     for (int r = 0; r < NR; ++r) {
-      const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, wr[r] + qb + 2 * sb));
+      const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, wr[r] + 2 * sb));
       s[r] = _mm512_mul_ps(dw, xd);
       if (FMT == QF_Q4_1) {
-        const __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, wr[r] + qb + 2 * nb + 2 * sb));
+        const __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, wr[r] + 2 * nb + 2 * sb));
         acc[r] = _mm512_fmadd_ps(mw, xc, acc[r]);
       } else {
         acc[r] = _mm512_fmadd_ps(dw, xc, acc[r]);
@@ -221,10 +224,10 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
         for (int r = 0; r < NR; ++r) {
           __m512i lo, hi;
           if (FMT == QF_Q8_0) {
-            lo = _mm512_xor_si512(_mm512_loadu_si512(wr[r] + e), bias);
-            hi = _mm512_xor_si512(_mm512_loadu_si512(wr[r] + e + 64), bias);
+            lo = _mm512_xor_si512(_mm512_loadu_si512(wq[r] + e), bias);
+            hi = _mm512_xor_si512(_mm512_loadu_si512(wq[r] + e + 64), bias);
           } else {
-            const __m512i v = _mm512_loadu_si512(wr[r] + e / 2);
+            const __m512i v = _mm512_loadu_si512(wq[r] + e / 2);
             lo = _mm512_and_si512(v, m4);
             hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
           }
@@ -238,9 +241,9 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
         for (int r = 0; r < NR; ++r) {
           __m512i w;
           if (FMT == QF_Q8_0) {
-            w = _mm512_xor_si512(_mm512_loadu_si512(wr[r] + e), bias);
+            w = _mm512_xor_si512(_mm512_loadu_si512(wq[r] + e), bias);
           } else {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + e / 2));
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[r] + e / 2));
             const __m256i m4h = _mm256_set1_epi8(0x0F);
             w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4h)),
                                    _mm256_and_si256(_mm256_srli_epi16(v, 4), m4h), 1);
@@ -254,9 +257,9 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
         for (int r = 0; r < NR; ++r) {
           __m512i w;
           if (FMT == QF_Q8_0) {
-            w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(0xFFFFFFFFull, wr[r] + e), bias);
+            w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(0xFFFFFFFFull, wq[r] + e), bias);
           } else {
-            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + e / 2));
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wq[r] + e / 2));
             const __m128i m4q = _mm_set1_epi8(0x0F);
             const __m256i w2 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4q), _mm_and_si128(v, m4q));
             w = _mm512_castsi256_si512(w2);
@@ -283,14 +286,14 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
     for (int r = 0; r < NR; ++r) {
       __m128i dh, mh = _mm_setzero_si128();
       if (nbs == 8) {
-        dh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + qb + 2 * sb));
-        if (FMT == QF_Q4_1) mh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + qb + 2 * nb + 2 * sb));
+        dh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + 2 * sb));
+        if (FMT == QF_Q4_1) mh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + 2 * nb + 2 * sb));
       } else {
         uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tmpm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        std::memcpy(tmp, wr[r] + qb + 2 * sb, 2 * nbs);
+        std::memcpy(tmp, wr[r] + 2 * sb, 2 * nbs);
         dh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp));
         if (FMT == QF_Q4_1) {
-          std::memcpy(tmpm, wr[r] + qb + 2 * nb + 2 * sb, 2 * nbs);
+          std::memcpy(tmpm, wr[r] + 2 * nb + 2 * sb, 2 * nbs);
           mh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tmpm));
         }
       }
@@ -310,7 +313,7 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_permutevar8x32_ps(s[r], _mm256_set1_epi32(b)), acc[r]);
     };
     auto ldx = [&](int64_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + off)); };
-    auto ldw = [&](int r, int64_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + off)); };
+    auto ldw = [&](int r, int64_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[r] + off)); };
     while (e < e_end) {
       const int64_t rem = C - e;
       if (rem >= 128) {
@@ -346,7 +349,7 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
           if (FMT == QF_Q8_0) {
             block(r, ldw(r, e), x0, lb);
           } else {
-            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + e / 2));
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wq[r] + e / 2));
             const __m128i m4q = _mm_set1_epi8(0x0F);
             block(r, _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4q), _mm_and_si128(v, m4q)), x0, lb);
           }
@@ -358,7 +361,7 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
   for (int r = 0; r < NR; ++r) out[r] = hsum8(acc[r]);
 #else
   for (int r = 0; r < NR; ++r) {
-    const uint8_t* w = wr[r];
+    const uint8_t* w = wq[r];
     float acc = 0.f;
     int64_t e = 0;
     auto qv = [&](int64_t i) -> int {  // quant of entry i (Q4: nibble groups)
@@ -374,7 +377,7 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
       const uint8_t byte = w[g0 / 2 + (j < G / 2 ? j : j - G / 2)];
       return j < G / 2 ? (byte & 0x0F) : (byte >> 4);
     };
-    const uint16_t* dp = reinterpret_cast<const uint16_t*>(w + qb);
+    const uint16_t* dp = reinterpret_cast<const uint16_t*>(wr[r]);
     for (int64_t b = 0; b < nb; ++b, e += QBLK) {
       int32_t is = 0;
       for (int64_t j = 0; j < QBLK; ++j) is += qv(e + j) * a.q[e + j];
@@ -388,16 +391,35 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
 #endif
 }
 
+inline int q_dev_nr = 0;     // DEV: rows per pass (0: by format)
+inline int q_dev_pf = 1;     // DEV: software prefetch on/off
+#ifndef QPF_PASSES
+#define QPF_PASSES 2  // prefetch distance in 4-row passes
+#endif
 // y[j] = <W[rows ? rows[j] : j], x> for j in [j0, j1)
 template <int FMT>
 static void q_rows_range(const uint8_t* W, int64_t C, const int64_t* rows, int64_t j0, int64_t j1, const QAct& a,
                          float* y) {
   const int64_t rb = q_row_bytes(FMT, C);
   int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {
+  auto row = [&](int64_t i) { return W + (rows ? rows[i] : i) * rb; };
+  // Q8_0: one row at a time (measured: from DRAM, several Q8_0 rows side by side ran at ~40% of one
+  // row's bandwidth); Q4: four rows per pass (each x load serves four rows)
+  const int nr = q_dev_nr > 0 ? q_dev_nr : (FMT == QF_Q8_0 ? 1 : 4);
+  for (; nr == 4 && j + 4 <= j1; j += 4) {
     const uint8_t* wr[4];
-    for (int t = 0; t < 4; ++t) wr[t] = W + (rows ? rows[j + t] : j + t) * rb;
+    for (int t = 0; t < 4; ++t) wr[t] = row(j + t);
+    // the rows of a later pass into the cache now: four rows read side by side are four streams that start
+    // with a miss each, which the hardware prefetcher does not cover
+    for (int64_t t = j + 4 * QPF_PASSES; q_dev_pf && t < std::min(j1, j + 4 * QPF_PASSES + 4); ++t) {
+      const uint8_t* p = row(t);
+      for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(p + o, 0, 3);
+    }
     q_rows_pass<FMT, 4>(wr, C, a, y + j);
+  }
+  for (; nr == 2 && j + 2 <= j1; j += 2) {
+    const uint8_t* wr[2] = {row(j), row(j + 1)};
+    q_rows_pass<FMT, 2>(wr, C, a, y + j);
   }
   for (; j < j1; ++j) {
     const uint8_t* wr[1] = {W + (rows ? rows[j] : j) * rb};
@@ -414,9 +436,9 @@ static inline void q_rows(int fmt, const uint8_t* W, int64_t C, const int64_t* r
 
 // dequantise row r of a rows-layout matrix into out[C]
 static inline void q_row_dequant(int fmt, const uint8_t* W, int64_t C, int64_t r, float* out) {
-  const int64_t rb = q_row_bytes(fmt, C), nb = C / QBLK, qb = q_quant_bytes(fmt, C);
-  const uint8_t* w = W + r * rb;
-  const uint16_t* dp = reinterpret_cast<const uint16_t*>(w + qb);
+  const int64_t rb = q_row_bytes(fmt, C), nb = C / QBLK;
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(W + r * rb);
+  const uint8_t* w = W + r * rb + q_scale_bytes(fmt, C);
   int64_t g0 = 0;
   while (g0 < C) {
     const int64_t rem = C - g0;
