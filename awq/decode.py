@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 GEMVS: tuple[str, ...] = ("auto", "torch", "cpp")
+WEIGHTS: tuple[str, ...] = ("f32", "q8_0", "q4_0", "q4_1")  # f32: the model's weights; else awq.quant_decode
 _MIN_BYTES = 1 << 18  # C++ GEMV: threads from this many weight bytes each (as awq.sparse_compute)
 _DENSE_ATTRS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 _EMPTY = torch.empty(0)
@@ -141,6 +142,8 @@ class LeanDecoder:
     def __init__(self, model: nn.Module, capacity: int = 512, gemv: Optional[str] = None,
                  fused: Optional[bool] = None, weights: str = "f32", head_weights: Optional[str] = None,
                  weights_gguf=None) -> None:
+        if str(weights).lower() not in WEIGHTS:
+            raise DecodeError(f"weights must be one of {', '.join(WEIGHTS)}, got '{weights}'")
         self.gemv = (gemv or os.environ.get("AWQ_DECODE_GEMV") or "auto").lower()
         if self.gemv not in GEMVS:
             raise DecodeError(f"gemv must be one of {', '.join(GEMVS)}, got '{self.gemv}'")
@@ -197,6 +200,9 @@ class LeanDecoder:
             from awq.quant_decode import QuantStep, model_qweights
 
             self._q = QuantStep(self, model_qweights(model, self.weights, head_weights, weights_gguf))
+            for ly in self.layers:  # the fp32 copies are not used by the quantised step
+                ly.wqkv = ly.wo = _EMPTY
+                ly.wgu = ly.wd = None
         self._ensure(capacity)
         self.pos = 0
         self.stats = DecodeStats()
@@ -217,7 +223,8 @@ class LeanDecoder:
                     ly.wd, ly.bd = base.down_proj.weight.detach(), _bias(base.down_proj)
                     ly.act, ly.dense_src = _act(base), base
                 plain = not is_swapped(mlp) and all(hasattr(mlp, a) for a in _DENSE_ATTRS)
-                ly.mlp = None if plain else _prepared(mlp)
+                quant = getattr(self, "_q", None) is not None  # its own kernels: no fp32 batch-1 kernel needed
+                ly.mlp = None if plain else (mlp if quant else _prepared(mlp))
         if getattr(self, "_q", None) is not None:
             self._q.sync_mlps()
 
@@ -228,9 +235,9 @@ class LeanDecoder:
             raise DecodeError(f"{len(mlps)} MLP modules for {len(self.layers)} layers")
         for i, ly in enumerate(self.layers):
             m = None if mlps is None else mlps[i]
-            if m is None and ly.wgu is None:
+            if m is None and ly.wgu is None and self._q is None:
                 raise DecodeError(f"layer {i} has no dense MLP weights (its module keeps no original projections)")
-            ly.mlp = None if m is None else _prepared(m)
+            ly.mlp = None if m is None else (m if self._q is not None else _prepared(m))
         if self._q is not None:
             self._q.sync_mlps()
 

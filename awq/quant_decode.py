@@ -191,7 +191,7 @@ def _kern():
 class QuantStep:
     """The C++ quantised step of one :class:`awq.decode.LeanDecoder` (its layers' MLP choice, its rope)."""
 
-    def __init__(self, dec, qw: QWeights) -> None:
+    def __init__(self, dec, qw: QWeights, kv_dtype: torch.dtype = torch.float16) -> None:
         self.k = _kern()
         self.dec, self.qw = dec, qw
         H, F = dec.H, int(qw.layers[0]["gate_proj"].shape[0])
@@ -222,6 +222,7 @@ class QuantStep:
             gu = QTensor.cat([d["gate_proj"], d["up_proj"]])
             self._gu.append(self._pack_rows(gu))
         self.capacity = 0
+        self.kv_dtype = kv_dtype
         self.kind: list[str] = []
         self.sync_mlps()
 
@@ -256,7 +257,7 @@ class QuantStep:
         old = getattr(self, "_caches", None)
         self._caches = []
         for i in range(len(dec.layers)):
-            k = torch.zeros(dec.nkv, cap, dec.hd, dtype=torch.float16)
+            k = torch.zeros(dec.nkv, cap, dec.hd, dtype=self.kv_dtype)
             v = torch.zeros_like(k)
             if old is not None:
                 n = old[i][0].shape[1]
@@ -397,28 +398,73 @@ def ppl(nll: float, n: int) -> float:
     return math.exp(nll / max(1, n))
 
 
-class fake_quantized:
-    """``with fake_quantized(model, qw):`` the model holds the dequantised weights of ``qw`` (every swapped
-    MLP module sees them too, they share the projections); the original weights come back on exit."""
+def quantize_act_(x: torch.Tensor) -> torch.Tensor:
+    """The activation quantisation of the kernels (and llama.cpp), dequantised: per 32 entries along the last
+    dim ``d = fp16(amax / 127)``, ``q = round_half_even(x * (1 / (amax / 127)))``, value ``q * d``."""
+    shape = x.shape
+    b = x.float().reshape(-1, 32)
+    d = b.abs().amax(1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return (torch.round(b * inv) * d.half().float()).reshape(shape).to(x.dtype)
 
-    def __init__(self, model: nn.Module, qw: Optional[QWeights]) -> None:
-        self.model, self.qw, self.saved = model, qw, []
+
+KV16_ATTENTION = "awq_kv16"  # transformers attention implementation: sdpa on float16-rounded keys and values
+
+
+def _kv16_attention(module, query, key, value, *args, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key.half().to(key.dtype), value.half().to(value.dtype), *args,
+                                  **kwargs)
+
+
+def _register_kv16() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KV16_ATTENTION, _kv16_attention)
+
+
+class fake_quantized:
+    """``with fake_quantized(model, qw):`` the model computes what the quantised kernels compute: the
+    dequantised weights of ``qw`` in every linear layer, LM head and embedding (swapped MLP modules share the
+    projections, so they see them too), and -- ``act=True`` -- each linear layer's input quantised to int8
+    blocks as the kernels do (a forward pre-hook), and -- ``kv16=True`` -- attention on float16-rounded keys
+    (after RoPE) and values, as the kernels' float16 KV cache holds them (an attention implementation
+    registered with transformers).  Everything is restored on exit."""
+
+    def __init__(self, model: nn.Module, qw: Optional[QWeights], act: bool = True, kv16: bool = True) -> None:
+        self.model, self.qw, self.act, self.kv16, self.saved, self.hooks = model, qw, act, kv16, [], []
+        self.attn = None
 
     def __enter__(self) -> nn.Module:
         if self.qw is not None:
             from awq.sparsify import base_mlp, decoder_layers
 
-            params = [model_p for layer in decoder_layers(self.model)
-                      for model_p in ([getattr(layer.self_attn, p).weight for p in ATTN_PROJS]
-                                      + [getattr(base_mlp(layer.mlp), p).weight for p in MLP_PROJS])]
-            params += [self.model.get_input_embeddings().weight]
+            lins = [lin for layer in decoder_layers(self.model)
+                    for lin in ([getattr(layer.self_attn, p) for p in ATTN_PROJS]
+                                + [getattr(base_mlp(layer.mlp), p) for p in MLP_PROJS])]
+            params = [lin.weight for lin in lins] + [self.model.get_input_embeddings().weight]
             if not self.qw.tied:
                 params.append(self.model.get_output_embeddings().weight)
             self.saved = [(p, p.detach().clone()) for p in params]
             fake_quant_(self.model, self.qw)
+            if self.act:
+                hook = lambda mod, args: (quantize_act_(args[0]),) + tuple(args[1:])  # noqa: E731
+                for lin in lins + [self.model.get_output_embeddings()]:
+                    self.hooks.append(lin.register_forward_pre_hook(hook))
+            if self.kv16:
+                _register_kv16()
+                self.attn = self.model.config._attn_implementation
+                self.model.set_attn_implementation(KV16_ATTENTION)
         return self.model
 
     def __exit__(self, *exc) -> None:
+        if self.attn is not None:
+            self.model.set_attn_implementation(self.attn)
+            self.attn = None
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
         with torch.no_grad():
             for p, v in self.saved:
                 p.copy_(v)
@@ -449,15 +495,17 @@ def batched_nll(model: nn.Module, ids: torch.Tensor, mlps=None) -> tuple[float, 
 
 def decode_path_check(model: nn.Module, dec, ids: torch.Tensor, mlps=None) -> dict:
     """The decode-path check: perplexity of ``ids`` fed one token at a time through ``dec``'s step (its
-    weight format, ``mlps`` set on it) vs the batched evaluation of the same point (for a quantised decoder
-    on the dequantised weights it reads).  ``{"ppl_batched", "ppl_decode", "rel_diff"}``."""
-    qw = dec._q.qw if getattr(dec, "_q", None) is not None else None
+    weight format, ``mlps`` set on it) vs the batched evaluation of the same point (for a quantised decoder:
+    on the dequantised weights it reads, with its int8 activation quantisation, :class:`fake_quantized`).
+    ``{"ppl_batched", "ppl_decode", "rel_diff"}``."""
+    q = getattr(dec, "_q", None)
+    qw = q.qw if q is not None else None
     dec.set_mlps(mlps)
     try:
         nd, n = teacher_forced_nll(dec, ids)
     finally:
         dec.set_mlps(None)
-    with fake_quantized(model, qw):
+    with fake_quantized(model, qw, kv16=q is not None and q.kv_dtype == torch.float16):
         nb, _ = batched_nll(model, ids, mlps)
     pb, pd = ppl(nb, n), ppl(nd, n)
     return {"ppl_batched": pb, "ppl_decode": pd, "rel_diff": abs(pd - pb) / pb, "tokens": n}

@@ -34,7 +34,8 @@ log = logging.getLogger("awq.report")
 
 TARGETS = ("README.md", "ARTIFACT.md")
 REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "frontier_qwen", "quick", "run_default",
-             "decode_smollm2", "decode_qwen", "decode_smollm2_avx2", "frontier_cluster", "frontier_cluster_qwen")
+             "decode_smollm2", "decode_qwen", "decode_smollm2_avx2", "frontier_cluster", "frontier_cluster_qwen",
+             "decode_quant_smollm2", "decode_quant_qwen", "decode_quant_smollm2_avx2", "decode_quant_qwen_avx2")
 MARK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 SHORT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -322,7 +323,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
                    "default results/artifact_full/predictor) into results_ref/predictor.json")
     p.add_argument("--import_decode", nargs=2, default=None, metavar=("JSON", "NAME"),
                    help="first copy a `bench/bench_decode.py --output JSON` run into results_ref/NAME.json "
-                   "(NAME: decode_smollm2, decode_qwen, decode_smollm2_avx2)")
+                   "(NAME: decode_smollm2, decode_qwen, decode_smollm2_avx2, decode_quant_smollm2, decode_quant_qwen, "
+                   "decode_quant_smollm2_avx2, decode_quant_qwen_avx2)")
     a = p.parse_args(argv)
     from awq.cli import setup_logging
 

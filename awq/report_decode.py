@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-DECODE_REFS = ("decode_smollm2", "decode_qwen", "decode_smollm2_avx2")  # _avx2: AWQ_HW_FLAGS + AVX2 llama.cpp
+DECODE_REFS = ("decode_smollm2", "decode_qwen", "decode_smollm2_avx2",  # _avx2: AWQ_HW_FLAGS + AVX2 llama.cpp
+               "decode_quant_smollm2", "decode_quant_qwen", "decode_quant_smollm2_avx2", "decode_quant_qwen_avx2")
 _SUFFIX = " per token"
 
 
@@ -34,8 +35,12 @@ def _ratio_cell(rec: Optional[dict]) -> str:
 
 
 def decode_table(data: dict) -> str:
-    """Markdown for one bench_decode JSON."""
+    """Markdown for one bench_decode JSON (rows per weight format: awq.report_decode_quant)."""
+    from awq.report_decode_quant import formats, quant_tables
+
     cfg, sysinfo, rows = data["config"], data["system"], _rows(data)
+    labels = formats(data)
+    rows = {n: t for n, t in rows.items() if not any(n.endswith(" " + lab) for lab in labels)}
     head = (f"`python bench/bench_decode.py{_args(cfg)}` — CPU `{sysinfo['cpu']}`, flags "
             f"{' '.join(sysinfo['flags'])}, {cfg['threads']} thread(s) of {sysinfo['cpus']}, torch "
             f"{sysinfo['torch']}; load average {sysinfo.get('loadavg')} at start, "
@@ -46,6 +51,11 @@ def decode_table(data: dict) -> str:
               or (ln.startswith("llama.cpp ") and "built for" in ln)]
     if builds:
         head += "".join(f"* {ln}\n" for ln in builds) + "\n"
+    if labels:
+        head += "".join(f"* {ln}\n" for ln in data.get("lines", []) if ln.startswith("last-level cache")
+                        or any(ln.startswith(f"{lab}: weights ") for lab in labels)) + "\n"
+    if not rows:
+        return head + quant_tables(data)
     lines = ["| row | MLP weight read | tok/s [min - max] | ms/token | weight MB/token | vs fastest dense (roofline) "
              "| vs lean dense, same decoder (roofline) |", "|---|---|---|---|---|---|---|"]
     dense = [k for k in ("lean dense", "llama.cpp F32", "lean dense-kernel") if k in rows]
@@ -80,12 +90,13 @@ def decode_table(data: dict) -> str:
                      + "; ".join(flagged))
     if notes:
         out += "\n" + "\n".join(f"* {n}" for n in notes) + "\n"
-    return out
+    return out + ("\n" + quant_tables(data) if labels else "")
 
 
 def _args(cfg: dict) -> str:
     parts = []
-    for k in ("model_path", "threads", "densities", "methods", "prompt_tokens", "new_tokens", "repeats", "llama_cpp_path"):
+    for k in ("model_path", "threads", "weights", "densities", "methods", "prompt_tokens", "new_tokens", "repeats",
+              "ppl_check", "llama_cpp_path"):
         v = cfg.get(k)
         if v is not None:
             parts.append(f" --{k} {v}")

@@ -269,9 +269,10 @@ class QDecoder {
 
   void set_cache(int64_t l, torch::Tensor k, torch::Tensor v) {
     Layer& L = layer(l);
-    TORCH_CHECK(k.scalar_type() == torch::kHalf && k.dim() == 3 && k.size(0) == nkv_ && k.size(2) == hd_ &&
-                k.is_contiguous() && v.sizes() == k.sizes() && v.scalar_type() == torch::kHalf && v.is_contiguous(),
-                "cache: float16 [nkv, capacity, head_dim]");
+    const auto dt = k.scalar_type();
+    TORCH_CHECK((dt == torch::kHalf || dt == torch::kFloat) && k.dim() == 3 && k.size(0) == nkv_ &&
+                k.size(2) == hd_ && k.is_contiguous() && v.sizes() == k.sizes() && v.scalar_type() == dt &&
+                v.is_contiguous(), "cache: float16 or float32 [nkv, capacity, head_dim]");
     L.kc = k; L.vc = v;
   }
 
@@ -393,8 +394,11 @@ class QDecoder {
         out[2 * i + 1] = (a * sn + b * c) * mul;
       }
     };
-    const auto* K = reinterpret_cast<const uint16_t*>(L.kc.data_ptr<at::Half>());
-    const auto* V = reinterpret_cast<const uint16_t*>(L.vc.data_ptr<at::Half>());
+    const bool f32 = L.kc.scalar_type() == torch::kFloat;
+    const auto* K = reinterpret_cast<const uint16_t*>(L.kc.data_ptr());
+    const auto* V = reinterpret_cast<const uint16_t*>(L.vc.data_ptr());
+    const float* Kf = reinterpret_cast<const float*>(L.kc.data_ptr());
+    const float* Vf = reinterpret_cast<const float*>(L.vc.data_ptr());
     const int64_t q0 = nh_ * tid / nt, q1 = nh_ * (tid + 1) / nt;
     int64_t kv_done = -1;
     for (int64_t q = q0; q < q1; ++q) {
@@ -402,27 +406,33 @@ class QDecoder {
       roped(qkv_.data() + q * hd, s.q.data(), scale);
       if (kv_done != kvh) { roped(qkv_.data() + (nh_ + kvh) * hd, s.k.data(), 1.f); kv_done = kvh; }
       const float* vp = qkv_.data() + (nh_ + nkv_ + kvh) * hd;
-      const uint16_t* Kh = K + (kvh * cap + lo) * hd;
-      const uint16_t* Vh = V + (kvh * cap + lo) * hd;
+      const int64_t base = (kvh * cap + lo) * hd;
       float* sc = s.sc.data();
-      for (int64_t t = 0; t + 1 < n; ++t) sc[t] = dot_h(Kh + t * hd, s.q.data(), hd);
+      if (f32) for (int64_t t = 0; t + 1 < n; ++t) sc[t] = dot1<float>(Kf + base + t * hd, s.q.data(), hd);
+      else for (int64_t t = 0; t + 1 < n; ++t) sc[t] = dot_h(K + base + t * hd, s.q.data(), hd);
+      // the current position's k and v as the cache holds them (float16-rounded in a float16 cache), so
+      // every position is read at one precision (awq.quant_decode.fake_quantized models exactly that)
       float last = 0.f;
-      for (int64_t i = 0; i < hd; ++i) last += s.k[i] * s.q[i];
+      for (int64_t i = 0; i < hd; ++i) last += (f32 ? s.k[i] : qh2f(qf2h(s.k[i]))) * s.q[i];
       sc[n - 1] = last;
       softmax(sc, n);
       float* out = att_.data() + q * hd;
-      for (int64_t i = 0; i < hd; ++i) out[i] = sc[n - 1] * vp[i];
-      for (int64_t t = 0; t + 1 < n; ++t) axpy_h(out, sc[t], Vh + t * hd, hd);
+      for (int64_t i = 0; i < hd; ++i) out[i] = sc[n - 1] * (f32 ? vp[i] : qh2f(qf2h(vp[i])));
+      if (f32) for (int64_t t = 0; t + 1 < n; ++t) axpy<float>(out, sc[t], Vf + base + t * hd, hd);
+      else for (int64_t t = 0; t + 1 < n; ++t) axpy_h(out, sc[t], V + base + t * hd, hd);
     }
     if (tid == 0) {  // position p into the cache (read by later steps only)
-      auto* Kw = reinterpret_cast<uint16_t*>(L.kc.data_ptr<at::Half>());
-      auto* Vw = reinterpret_cast<uint16_t*>(L.vc.data_ptr<at::Half>());
+      auto* Kw = reinterpret_cast<uint16_t*>(L.kc.data_ptr());
+      auto* Vw = reinterpret_cast<uint16_t*>(L.vc.data_ptr());
+      auto* Kwf = reinterpret_cast<float*>(L.kc.data_ptr());
+      auto* Vwf = reinterpret_cast<float*>(L.vc.data_ptr());
       for (int64_t j = 0; j < nkv_; ++j) {
         roped(qkv_.data() + (nh_ + j) * hd, s.k.data(), 1.f);
         const float* vp = qkv_.data() + (nh_ + nkv_ + j) * hd;
+        const int64_t o = (j * cap + p) * hd;
         for (int64_t i = 0; i < hd; ++i) {
-          Kw[(j * cap + p) * hd + i] = qf2h(s.k[i]);
-          Vw[(j * cap + p) * hd + i] = qf2h(vp[i]);
+          if (f32) { Kwf[o + i] = s.k[i]; Vwf[o + i] = vp[i]; }
+          else { Kw[o + i] = qf2h(s.k[i]); Vw[o + i] = qf2h(vp[i]); }
         }
       }
     }
