@@ -47,6 +47,7 @@ from awq.load.models import check_model_path  # noqa: E402
 from awq.methods.registry import METHODS  # noqa: E402
 from awq.util.cli import ConfigError, fail, opt  # noqa: E402
 from bench.common import Report, Timing, parse_bench, roofline_speedup  # noqa: E402
+from bench.quant_rows import add_format_rows, decode_path_checks, llc_bytes, parse_weights, report_format  # noqa: E402
 
 log = logging.getLogger("bench_decode")
 
@@ -189,8 +190,9 @@ def llama_features(llama_cpp) -> str:
     return " ".join(on) or text.strip()
 
 
-def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, rep, reads) -> None:
-    """Calibrate each (method, density), keep its per-layer modules, meter its decode read fraction."""
+def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, rep, reads, f32_rows=True) -> dict:
+    """Calibrate each (method, density), keep its per-layer modules, meter its decode read fraction (F32 rows
+    when ``f32_rows``); returns ``{row name: modules}`` (the same modules run at every weight format)."""
     from types import SimpleNamespace
 
     from awq.decode.generate import install
@@ -205,15 +207,19 @@ def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, r
     sparsify_(model, TealConfig([0.0] * nl, [0.0] * nl))
     full = [layer.mlp for layer in decoder_layers(model)]
     unsparsify_(model)
-    if all(m.prepare_decode() for m in full):
+    if f32_rows and all(m.prepare_decode() for m in full):
         runners["lean dense-kernel"] = lean_runner(dec, full)
         nbytes["lean dense-kernel"] = by["total"]
+    out = {}
     for name, d in meths:
         mods = install(model, name, d, opts, tok, info)
         unsparsify_(model)
+        key = f"lean {name} d={d:g}"
+        out[key] = mods
+        if not f32_rows:
+            continue
         frac = decode_read_fraction(dec, x, a.new_tokens, mods)
         extra = extra_bytes(mods)
-        key = f"lean {name} d={d:g}"
         runners[key] = lean_runner(dec, mods)
         nbytes[key] = int(by["total"] - by["mlp"] * (1 - frac) + extra)
         fast = sum(m.prepare_decode() for m in mods)
@@ -221,6 +227,7 @@ def add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, r
                  f"{extra / by['mlp']:.3f} predictor/rotation; batch-1 kernel in {fast}/{len(mods)} layers")
         rep.figure(f"{key} weight_read_fraction", frac + extra / by["mlp"])
         reads[key] = frac + extra / by["mlp"]
+    return out
 
 
 def parse_methods(spec: str) -> list[tuple[str, float]]:
@@ -271,6 +278,14 @@ class DecodeBenchConfig:
     llama_cpp_path: Optional[str] = opt(None, kind="in_dir", check=lambda p: _has_llama_cpp(p),
                                         help="import llama_cpp from this folder first (e.g. an AVX2-only build made "
                                              "with pip --target; see docs/kernels.md); its build's CPU features are printed")
+    weights: str = opt("f32", check=parse_weights,
+                       help="weight formats, comma-separated: f32, q8_0, q4_0, q4_1, or FMT:HEAD (LM head in HEAD, "
+                            "e.g. q4_1:q8_0); each gets a llama.cpp row, a lean dense row and the method rows at that "
+                            "format (default f32; docs/kernels.md)")
+    ppl_check: int = opt(128, min=0, max=4096,
+                         help="decode-path check window in tokens of the test split: perplexity one token at a time "
+                              "through each decoder vs the batched evaluation on the same weights (0: skip; "
+                              "default 128)")
 
 
 def _has_llama_cpp(path: str) -> None:
@@ -285,7 +300,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         fail(str(e))
         return 2
-    dens, meths = list(a.densities), parse_methods(a.methods)
+    dens, meths, formats = list(a.densities), parse_methods(a.methods), parse_weights(a.weights)
+    f32 = any(f == "f32" for _, f, _ in formats)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
 
@@ -325,17 +341,19 @@ def main(argv=None) -> int:
                  f"built for: {llama_features(llama_cpp)}")
     if have_llama and src is None:
         rep.emit("llama.cpp: no GGUF of this model (pass --gguf); llama.cpp rows skipped")
-    elif have_llama:
-        f32 = cache_dir("gguf") / f"{src.stem}-F32.gguf"
-        if not f32.is_file():
-            log.info("writing %s (once)", f32)
-            write_f32_gguf(src, f32)
-        rep.emit(f"llama.cpp F32 GGUF {f32}: weights {check_same_weights(f32, model)}")
-        runners["llama.cpp F32"] = llama_runner(f32, a.threads, len(ids) + a.new_tokens + 8)
+    elif have_llama and f32:
+        f32_gguf = cache_dir("gguf") / f"{src.stem}-F32.gguf"
+        if not f32_gguf.is_file():
+            log.info("writing %s (once)", f32_gguf)
+            write_f32_gguf(src, f32_gguf)
+        rep.emit(f"llama.cpp F32 GGUF {f32_gguf}: weights {check_same_weights(f32_gguf, model)}")
+        runners["llama.cpp F32"] = llama_runner(f32_gguf, a.threads, len(ids) + a.new_tokens + 8)
         nbytes["llama.cpp F32"] = by["total"]
-    runners["lean dense"] = lean_runner(dec, None)
-    nbytes["lean dense"] = by["total"]
+    if f32:
+        runners["lean dense"] = lean_runner(dec, None)
+        nbytes["lean dense"] = by["total"]
     g = torch.Generator().manual_seed(0)
+    gathered = {}
     for d in dens:
         mods = []
         for i, layer in enumerate(decoder_layers(model)):
@@ -343,12 +361,33 @@ def main(argv=None) -> int:
             n = m.intermediate_size
             m.set_active(torch.randperm(n, generator=g)[: round(d * n)].sort().values)
             mods.append(m)
-        runners[f"lean gathered d={d:g}"] = lean_runner(dec, mods)
-        nbytes[f"lean gathered d={d:g}"] = by["total"] - by["mlp"] + by["mlp"] * round(d * n) / n
+        gathered[f"lean gathered d={d:g}"] = mods
+        if f32:
+            runners[f"lean gathered d={d:g}"] = lean_runner(dec, mods)
+            nbytes[f"lean gathered d={d:g}"] = by["total"] - by["mlp"] + by["mlp"] * round(d * n) / n
         # a fixed random set: not a method (it knows no active neurons), kept out of the "realizable" verdict
+    method_mods = {}
     if meths:
-        add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, rep, reads)
-    if have_llama and src is not None:
+        method_mods = add_method_rows(model, tok, info, dec, ids, a, meths, runners, nbytes, by, rep, reads, f32)
+    f32_names = set(runners)
+    fmt_recs, stats = [], {}
+    if any(f != "f32" for _, f, _ in formats):
+        llc = llc_bytes()
+        rep.emit(f"last-level cache {llc / 2**20:.0f} MiB" if llc else "last-level cache size unknown")
+        for label, fmt, head in formats:
+            if fmt == "f32":
+                continue
+            rec = add_format_rows(label, fmt, head, model, src, llama_cpp if have_llama else None, a,
+                                  {**gathered, **method_mods}, runners, nbytes, stats, rep, llama_runner,
+                                  len(ids) + a.new_tokens)
+            if llc:
+                fits = rec["dense"]["total"] <= llc
+                rep.emit(f"{label}: {rec['dense']['total'] / 2**20:.0f} MiB of weights per token "
+                         f"{'fit in' if fits else 'exceed'} the {llc / 2**20:.0f} MiB last-level cache: "
+                         f"{'LLC-resident (not DRAM bound)' if fits else 'streamed from DRAM each token'}")
+                rep.figure(f"fits_llc {label}", fits)
+            fmt_recs.append(rec)
+    if have_llama and src is not None and not any(str(r.get("path")) == str(src) for r in fmt_recs):
         ref = "llama.cpp shipped GGUF"
         runners[ref] = llama_runner(src, a.threads, len(ids) + a.new_tokens + 8)
     if a.hf:
@@ -365,6 +404,8 @@ def main(argv=None) -> int:
                 times[name].samples.append(s)
             tokens[name] = out
     for name, t in times.items():
+        if name not in f32_names and name != "llama.cpp shipped GGUF":
+            continue  # the rows of a quantised format: report_format below
         rep.timing(f"{name} per token", t, nbytes.get(name), echo=False)
         gbs = f"  {nbytes[name] / t.median / 1e9:5.1f} GB/s" if name in nbytes else ""
         rep.emit(f"{name:28s} {1 / t.median:7.2f} tok/s  [{1 / t.max:.2f} - {1 / t.min:.2f}]  "
@@ -378,9 +419,9 @@ def main(argv=None) -> int:
         rep.emit(f"lean dense time per token = {x:.2f}x llama.cpp F32 "
                  f"(issue 14 target <= 1.5x: {'met' if x <= 1.5 else 'NOT met'})")
     dense = [k for k in ("lean dense", "llama.cpp F32", "lean dense-kernel") if k in times]
-    best = min(dense, key=lambda k: times[k].median)
+    best = min(dense, key=lambda k: times[k].median) if dense else None
     for name in times:
-        if name.startswith("lean ") and name not in dense:
+        if name.startswith("lean ") and name not in dense and name in f32_names and dense:
             roof = roofline_speedup(nbytes[best], nbytes[name])
             rep.ratio(f"{name} vs {best}", times[best], times[name], roof)
             if best != "lean dense":  # the sparse MLP's own effect: same decoder, dense vs gathered MLPs
@@ -401,6 +442,10 @@ def main(argv=None) -> int:
                      f"(issue 14 target > 1x: {'met' if x > 1 else 'NOT met'})")
         else:
             rep.emit("no --methods row reads <= 50% of the MLP weights: the issue 14 sparse target is not measured")
+    for rec in fmt_recs:
+        report_format(rec, times, nbytes, stats, rep, roofline_speedup)
+    if a.ppl_check > 1:
+        decode_path_checks(model, tok, a, fmt_recs, dec if f32 else None, method_mods, rep)
     rep.write(a.output)
     return 0
 

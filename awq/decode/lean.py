@@ -34,6 +34,9 @@ GQA attention, o, residual, the MLP's norm) and the dense MLP as another (``dens
 (``bench/bench_decode.py``).  A swapped MLP module is still called from Python on the normed row.
 ``LeanDecoder(fused=False)`` or ``AWQ_DECODE_FUSED=0`` keeps the eager step.
 
+``LeanDecoder(weights="q8_0"|"q4_0"|"q4_1")`` runs every linear layer of a step on ggml's block-quantised weights
+instead (one C++ call per token, prefill token by token; :mod:`awq.decode.quant`, docs/kernels.md).
+
 The prompt is prefilled in one batched pass (``scaled_dot_product_attention``, causal, GQA).
 Greedy tokens equal ``model.generate(do_sample=False)`` (tests/test_decode.py: tiny random Llama,
 Qwen2, Mistral and the real default model); logits agree to float tolerance, not bit for bit
@@ -57,9 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from awq.decode.quant import QuantStep, model_qweights
 from awq.kernels import hw
 from awq.kernels.mlp import EMPTY, cpp_kernel, is_silu, min_bytes_per_thread
-from awq.load.arch import decoder_layers, is_swapped
+from awq.load.arch import decoder_layers, is_swapped, rope_pair_perm
+from awq.load.quant_formats import WEIGHT_FORMATS
 from awq.methods.base import SwappedMLP, base_mlp
 from awq.methods.dynamic_sparse import bias_of as _bias
 from awq.util import env
@@ -68,6 +73,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 GEMVS: tuple[str, ...] = ("auto", "torch", "cpp")
+WEIGHTS: tuple[str, ...] = WEIGHT_FORMATS  # f32: the model's weights; else awq.decode.quant
 _DENSE_ATTRS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
@@ -115,13 +121,6 @@ def _cat_bias(lins: Sequence[nn.Module], sizes: Sequence[int], like: torch.Tenso
     return torch.cat([b if b is not None else like.new_zeros(n) for b, n in zip(bs, sizes)]).contiguous()
 
 
-def _pair_perm(heads: int, hd: int) -> torch.Tensor:
-    """Row order taking HF's half-split rotary layout to interleaved (x1_i, x2_i) pairs per head."""
-    half = torch.arange(hd // 2)
-    one = torch.stack([half, half + hd // 2], dim=1).flatten()
-    return (torch.arange(heads)[:, None] * hd + one[None]).flatten()
-
-
 def _act(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.silu if is_silu(mlp.act_fn) else mlp.act_fn  # F.silu: skip the module call
 
@@ -137,7 +136,10 @@ class LeanDecoder:
     """Batch-1 greedy decoder over the weights of ``model`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, capacity: int = 512, gemv: Optional[str] = None,
-                 fused: Optional[bool] = None) -> None:
+                 fused: Optional[bool] = None, weights: str = "f32", head_weights: Optional[str] = None,
+                 weights_gguf=None) -> None:
+        if str(weights).lower() not in WEIGHTS:
+            raise DecodeError(f"weights must be one of {', '.join(WEIGHTS)}, got '{weights}'")
         self.gemv = (gemv or env.get("AWQ_DECODE_GEMV")).lower()
         if self.gemv not in GEMVS:
             raise DecodeError(f"gemv must be one of {', '.join(GEMVS)}, got '{self.gemv}'")
@@ -163,7 +165,7 @@ class LeanDecoder:
         self.lm_head = model.lm_head.weight.detach()
         self._rotary = inner.rotary_emb
         self.layers: list[_Layer] = []
-        perm_q, perm_k = _pair_perm(self.nh, self.hd), _pair_perm(self.nkv, self.hd)
+        perm_q, perm_k = rope_pair_perm(self.nh, self.hd), rope_pair_perm(self.nkv, self.hd)
         scale = self.hd ** -0.5
         with torch.no_grad():
             for layer in decoder_layers(model):
@@ -188,6 +190,13 @@ class LeanDecoder:
         self._pick_fused()
         self._zero = torch.zeros(1, self.H, dtype=self.dtype, device=self.device)
         self.capacity = 0
+        self.weights = str(weights).lower()
+        self._q = None  # awq.decode.quant.QuantStep: every linear of a step on block-quantised weights
+        if self.weights != "f32":
+            self._q = QuantStep(self, model_qweights(model, self.weights, head_weights, weights_gguf))
+            for ly in self.layers:  # the fp32 copies are not used by the quantised step
+                ly.wqkv = ly.wo = EMPTY
+                ly.wgu = ly.wd = None
         self._ensure(capacity)
         self.pos = 0
         self.stats = DecodeStats()
@@ -208,7 +217,10 @@ class LeanDecoder:
                     ly.wd, ly.bd = base.down_proj.weight.detach(), _bias(base.down_proj)
                     ly.act, ly.dense_src = _act(base), base
                 plain = not is_swapped(mlp) and all(hasattr(mlp, a) for a in _DENSE_ATTRS)
-                ly.mlp = None if plain else _prepared(mlp)
+                quant = getattr(self, "_q", None) is not None  # its own kernels: no fp32 batch-1 kernel needed
+                ly.mlp = None if plain else (mlp if quant else _prepared(mlp))
+        if getattr(self, "_q", None) is not None:
+            self._q.sync_mlps()
 
     def set_mlps(self, mlps: Optional[Sequence[Optional[nn.Module]]]) -> None:
         """Run these per-layer MLP modules (``None`` or a ``None`` entry: the fused dense MLP) without
@@ -217,9 +229,11 @@ class LeanDecoder:
             raise DecodeError(f"{len(mlps)} MLP modules for {len(self.layers)} layers")
         for i, ly in enumerate(self.layers):
             m = None if mlps is None else mlps[i]
-            if m is None and ly.wgu is None:
+            if m is None and ly.wgu is None and self._q is None:
                 raise DecodeError(f"layer {i} has no dense MLP weights (its module keeps no original projections)")
-            ly.mlp = None if m is None else _prepared(m)
+            ly.mlp = None if m is None else (m if self._q is not None else _prepared(m))
+        if self._q is not None:
+            self._q.sync_mlps()
 
     def _ensure(self, n: int) -> None:
         """Make the KV cache and the rotary table hold ``n`` positions (kept contents)."""
@@ -244,6 +258,8 @@ class LeanDecoder:
                     v[:, :self.capacity] = ly.v
                 ly.k, ly.v = k, v
         self.capacity = cap
+        if getattr(self, "_q", None) is not None:
+            self._q.set_capacity()
 
     # -- compute -------------------------------------------------------------------------------
     def _rope(self, qk: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -322,6 +338,10 @@ class LeanDecoder:
         if T == 0:
             raise DecodeError("empty prompt")
         self._ensure(T)
+        if self._q is not None:  # token by token through the quantised step (its own cache)
+            logits = self._q.prefill(ids)
+            self.pos = T
+            return logits
         nh, nkv, hd, H = self.nh, self.nkv, self.hd, self.H
         qk_end = (nh + nkv) * hd
         fr = self.freqs[:T, None, :]
@@ -354,6 +374,10 @@ class LeanDecoder:
         if p == 0:
             raise DecodeError("call prefill() before step()")
         self._ensure(p + 1)
+        if self._q is not None:
+            logits = self._q.step(token, p)
+            self.pos = p + 1
+            return logits
         h = self.embed[token:token + 1].clone()
         if self.fused_attn:
             return self._fused_step(h, p)

@@ -6,6 +6,7 @@ architectures are supported: an MLP with ``gate_proj``, ``up_proj``, ``down_proj
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 PROJS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -50,3 +51,11 @@ def check_supported(model: nn.Module) -> int:
                 f"decoder layer {i} MLP is {type(mlp).__name__}, which lacks {missing}; "
                 "only gate_proj/up_proj/down_proj/act_fn (SwiGLU) MLPs are supported")
     return len(layers)
+
+
+def rope_pair_perm(heads: int, hd: int) -> torch.Tensor:
+    """Row order of a q/k projection taking HF's half-split rotary layout to interleaved ``(x1_i, x2_i)`` pairs
+    per head (the lean decoder's rotary order, and the order llama's GGUF converter stores q/k rows in)."""
+    half = torch.arange(hd // 2)
+    one = torch.stack([half, half + hd // 2], dim=1).flatten()
+    return (torch.arange(heads)[:, None] * hd + one[None]).flatten()

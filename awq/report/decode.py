@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 from awq.report import provenance
+from awq.report.decode_quant import QUANT_COMMANDS, formats, not_measured, quant_tables
 from awq.report.importers import RunOutputError, _load, _ref, _root, bench_versions
 from awq.util.io import atomic_write_json
 
-DECODE_REFS = ("decode_smollm2", "decode_qwen", "decode_smollm2_avx2")  # _avx2: AWQ_HW_FLAGS + AVX2 llama.cpp
+DECODE_REFS = ("decode_smollm2", "decode_qwen", "decode_smollm2_avx2",  # _avx2: AWQ_HW_FLAGS + AVX2 llama.cpp
+               "decode_quant_smollm2", "decode_quant_qwen", "decode_quant_smollm2_avx2", "decode_quant_qwen_avx2")
 _SUFFIX = " per token"
 
 
@@ -38,8 +40,10 @@ def _ratio_cell(rec: Optional[dict]) -> str:
 
 
 def decode_table(data: dict) -> str:
-    """Markdown for one bench_decode JSON."""
+    """Markdown for one bench_decode JSON (rows per weight format: awq.report.decode_quant)."""
     cfg, sysinfo, rows = data["config"], data["system"], _rows(data)
+    labels = formats(data)
+    rows = {n: t for n, t in rows.items() if not any(n.endswith(" " + lab) for lab in labels)}
     cmd = (data.get("provenance") or {}).get("command") or f"python bench/bench_decode.py{_args(cfg)}"
     head = (f"`{cmd}` — CPU `{sysinfo['cpu']}`, flags "
             f"{' '.join(sysinfo['flags'])}, {cfg['threads']} thread(s) of {sysinfo['cpus']}, torch "
@@ -51,6 +55,11 @@ def decode_table(data: dict) -> str:
               or (ln.startswith("llama.cpp ") and "built for" in ln)]
     if builds:
         head += "".join(f"* {ln}\n" for ln in builds) + "\n"
+    if labels:
+        head += "".join(f"* {ln}\n" for ln in data.get("lines", []) if ln.startswith("last-level cache")
+                        or any(ln.startswith(f"{lab}: weights ") for lab in labels)) + "\n"
+    if not rows:
+        return head + quant_tables(data)
     lines = ["| row | MLP weight read | tok/s [min - max] | ms/token | weight MB/token | vs fastest dense (roofline) "
              "| vs lean dense, same decoder (roofline) |", "|---|---|---|---|---|---|---|"]
     dense = [k for k in ("lean dense", "llama.cpp F32", "lean dense-kernel") if k in rows]
@@ -83,12 +92,13 @@ def decode_table(data: dict) -> str:
                      + "; ".join(flagged))
     if notes:
         out += "\n" + "\n".join(f"* {n}" for n in notes) + "\n"
-    return out
+    return out + ("\n" + quant_tables(data) if labels else "")
 
 
 def fastest_half(data: dict) -> Optional[tuple[str, float, float]]:
     """(row, its median s/token, llama.cpp F32's) of the fastest lean row reading <= 50% of the MLP weights."""
-    rows = _rows(data)
+    labels = formats(data)
+    rows = {n: t for n, t in _rows(data).items() if not any(n.endswith(" " + lab) for lab in labels)}
     f32 = rows.get("llama.cpp F32")
     cands = [(n, t) for n, t in rows.items() if n.startswith("lean ") and (_read(data, n) or 1.0) <= 0.5]
     if not f32 or not cands:
@@ -99,7 +109,8 @@ def fastest_half(data: dict) -> Optional[tuple[str, float, float]]:
 
 def _args(cfg: dict) -> str:
     parts = []
-    for k in ("model_path", "threads", "densities", "methods", "prompt_tokens", "new_tokens", "repeats", "llama_cpp_path"):
+    for k in ("model_path", "threads", "weights", "densities", "methods", "prompt_tokens", "new_tokens", "repeats",
+              "ppl_check", "llama_cpp_path"):
         v = cfg.get(k)
         if v is not None:
             parts.append(f" --{k} {','.join(map(str, v)) if isinstance(v, list) else v}")
@@ -108,6 +119,8 @@ def _args(cfg: dict) -> str:
 
 def decode_block(key: str):
     def block(refs: dict) -> str:
+        if key in QUANT_COMMANDS and key not in refs:
+            return not_measured(key)
         return decode_table(refs[key])
     return block
 

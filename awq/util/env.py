@@ -46,6 +46,8 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
         "threads"),
     Var("AWQ_DECODE_GEMV", "choice", "auto", "one-row products of the lean decoder", ("auto", "torch", "cpp")),
     Var("AWQ_DECODE_FUSED", "bool", True, "the lean decoder's one-C++-call-per-layer step (0: the eager step)"),
+    Var("AWQ_QUANT_ROWS_PER_PASS", "choice", "auto", "rows per pass of the quantised rows GEMV "
+        "(csrc/quant_simd.h; auto: 1 for Q8_0, 4 for Q4_0/Q4_1)", ("auto", "1", "2", "4")),
     Var("AWQ_CLUSTER_MEMORY_GB", "float", None, "memory budget of one clustering block (else a quarter of the "
         "free RAM up to 8 GiB, or half the free GPU memory)"),
 )}

@@ -1,0 +1,174 @@
+"""Quantised kernels (csrc/quant_simd.h) against dequantise + (masked) dense in torch, odd sizes, both vector
+paths (the native build and a real AVX2-only build, AWQ_HW_FLAGS="avx2 fma")."""
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import awq.kernels.quant as qk
+from awq.kernels.build import march_flag
+from awq.kernels.quant import KERNEL_CODE, gemv_ref, quantize_act_ref
+from awq.load.quant_formats import FORMATS, QTensor, quantize
+
+FMTS = list(FORMATS)
+
+
+def _native():
+    return qk.kernel()
+
+
+def _avx2():
+    """The AWQ_HW_FLAGS="avx2 fma" build (a real -march=haswell one), or None off x86 / if it cannot be built."""
+    old = os.environ.get("AWQ_HW_FLAGS")
+    os.environ["AWQ_HW_FLAGS"] = "avx2 fma"
+    try:
+        if march_flag() != "-march=haswell":
+            return None
+        return qk.kernel()
+    finally:
+        if old is None:
+            del os.environ["AWQ_HW_FLAGS"]
+        else:
+            os.environ["AWQ_HW_FLAGS"] = old
+
+
+def _paths():
+    out = []
+    nat = _native()
+    if nat is not None:
+        out.append(pytest.param(nat, id=f"native-{nat.simd()}"))
+    a2 = _avx2()
+    if a2 is not None and (nat is None or a2.simd() != nat.simd()):
+        out.append(pytest.param(a2, id=f"avx2-{a2.simd()}"))
+    if not out:
+        out.append(pytest.param(None, marks=pytest.mark.skip(reason="quantised C++ kernel could not be built here")))
+    return out
+
+
+PATHS = _paths()
+
+
+def act_ref(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp-style activation quantisation, dequantised, written out plainly: per 32 entries
+    d = fp16(amax/127), q = round_half_even(x * 127/amax)."""
+    b = x.float().reshape(-1, 32)
+    amax = b.abs().amax(1, keepdim=True)
+    d = amax / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.round(b * inv)
+    return (q * d.half().float()).reshape(-1)
+
+
+def test_torch_references_agree():
+    """awq.kernels.quant's references (used by the decode-path check) equal the plain ones here."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(160, generator=g)
+    x[64:96] = 0
+    assert torch.equal(quantize_act_ref(x), act_ref(x))
+    qt = quantize(weights(9, 160, 4), "q4_1")
+    assert torch.allclose(gemv_ref(qt.dequantize(), x), qt.dequantize().double() @ act_ref(x).double())
+    rows = torch.tensor([8, 0, 0, 3])
+    assert torch.allclose(gemv_ref(qt.dequantize(), x, rows), (qt.dequantize().double() @ act_ref(x).double())[rows])
+
+
+def weights(R, C, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(R, C, generator=g) * scale
+    w[:, ::7] *= 4  # uneven blocks
+    return w
+
+
+def test_planes_roundtrip_and_ggml_equal():
+    w = weights(37, 224, 0)
+    for f in FMTS:
+        qt = quantize(w, f)
+        raw = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType(FORMATS[f].ggml_type))
+        assert np.array_equal(qt.to_ggml(), raw)
+        assert torch.equal(qt.dequantize(), torch.from_numpy(gguf.quants.dequantize(raw, FORMATS[f].ggml_type)))
+        assert torch.equal(QTensor.from_ggml(raw, f, (37, 224)).dequantize(), qt.dequantize())
+
+
+@pytest.mark.parametrize("kern", PATHS)
+def test_activation_quantisation(kern):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(96, generator=g)
+    x[32:64] = 0  # an all-zero block
+    q, d, s = kern.quantize_act(x)
+    ref = act_ref(x)
+    assert torch.equal((q.float().reshape(-1, 32) * d[:, None]).reshape(-1), ref)
+    assert torch.equal(s, q.reshape(-1, 32).int().sum(1))
+
+
+@pytest.mark.parametrize("kern", PATHS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("C", [32, 96, 224, 608])
+def test_rows_gemv_equals_dequantised_dense(kern, fmt, C):
+    R = 37
+    qt = quantize(weights(R, C, C), fmt)
+    packed = kern.pack_rows(qt.qs, qt.d, qt.m if qt.m is not None else torch.empty(0), KERNEL_CODE[fmt], C)
+    assert packed.shape == (R, qt.nbytes // R)  # exactly the format's bits per weight
+    x = torch.randn(C, generator=torch.Generator().manual_seed(2))
+    ref = qt.dequantize().double() @ act_ref(x).double()
+    scale = qt.dequantize().double().abs() @ act_ref(x).double().abs()
+    y = kern.gemv_rows(packed, KERNEL_CODE[fmt], C, x, torch.empty(0, dtype=torch.long))
+    assert torch.allclose(y.double(), ref, rtol=0, atol=1e-5 * float(scale.max()) + 1e-7)
+    rows = torch.tensor([5, 0, 36, 17, 17, 3, 30], dtype=torch.long)  # gathered rows, any order, repeats
+    yr = kern.gemv_rows(packed, KERNEL_CODE[fmt], C, x, rows)
+    assert torch.allclose(yr.double(), ref[rows], rtol=0, atol=1e-5 * float(scale.max()) + 1e-7)
+
+
+@pytest.mark.parametrize("kern", PATHS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("R,C", [(37, 96), (130, 608), (64, 32)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_cols_gemv_equals_masked_dense(kern, fmt, R, C, density):
+    qt = quantize(weights(R, C, R + C), fmt)
+    q, ds, ms = kern.pack_cols(qt.qs, qt.d, qt.m if qt.m is not None else torch.empty(0), KERNEL_CODE[fmt], C)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(C, generator=g)
+    x = x * (torch.rand(C, generator=g) < density)  # the masked input: inactive entries are exact zeros
+    counts = torch.zeros(2, dtype=torch.long)
+    y = kern.gemv_cols(q, ds, ms, KERNEL_CODE[fmt], R, x, counts)
+    xr = act_ref(x).double()
+    ref = qt.dequantize().double() @ xr
+    scale = float((qt.dequantize().double().abs() @ xr.abs()).max())
+    assert torch.allclose(y.double(), ref, rtol=0, atol=1e-5 * scale + 1e-7)
+    active = x != 0
+    assert int(counts[0]) == int(active.sum())
+    assert int(counts[1]) == int(active.reshape(-1, 32).any(1).sum())
+
+
+def test_both_paths_built():
+    """The AVX2-only build is a different vector path from the native one (on an AVX-512 machine)."""
+    nat, a2 = _native(), _avx2()
+    if nat is None or a2 is None:
+        pytest.skip("a path could not be built")
+    assert a2.simd() == "avx2"
+    assert nat.simd() == qk.expected_simd()  # the path the flags awq.kernels.hw acts on call for
+    assert qk.expected_simd(("avx2", "fma")) == "avx2"
+
+
+@pytest.mark.parametrize("kern", PATHS)
+@pytest.mark.parametrize("nr", [1, 2, 4])
+def test_rows_per_pass_override(kern, nr):
+    """AWQ_QUANT_ROWS_PER_PASS's settings (kernel.set_rows_per_pass) all compute the same product; a bad one is
+    refused."""
+    C, R = 224, 39
+    x = torch.randn(C, generator=torch.Generator().manual_seed(5))
+    try:
+        kern.set_rows_per_pass(nr)
+        for fmt in FMTS:
+            qt = quantize(weights(R, C, 7), fmt)
+            packed = kern.pack_rows(qt.qs, qt.d, qt.m if qt.m is not None else torch.empty(0), KERNEL_CODE[fmt], C)
+            y = kern.gemv_rows(packed, KERNEL_CODE[fmt], C, x, torch.empty(0, dtype=torch.long))
+            ref = gemv_ref(qt.dequantize(), x)
+            scale = float((qt.dequantize().double().abs() @ act_ref(x).double().abs()).max())
+            assert torch.allclose(y.double(), ref, rtol=0, atol=1e-5 * scale + 1e-7)
+        with pytest.raises(RuntimeError, match="rows per pass"):
+            kern.set_rows_per_pass(3)
+    finally:
+        kern.set_rows_per_pass(0)
