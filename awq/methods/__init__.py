@@ -170,3 +170,16 @@ def config_summary(cfg: Any) -> dict:
     if hasattr(cfg, "source"):
         out["source"] = cfg.source
     return out
+
+
+# issue 21 (branch methods): new methods, each self-contained in its own file; one registry entry each
+def _lowbit(bits: int) -> Callable:
+    def cal(model: nn.Module, calib: CalibData, density: float):
+        from awq.methods.lowbit_rank import calibrate_lowbit_rank
+
+        return calibrate_lowbit_rank(model, calib.xs(model), check_density(density), bits=bits)
+    return cal
+
+
+METHODS["lowbit_rank"] = MethodSpec("lowbit_rank", _lowbit(4), (0.22, 0.32, 0.41, 0.5),
+                                    about="neurons ranked by |act(g~) u~| from a 4-bit copy of gate/up (copy counted)")
