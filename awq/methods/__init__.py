@@ -183,3 +183,26 @@ def _lowbit(bits: int) -> Callable:
 
 METHODS["lowbit_rank"] = MethodSpec("lowbit_rank", _lowbit(4), (0.22, 0.32, 0.41, 0.5),
                                     about="neurons ranked by |act(g~) u~| from a 4-bit copy of gate/up (copy counted)")
+
+
+def _lazy(module: str, fn: str, **kw) -> Callable:
+    """Calibrate with ``awq.methods.<module>.<fn>(model, xs, density, **kw)`` (imported on first use)."""
+    def cal(model: nn.Module, calib: CalibData, density: float):
+        import importlib
+
+        f = getattr(importlib.import_module(f"awq.methods.{module}"), fn)
+        return f(model, calib.xs(model), check_density(density), **kw)
+    return cal
+
+
+METHODS["rsparse"] = MethodSpec("rsparse", _lazy("rsparse", "calibrate_rsparse"), (0.3, 0.4, 0.5, 0.6),
+                                about="R-Sparse: top-|x| channels exact + rank-r SVD remainder, per-layer rank/split "
+                                      "search (factors counted); param = read budget")
+METHODS["scap"] = MethodSpec("scap", _lazy("scap", "calibrate_scap"), (0.3, 0.4, 0.5, 0.6),
+                             about="SCAP: input pruning after mode-centering, calibrated x/h split; param = read budget")
+METHODS["griffin"] = MethodSpec("griffin", _lazy("prompt_sets", "calibrate_griffin"), (0.4, 0.5, 0.6, 0.7),
+                                about="GRIFFIN: one neuron set per sequence from the prompt (needs --protocol prompt:P)")
+METHODS["cluster_lowbit"] = MethodSpec("cluster_lowbit", _lazy("cluster_lowbit", "calibrate_cluster_lowbit",
+                                                                candidates=0.8),
+                                       (0.3, 0.4, 0.45), about="routed centroid (80% of neurons) as candidates, 4-bit "
+                                       "copy ranks inside (router + copy rows counted)")
