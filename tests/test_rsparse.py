@@ -82,9 +82,14 @@ def test_search_meets_budget_and_rank_zero_is_teal():
         extra = (c["r1"] * (64 + 192) + c["r2"] * (64 + 96)) / (3 * 64 * 96)
         assert (2 * c["dx"] + c["dh"]) / 3 + extra == pytest.approx(0.5, abs=1e-3)
     teal = calibrate_rsparse(model, xs, 0.5, rank_fractions=(0.0,), splits=(0.0,))
+    from awq.methods.common import keep_threshold
     from awq.methods.teal import calibrate_teal
 
     ref = calibrate_teal(model, xs, 0.5)
     assert teal.x_thresholds == pytest.approx(ref.x_thresholds)
-    assert teal.h_thresholds == pytest.approx(ref.h_thresholds, rel=1e-4)
+    for i, x in enumerate(xs):  # t_h: on h of the x-pruned input (what the module thresholds), not of dense x
+        mlp = mlp_of(model, i)
+        xk = x * (x.abs() >= teal.x_thresholds[i])
+        h = mlp.act_fn(mlp.gate_proj(xk)) * mlp.up_proj(xk)
+        assert teal.h_thresholds[i] == pytest.approx(keep_threshold(h.abs(), 0.5), rel=1e-5)
     assert "rsparse" in METHODS

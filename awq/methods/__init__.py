@@ -206,3 +206,22 @@ METHODS["cluster_lowbit"] = MethodSpec("cluster_lowbit", _lazy("cluster_lowbit",
                                                                 candidates=0.8),
                                        (0.3, 0.4, 0.45), about="routed centroid (80% of neurons) as candidates, 4-bit "
                                        "copy ranks inside (router + copy rows counted)")
+
+
+def _griffin_refine(candidates: Optional[float], **kw) -> Callable:
+    """GRIFFIN candidates (``candidates`` share; None: the param itself, for a fixed centroid) + low-bit ranking."""
+    def cal(model: nn.Module, calib: CalibData, density: float):
+        from awq.methods.prompt_sets import calibrate_griffin_refine
+
+        d = check_density(density)
+        return calibrate_griffin_refine(model, calib.xs(model), d, candidates if candidates is not None else d,
+                                        seed=calib.seed, **kw)
+    return cal
+
+
+METHODS["griffin_lowbit"] = MethodSpec("griffin_lowbit", _griffin_refine(0.9), (0.41,),
+                                       about="GRIFFIN top 90% as candidates, 4-bit copy ranks inside per token "
+                                             "(threshold from the prompt; copy rows counted; needs the prompt protocol)")
+METHODS["griffin_centroid"] = MethodSpec("griffin_centroid", _griffin_refine(None, centroids_k=16, refine=False),
+                                         (0.5, 0.7), about="the prompt picks one of 16 per-layer centroids (GRIFFIN "
+                                         "score coverage), fixed for the continuation; needs the prompt protocol")
