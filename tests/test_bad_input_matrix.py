@@ -140,6 +140,8 @@ CLIS: list[Cli] = [
         lambda f: ["--hidden", "16", "--intermediate", "32", "--layers", "1", "--heads", "2", "--kv_heads", "1",
                    "--vocab", "64", "--seqlen", "8", "--windows", "1", "--read_sizes_mb", "0.01", "--workdir",
                    f.out("extract")]),
+    Cli("python bench/bench_lowbit_rank.py", "bench.bench_lowbit_rank", "cli", "LowbitBenchConfig",
+        lambda f: ["--quick", "--threads", "1"]),
     Cli("python bench/bench_ppl.py", "bench.bench_ppl", "cli", "PplBenchConfig",
         lambda f: ["--quick", "--model_path", str(f.model), "--data_path", str(f.corpus), "--thresholds",
                    str(f.thresholds), "--seqlen", "32", "--threads", "1"]),

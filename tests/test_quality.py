@@ -1,4 +1,4 @@
-"""KL / top-1 against dense (awq.quality) and the prompt -> continuation protocol (awq.protocol), against plain
+"""KL / top-1 against dense (awq.experiments.quality) and the prompt -> continuation protocol (awq.methods.protocol), against plain
 float64 references on tiny random models."""
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from torch import nn
 from awq.methods.base import MethodConfig
 from awq.methods.cats import CatsConfig, calibrate_cats
 from awq.methods.cluster import ClusterConfig, calibrate_cluster
+from awq.methods.cluster_lowbit import ClusterLowbitConfig, calibrate_cluster_lowbit
 from awq.methods.cluster_neuron import ClusterNeuronConfig, ClusterVariant, calibrate_cluster_neuron
 from awq.methods.common import CalibData, MethodError, check_density
 from awq.methods.gathered import GatheredConfig, random_sets
@@ -38,9 +39,13 @@ from awq.methods.larosa import (
     calibrate_larosa_folded_greedy,
     calibrate_larosa_topk,
 )
+from awq.methods.lowbit_rank import LowbitRankConfig, calibrate_lowbit_rank
 from awq.methods.neuron_predictor import NeuronPredictorConfig, calibrate_neuron_predictor
 from awq.methods.paper import VARIANTS, paper_config, paper_thresholds
 from awq.methods.paper_mlp import SparsityConfig
+from awq.methods.prompt_sets import GriffinConfig, GriffinRefineConfig, calibrate_griffin, calibrate_griffin_refine
+from awq.methods.rsparse import RSparseConfig, calibrate_rsparse
+from awq.methods.scap import ScapConfig, calibrate_scap
 from awq.methods.teal import LarosaConfig, TealConfig, WinaConfig, calibrate_larosa, calibrate_teal, calibrate_wina
 from awq.methods.topk import TopKConfig, calibrate_topk
 
@@ -113,6 +118,20 @@ def _larosa_folded_greedy(model: nn.Module, calib: CalibData, density: float) ->
                                           seed=calib.seed)
 
 
+def _griffin_refine(candidates: Optional[float], **kw) -> Calibrate:
+    """GRIFFIN candidates (``candidates`` share; None: the density itself, for a fixed centroid) + low-bit ranking."""
+    def cal(model: nn.Module, calib: CalibData, density: float) -> GriffinRefineConfig:
+        d = check_density(density)
+        return calibrate_griffin_refine(model, calib.xs(model), d, candidates if candidates is not None else d,
+                                        seed=calib.seed, **kw)
+    return cal
+
+
+def _cluster_lowbit(model: nn.Module, calib: CalibData, density: float) -> ClusterLowbitConfig:
+    return calibrate_cluster_lowbit(model, calib.xs(model), check_density(density), candidates=0.8, seed=calib.seed)
+
+
+LOWBIT_KERNEL = "low-bit scores (csrc/lowbit_rank.cpp), then " + ROW_KERNEL.split(" (")[0] + " rows of the kept neurons"
 FOLDED_KERNEL = ("none: an evaluation module (rotates at run time); the folded model "
                  "(awq.methods.larosa.fold_rotation) runs TEAL's column-gathered kernel")
 PAPER_KERNEL = "paper ([gate; up] GEMV, thresholds, rows of W_down for nonzero h)"
@@ -149,6 +168,32 @@ _SPECS: list[MethodSpec] = [
                kernel="none: top-k selection (the C++ input-sparse kernel takes thresholds)", default=False,
                about="LaRoSA's own selection: per-layer rotation (counted), top-k per token on |xQ| and |h| (exact "
                      "densities)"),
+    MethodSpec("lowbit_rank", LowbitRankConfig, on_inputs(calibrate_lowbit_rank), (0.22, 0.32, 0.41, 0.5),
+               kernel=LOWBIT_KERNEL, default=False,
+               about="neurons ranked by |act(g~) u~| from a 4-bit copy of gate/up (copy counted)"),
+    MethodSpec("rsparse", RSparseConfig, on_inputs(calibrate_rsparse), (0.3, 0.4, 0.5, 0.6),
+               kernel="column-gathered GEMVs of the kept x and h (down_gather) + the rank-r remainders", default=False,
+               about="R-Sparse: top-|x| channels exact + rank-r SVD remainder, per-layer rank/split search (factors "
+                     "counted); param = read budget"),
+    MethodSpec("scap", ScapConfig, on_inputs(calibrate_scap), (0.3, 0.4, 0.5, 0.6),
+               kernel="column-gathered GEMVs of the kept mode-centred x and h (down_gather)", default=False,
+               about="SCAP: input pruning after mode-centering, calibrated x/h split; param = read budget"),
+    MethodSpec("griffin", GriffinConfig, lambda model, calib, density: calibrate_griffin(model, [], density),
+               (0.4, 0.5, 0.6, 0.7),
+               kernel=ROW_KERNEL + " of the prompt's set", default=False, needs_prompt=True,
+               about="GRIFFIN: one neuron set per sequence from the prompt (needs --protocol prompt:P)"),
+    MethodSpec("griffin_lowbit", GriffinRefineConfig, _griffin_refine(0.9), (0.41,),
+               kernel=LOWBIT_KERNEL + " (candidates only)", default=False, needs_prompt=True,
+               about="GRIFFIN top 90% as candidates, 4-bit copy ranks inside per token (threshold from the prompt; "
+                     "copy rows counted; needs --protocol prompt:P)"),
+    MethodSpec("griffin_centroid", GriffinRefineConfig, _griffin_refine(None, centroids_k=16, refine=False),
+               (0.5, 0.7), kernel=ROW_KERNEL + " of the picked centroid", default=False, needs_prompt=True,
+               about="the prompt picks one of 16 per-layer centroids (GRIFFIN score coverage), fixed for the "
+                     "continuation; needs --protocol prompt:P"),
+    MethodSpec("cluster_lowbit", ClusterLowbitConfig, _cluster_lowbit, (0.3, 0.4, 0.45),
+               kernel=LOWBIT_KERNEL + " (the routed centroid's candidates)", default=False,
+               about="routed centroid (80% of neurons) as candidates, 4-bit copy ranks inside (router + copy rows "
+                     "counted)"),
     MethodSpec("topk", TopKConfig, calibrate_topk, (0.1, 0.3, 0.5), kernel="[gate; up] GEMV, top-k, kept rows of "
                "W_down", about="per-token top-k of |h| (gate and up read in full)", default=False),
     MethodSpec("gathered", GatheredConfig, lambda model, calib, density: random_sets(model, check_density(density),

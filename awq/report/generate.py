@@ -224,7 +224,7 @@ def frontier(refs: dict, key: str = "frontier") -> str:
     for q in sorted(pts, key=lambda q: (order.get(q["method"], 99), q["param"])):
         by.setdefault(q["method"], []).append(q)
     speed = any(q.get("roofline") is not None for q in pts)
-    qual = any(q.get("kl") is not None for q in pts)  # KL / top-1 against dense (awq.quality)
+    qual = any(q.get("kl") is not None for q in pts)  # KL / top-1 against dense (awq.experiments.quality)
     lines = ["| method | density swept | MLP weight read / token | PPL |" + (" KL vs dense | top-1 = dense |" if qual else "")
              + (" decode speedup (roofline) |" if speed else ""),
              "|---|---|---|---|" + ("---|---|" if qual else "") + ("---|" if speed else "")]
