@@ -40,7 +40,7 @@ from awq.report.importers import (
     merge_frontier_quality,
 )
 from awq.report.refs import REF_FILES, TARGETS, ReportError, load_refs, target_files
-from awq.report.summaries import cluster_findings, headline
+from awq.report.summaries import cluster_findings, half_read, headline
 from awq.report.tables import predictor_table, sparse_mlp_table
 from awq.util import paths
 from awq.util.cli import ConfigError, fail, opt, parse_config, setup_logging
@@ -202,7 +202,9 @@ def make_run(refs: dict) -> str:
 
 
 FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
-                  "teal_greedy", "wina_greedy", "larosa", "larosa_folded", "larosa_folded_wina", "neuron_predictor", "cluster_oracle", "cluster_predicted", "cluster_thresh",
+                  "teal_greedy", "wina_greedy", "larosa", "larosa_folded", "larosa_folded_wina", "larosa_folded_greedy",
+                  "larosa_topk", "rsparse", "scap", "lowbit_rank", "griffin", "griffin_lowbit", "griffin_centroid",
+                  "cluster_lowbit", "neuron_predictor", "cluster_oracle", "cluster_predicted", "cluster_thresh",
                   "cluster_ideal_oracle", "cluster_thresh_oracle", "cluster_hthresh", "cluster_hthresh_oracle",
                   "cluster_neuron", "cluster_neuron_oracle", "cluster_union2", "cluster_union4", "cluster_hot",
                   "cluster_pooled_oracle", "cluster_binary_oracle")
@@ -264,9 +266,11 @@ def all_blocks() -> dict[str, Callable[[dict], str]]:
             "frontier_qwen": lambda refs: frontier(refs, "frontier_qwen"),
             "frontier_cluster": lambda refs: frontier(refs, "frontier_cluster"),
             "frontier_cluster_qwen": lambda refs: frontier(refs, "frontier_cluster_qwen"),
+            "frontier_prompt": lambda refs: frontier(refs, "frontier_prompt"),
+            "frontier_prompt_qwen": lambda refs: frontier(refs, "frontier_prompt_qwen"),
             "predictor_table": predictor_table, "sparse_mlp_table": sparse_mlp_table, **ARTIFACT_BLOCKS,
             **{name: decode_block(name) for name in DECODE_REFS}, **BENCH_BLOCKS,
-            "headline": headline, "cluster_findings": cluster_findings,
+            "headline": headline, "cluster_findings": cluster_findings, "half_read": half_read,
             "env_table": lambda refs: markdown_table() + "\n"}
 
 

@@ -14,8 +14,9 @@ from typing import Optional
 from awq.report.decode import fastest_half
 
 HALF, THIRD = 0.51, 0.31  # read budgets 0.5 and 0.3, +0.01 as the frontier tables
-HEADLINE = ("dense", "paper", "teal", "wina", "cats", "larosa", "neuron_predictor", "cluster_thresh",
-            "cluster_predicted", "cluster_oracle", "cluster_ideal_oracle")
+HEADLINE = ("dense", "paper", "teal", "wina", "cats", "larosa", "teal_greedy", "larosa_folded", "scap", "rsparse",
+            "lowbit_rank", "neuron_predictor", "cluster_thresh", "cluster_lowbit", "cluster_predicted", "cluster_oracle",
+            "cluster_ideal_oracle")
 MODELS = (("frontier", "SmolLM2-135M"), ("frontier_qwen", "Qwen2.5-Coder-0.5B"))
 
 
@@ -83,6 +84,11 @@ def _p(q: dict) -> str:
 def _model_findings(pts: list[dict], name: str) -> list[str]:
     out = []
     dense = next((q["ppl"] for q in pts if q["method"] == "dense"), None)
+    c, o = _best_realizable(pts, 0.55, True), _best_realizable(pts, 0.55, False)
+    if c and o:  # issue 21's bar: a cluster-based realizable point within 1.1x of the best at <= 0.55 read
+        out.append(f"{name}, ≤ 0.55 read: best realizable cluster point `{c['method']}` PPL {_p(c)} is "
+                   f"{c['ppl'] / o['ppl']:.2f}x the best realizable point (`{o['method']}` PPL {_p(o)}, "
+                   f"{o['weight_read_fraction']:.3f} read" + (f", {o['ppl'] / dense:.2f}x dense" if dense else "") + ").")
     for budget, label in ((HALF, "0.5"), (THIRD, "0.3")):
         c, o = _best_realizable(pts, budget, True), _best_realizable(pts, budget, False)
         if c and o:
@@ -122,6 +128,45 @@ def _model_findings(pts: list[dict], name: str) -> list[str]:
             + ", ".join(f"`{m}` {_p(a)} → {_p(b)} (K=64 → 256)" for m in ("cluster_neuron_oracle", "cluster_thresh_oracle")
                         for a, b in [(_pt(pts, m, 0.5), _near(pts, f"{m}_k256", 0.5))] if a and b) + ".")
     return out
+
+
+def _q(q: dict) -> str:
+    return (f"`{q['method']}` (density {q['param']:g}, {q['weight_read_fraction']:.3f} read) PPL {_p(q)}"
+            + (f", KL {q['kl']:.3f}, top-1 {100 * q['top1']:.0f}%" if q.get("kl") is not None else ""))
+
+
+HALF_READ = (("frontier", "SmolLM2-135M", "standard"), ("frontier_qwen", "Qwen2.5-Coder-0.5B", "standard"),
+             ("frontier_prompt", "SmolLM2-135M", "prompt"), ("frontier_prompt_qwen", "Qwen2.5-Coder-0.5B", "prompt"))
+
+
+def half_read(refs: dict) -> str:
+    """Issue 21's bars, computed from the frontier files: the best realizable point at <= 0.50 of the MLP weights
+    read against 1.25x dense, and the best cluster-based one at <= 0.55 against 1.1x that best."""
+    items = []
+    for key, name, proto in HALF_READ:
+        if key not in refs:
+            continue
+        pts = refs[key]["points"]
+        dense = next((q["ppl"] for q in pts if q["method"] == "dense"), None)
+        best = _best_realizable(pts, 0.50)
+        if not (dense and best):
+            continue
+        tag = "standard protocol" if proto == "standard" else f"protocol {pts[0].get('protocol', 'prompt')}"
+        line = (f"{name} ({tag}, dense PPL {dense:,.2f}): best realizable at ≤ 0.50 read {_q(best)} = "
+                f"{best['ppl'] / dense:.2f}x dense ({'within' if best['ppl'] <= 1.25 * dense else 'above'} 1.25x)")
+        c = min((q for q in pts if q["realizable"] and q["weight_read_fraction"] <= 0.55
+                 and (q["method"].startswith("cluster_") or "centroid" in q["method"])),
+                key=lambda q: q["ppl"], default=None)
+        b55 = _best_realizable(pts, 0.55)
+        if c and b55:
+            line += (f"; best cluster-based at ≤ 0.55 read {_q(c)} = {c['ppl'] / b55['ppl']:.2f}x the best there "
+                     f"(`{b55['method']}`; {'within' if c['ppl'] <= 1.1 * b55['ppl'] else 'above'} 1.1x)")
+        lar = _near(pts, "larosa", 0.5)
+        fold = _near(pts, "larosa_folded", 0.5)
+        if lar and fold:
+            line += (f"; LaRoSA with its rotation read every step {_q(lar)}, folded into the weights {_q(fold)}")
+        items.append(line + ".")
+    return "".join(f"* {s}\n" for s in items) or "No frontier checked in.\n"
 
 
 def cluster_findings(refs: dict) -> str:
