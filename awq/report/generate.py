@@ -267,7 +267,6 @@ def all_blocks() -> dict[str, Callable[[dict], str]]:
             "frontier_cluster": lambda refs: frontier(refs, "frontier_cluster"),
             "frontier_cluster_qwen": lambda refs: frontier(refs, "frontier_cluster_qwen"),
             "frontier_prompt": lambda refs: frontier(refs, "frontier_prompt"),
-            "frontier_prompt_qwen": lambda refs: frontier(refs, "frontier_prompt_qwen"),
             "predictor_table": predictor_table, "sparse_mlp_table": sparse_mlp_table, **ARTIFACT_BLOCKS,
             **{name: decode_block(name) for name in DECODE_REFS}, **BENCH_BLOCKS,
             "headline": headline, "cluster_findings": cluster_findings, "half_read": half_read,

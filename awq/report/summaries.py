@@ -136,7 +136,7 @@ def _q(q: dict) -> str:
 
 
 HALF_READ = (("frontier", "SmolLM2-135M", "standard"), ("frontier_qwen", "Qwen2.5-Coder-0.5B", "standard"),
-             ("frontier_prompt", "SmolLM2-135M", "prompt"), ("frontier_prompt_qwen", "Qwen2.5-Coder-0.5B", "prompt"))
+             ("frontier_prompt", "SmolLM2-135M", "prompt"))
 
 
 def half_read(refs: dict) -> str:
