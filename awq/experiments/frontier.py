@@ -9,10 +9,19 @@ rotation the method reads besides (``extra``). Resumable: one JSON per point und
 sha256, corpus sha256, seqlen, windows, calibration settings; the model's path and name are recorded
 only) must match, else the run is refused.
 Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_<model>.png``.
+
+Weight formats (``--weights f32,q8_0,q4_1``): every point is also computed with the model's linear layers (q/k/v/o,
+gate/up/down, LM head, token embedding) replaced by their block-quantised values, dequantised
+(:func:`awq.decode.quant.model_qweights`, raw blocks of the model's GGUF where it holds that format): exactly the
+weights the quantised kernels read; calibration runs on those weights too. Each point carries ``bytes_per_token``,
+the whole step's weight bytes at its format (attention + LM head + MLP x (read fraction + extra); predictors and
+rotations counted at 4 bytes per weight), and ``<plots_dir>/frontier_<model>_bytes.png`` plots perplexity against
+it. Points of a block format are ``<method>_<density>_<format>.json``.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -22,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from awq.decode.quant import fake_quantized, model_qweights, step_bytes
 from awq.decode.speed import measure_point  # real batch-1 decode speed, dense interleaved
 from awq.experiments.eval import perplexity
-from awq.experiments.frontier_report import markdown, plot, sort_points, write_csv, write_markdown
+from awq.experiments.frontier_report import markdown, plot, plot_bytes, sort_points, write_csv, write_markdown
 from awq.load.data import load_corpus, tokenize_windows
 from awq.load.models import check_model_path, load_model, model_slug
+from awq.load.quant_formats import WEIGHT_FORMATS, bits_per_weight
 from awq.methods.base import SwappedMLP, sparsify_, unsparsify_
 from awq.methods.codebook import parse_centroid_spec
 from awq.methods.common import CalibData, MethodError, check_density
@@ -83,6 +94,10 @@ class FrontierConfig:
     speed_again: bool = opt(False, help="--speed: time again the points already timed (after a decoder or kernel "
                             "change); perplexity and cost are kept")
     no_hub: bool = opt(False, help="never try the Hugging Face hub for the corpus")
+    weights: list[str] = opt(default_factory=lambda: ["f32"], choices=WEIGHT_FORMATS,
+                             help="weight formats, comma-separated (default f32): every point again on the model's "
+                                  "linear layers block-quantised (q8_0, q4_0, q4_1) and dequantised, with its bytes "
+                                  "per token (docs/frontier.md)")
 
 
 def _has_kernel(class_path: Optional[str]) -> bool:
@@ -108,8 +123,16 @@ def _read_json(path: Path, what: str) -> dict:
     return out
 
 
-def _point_name(method: str, param: float) -> str:
-    return f"{method}_{param:.4f}.json"
+def _point_name(method: str, param: float, fmt: str = "f32") -> str:
+    return f"{method}_{param:.4f}.json" if fmt == "f32" else f"{method}_{param:.4f}_{fmt}.json"
+
+
+def bytes_per_token(point: dict, step: dict) -> float:
+    """The whole step's weight bytes per token of a point at its format: attention + LM head + MLP x read fraction,
+    plus what the method reads besides (``extra``, a fraction of the MLP's weights, stored at 4 bytes each)."""
+    frac, extra = float(point["weight_read_fraction"]), float(point.get("extra") or 0.0)
+    mlp_weights = step["mlp"] / (bits_per_weight(point.get("weights", "f32")) / 8.0)
+    return step["attn"] + step["head"] + step["mlp"] * (frac - extra) + extra * mlp_weights * 4.0
 
 
 class Frontier:
@@ -128,6 +151,8 @@ class Frontier:
         if cfg.predictor and not Path(cfg.predictor).is_file():
             raise FrontierError(f"--predictor {cfg.predictor}: no such file")
         check_config(cfg)
+        if len(set(cfg.weights)) != len(cfg.weights):
+            raise FrontierError(f"--weights: a format is given twice ({','.join(cfg.weights)})")
         if cfg.speed_again and not cfg.speed:
             raise FrontierError("--speed_again needs --speed")
         self.measure = None
@@ -174,7 +199,7 @@ class Frontier:
             atomic_write_json(fp, self.fingerprint, "frontier fingerprint")
 
     # ------------------------------------------------------------------------------------------
-    def _point(self, spec, density: float) -> dict:
+    def _point(self, spec, density: float, fmt: str = "f32") -> dict:
         t0 = time.perf_counter()
         cfg = spec.calibrate(self.model, self.calib, density)
         t_cal = time.perf_counter() - t0
@@ -195,8 +220,11 @@ class Frontier:
                  "realizable": spec.realizable, "decode_speedup": None, "roofline": None,
                  "extra": summ["extra"], "per_projection": summ["per_projection"], "per_layer": summ["per_layer"],
                  "config": config_summary(cfg), "calib_seconds": t_cal, "eval_seconds": res.seconds,
-                 "fingerprint": self.fingerprint}
-        if self.measure is not None and self._wants_speed(spec, point):
+                 "fingerprint": self.fingerprint, "weights": fmt, "bits_per_weight": bits_per_weight(fmt)}
+        point["bytes_per_token"] = bytes_per_token(point, step_bytes(self.model, fmt))
+        if fmt != "f32":
+            point["decode_status"] = f"not timed at {fmt} here (bench/bench_decode.py --weights {fmt})"
+        elif self.measure is not None and self._wants_speed(spec, point):
             point.update(self.measure(self.model, self.tok, point))
         unsparsify_(self.model)
         return point
@@ -235,36 +263,70 @@ class Frontier:
                 self._stack.enter_context(output_lock(self.cfg.out, "frontier results folder", folder=False))
             return self._run()
 
+    def _formats(self):
+        """(format, context manager putting the format's dequantised weights into the model) per ``--weights``."""
+        src = self.info.loaded_from if str(self.info.loaded_from).endswith(".gguf") else None
+        for fmt in self.cfg.weights:
+            if fmt == "f32":
+                yield fmt, contextlib.nullcontext()
+                continue
+            qw = model_qweights(self.model, fmt, gguf_path=src)
+            # the weights the kernels read; the kernels' int8 activations and float16 cache are the decode-path
+            # check's business (awq.decode.quant.decode_path_check), not the point's
+            yield fmt, fake_quantized(self.model, qw, act=False, kv16=False)
+
     def _run(self) -> dict:
         self._setup()
         pdir = self.out / "points"
         pdir.mkdir(parents=True, exist_ok=True)
         todo = [(s, d) for s in self.specs for d in ((1.0,) if s.name == "dense" else (self.cfg.densities or s.densities))]
         done = 0
+        calib_f32 = self.calib
+        for fmt, weights in self._formats():
+            with weights:
+                # calibration inputs collected from the model at this format (CalibData keeps them once)
+                self.calib = calib_f32 if fmt == "f32" else dataclasses.replace(calib_f32, _xs=None)
+                done += self._run_format(fmt, todo, pdir)
+        self.calib = calib_f32
+        points = sort_points([_read_json(f, "point") for f in sorted(pdir.glob("*.json"))], list(METHODS))
+        steps = {fmt: step_bytes(self.model, fmt) for fmt in WEIGHT_FORMATS}
+        for p in points:  # points of older runs (F32 only) carry no format or bytes per token: the same formula
+            p.setdefault("weights", "f32")
+            if p.get("bytes_per_token") is None and p["weights"] in steps:
+                p["bytes_per_token"] = bytes_per_token(p, steps[p["weights"]])
+        csv_path = write_csv(points, self.out / "frontier.csv")
+        head = (f"Model {self.info.name}, corpus {self.fingerprint['corpus']}, {self.cfg.nsamples} test windows of "
+                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows.\n\n")
+        md_path = write_markdown(points, self.out / "frontier.md", head)
+        f32_points = [p for p in points if p["weights"] == "f32"]
+        png = plot(f32_points or points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}.png", self.info.name)
+        out = {"points": points, "computed": done, "csv": str(csv_path), "markdown": str(md_path), "plot": str(png),
+               "out": str(self.out)}
+        if len({p["weights"] for p in points}) > 1:
+            out["plot_bytes"] = str(plot_bytes(points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}_bytes.png",
+                                               self.info.name))
+        return out
+
+    def _run_format(self, fmt: str, todo: list, pdir: Path) -> int:
+        done = 0
         for k, (spec, d) in enumerate(todo):
-            path = pdir / _point_name(spec.name, d)
+            path = pdir / _point_name(spec.name, d, fmt)
             if path.is_file():
                 old = _read_json(path, "point")
-                if self.measure is not None and self._wants_speed(spec, old, self.cfg.speed_again):
+                if fmt == "f32" and self.measure is not None and self._wants_speed(spec, old, self.cfg.speed_again):
                     log.info("[%d/%d] %s at density %.3f: done, adding decode speed", k + 1, len(todo), spec.name, d)
                     atomic_write_json(path, self._speed_only(spec, d, old), "frontier point")
                     done += 1
                 else:
                     log.info("[%d/%d] skip (done): %s", k + 1, len(todo), path)
                 continue
-            log.info("[%d/%d] %s at density %.3f", k + 1, len(todo), spec.name, d)
-            p = self._point(spec, d)
+            log.info("[%d/%d] %s at density %.3f, %s weights", k + 1, len(todo), spec.name, d, fmt)
+            p = self._point(spec, d, fmt)
             atomic_write_json(path, p, "frontier point")
             done += 1
-            log.info("%s d=%.3f: read %.3f ppl %.3f", spec.name, d, p["weight_read_fraction"], p["ppl"])
-        points = sort_points([_read_json(f, "point") for f in sorted(pdir.glob("*.json"))], list(METHODS))
-        csv_path = write_csv(points, self.out / "frontier.csv")
-        head = (f"Model {self.info.name}, corpus {self.fingerprint['corpus']}, {self.cfg.nsamples} test windows of "
-                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows.\n\n")
-        md_path = write_markdown(points, self.out / "frontier.md", head)
-        png = plot(points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}.png", self.info.name)
-        return {"points": points, "computed": done, "csv": str(csv_path), "markdown": str(md_path), "plot": str(png),
-                "out": str(self.out)}
+            log.info("%s d=%.3f %s: read %.3f, %.1f MB/token, ppl %.3f", spec.name, d, fmt, p["weight_read_fraction"],
+                     p["bytes_per_token"] / 1e6, p["ppl"])
+        return done
 
 
 def main(cfg: FrontierConfig) -> dict:
@@ -286,7 +348,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
         return 2
 
     print(markdown(res["points"]), end="")
-    print(f"frontier: {len(res['points'])} points ({res['computed']} computed now) -> {res['csv']}, {res['plot']}")
+    print(f"frontier: {len(res['points'])} points ({res['computed']} computed now) -> {res['csv']}, {res['plot']}"
+          + (f", {res['plot_bytes']}" if res.get("plot_bytes") else ""))
     return 0
 
 

@@ -124,7 +124,8 @@ def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None, c
     fp = csv_path.with_name("fingerprint.json")
     pts = [{"method": r["method"], "param": float(r["param"]), "weight_read_fraction": float(r["weight_read_fraction"]),
             "ppl": float(r["ppl"]), "tokens": int(r["tokens"]), "realizable": r["realizable"] == "true",
-            **{k: float(r[k]) for k in ("decode_speedup", "roofline") if r.get(k)}} for r in rows]
+            **{k: float(r[k]) for k in ("decode_speedup", "roofline", "bytes_per_token") if r.get(k)},
+            **({"weights": r["weights"]} if r.get("weights") else {})} for r in rows]
     secs = []
     for pf in sorted(csv_path.with_name("points").glob("*.json")):
         try:
