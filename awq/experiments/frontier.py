@@ -38,6 +38,7 @@ from awq.experiments.frontier_report import markdown, plot, plot_bytes, sort_poi
 from awq.load.data import load_corpus, tokenize_windows
 from awq.load.models import check_model_path, load_model, model_slug
 from awq.load.quant_formats import WEIGHT_FORMATS, bits_per_weight
+from awq.load.quant_gguf import gguf_source
 from awq.methods.base import SwappedMLP, sparsify_, unsparsify_
 from awq.methods.codebook import parse_centroid_spec
 from awq.methods.common import CalibData, MethodError, check_density
@@ -265,7 +266,7 @@ class Frontier:
 
     def _formats(self):
         """(format, context manager putting the format's dequantised weights into the model) per ``--weights``."""
-        src = self.info.loaded_from if str(self.info.loaded_from).endswith(".gguf") else None
+        src = gguf_source(self.cfg.model_path)
         for fmt in self.cfg.weights:
             if fmt == "f32":
                 yield fmt, contextlib.nullcontext()
