@@ -140,6 +140,8 @@ CLIS: list[Cli] = [
         lambda f: ["--hidden", "16", "--intermediate", "32", "--layers", "1", "--heads", "2", "--kv_heads", "1",
                    "--vocab", "64", "--seqlen", "8", "--windows", "1", "--read_sizes_mb", "0.01", "--workdir",
                    f.out("extract")]),
+    Cli("python bench/bench_lowbit_rank.py", "bench.bench_lowbit_rank", "cli", "LowbitBenchConfig",
+        lambda f: ["--quick", "--threads", "1"]),
     Cli("python bench/bench_ppl.py", "bench.bench_ppl", "cli", "PplBenchConfig",
         lambda f: ["--quick", "--model_path", str(f.model), "--data_path", str(f.corpus), "--thresholds",
                    str(f.thresholds), "--seqlen", "32", "--threads", "1"]),
@@ -206,6 +208,8 @@ def _bad_values(meta: dict, tp: type, kind: Optional[str], bad: Bad, inputs: dic
     vals = [""]
     if "choices" in meta:
         vals.append("no_such_choice_xyz")
+    if kind is None and meta.get("check") is not None:  # a rule of a higher layer (e.g. --protocol, --methods)
+        vals.append("no_such_value_xyz")
     if kind == "device":
         vals += ["tpu", "cpu:x", "gpu", "cuda:99" if torch.cuda.is_available() else "cuda"]
     elif kind == "tasks":

@@ -180,6 +180,18 @@ def test_bench_sparse_mlp_bad_input_exit_2(capsys):
     assert "densities" in capsys.readouterr().err
 
 
+def test_bench_lowbit_rank_quick(tmp_path):
+    from awq.kernels.lowbit import lowbit_kernel
+    from bench import bench_lowbit_rank
+
+    if lowbit_kernel() is None:
+        pytest.skip("low-bit rank C++ kernel unavailable")
+    bench_lowbit_rank.main(["--quick", "--threads", "1", "--output", str(tmp_path / "l.json")])
+    data = _check_json(tmp_path / "l.json", "bench_lowbit_rank")
+    assert {r.split(" vs ")[0] for r in data["ratios"]} == {"tiny score", "tiny gathered", "tiny lowbit_rank"}
+    assert all(r["roofline"] > 1 for r in data["ratios"].values())
+
+
 def test_bench_clustering_quick(tmp_path):
     from bench import bench_clustering
 

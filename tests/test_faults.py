@@ -378,7 +378,8 @@ def frontier_run(tiny_model_dir, tiny_corpus, tmp_path_factory):
     return root, argv
 
 
-POINT_KEYS = ("method", "param", "weight_read_fraction", "ppl", "tokens", "per_projection", "config", "fingerprint")
+POINT_KEYS = ("method", "param", "weight_read_fraction", "ppl", "kl", "top1", "tokens", "per_projection", "config",
+              "fingerprint")
 
 
 def same_frontier(a: Path, b: Path) -> None:
@@ -393,7 +394,8 @@ def same_frontier(a: Path, b: Path) -> None:
 def test_frontier_full_disk_and_kill(frontier_run, tmp_path, monkeypatch):
     ref, argv = frontier_run
     d = tmp_path / "full"
-    disk = Disk(monkeypatch, d, full_at=3)  # fingerprint, point 1, then the disk is full at point 2
+    # fingerprint, the dense reference of the one window (.npy, .json: kl/top1), point 1, then full at point 2
+    disk = Disk(monkeypatch, d, full_at=5)
     rc, err = run(frontier, argv(d))
     one_line(err, "no space left", "disk mounted at", disk.failed[0])
     assert rc == 2 and len(list((d / "out" / "points").glob("*.json"))) == 1 and not temp_files(d)

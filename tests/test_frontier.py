@@ -62,6 +62,10 @@ def test_frontier_end_to_end(tiny_model_dir, tiny_corpus, tmp_path, capsys):
     assert by["dense"]["weight_read_fraction"] == "1.0" and by["dense"]["realizable"] == "true"
     assert all(r["decode_speedup"] == "" and r["roofline"] == "" for r in rows)
     assert all(int(r["tokens"]) == 2 * 31 for r in rows)
+    # kl / top1 beside ppl on every point: dense against its own (float16) reference is ~0 and agrees everywhere
+    assert float(by["dense"]["kl"]) < 1e-5 and float(by["dense"]["top1"]) == 1.0
+    assert all(0.0 <= float(r["kl"]) and 0.0 <= float(r["top1"]) <= 1.0 for r in rows)
+    assert float(by["paper"]["kl"]) > float(by["dense"]["kl"]) and all(r["protocol"] == "standard" for r in rows)
     # accounting shapes: cats reads all of gate, paper all of gate and up
     assert float(by["cats"]["weight_read_fraction"]) >= 1 / 3
     assert float(by["paper"]["weight_read_fraction"]) >= 2 / 3
@@ -205,7 +209,7 @@ def test_frontier_speed_for_paper_predictor_and_cluster_points(tiny_model_dir, t
         if (p.get("decode_status") or "").startswith("no batch-1 kernel"):
             assert p["decode_status"].replace("|", "\\|") in table
     rows = [ln for ln in table.splitlines() if ln.startswith("|")]
-    assert {len(re.findall(r"(?<!\\)\|", ln)) for ln in rows} == {12}  # a '|' in a status is escaped
+    assert {len(re.findall(r"(?<!\\)\|", ln)) for ln in rows} == {14}  # a '|' in a status is escaped
     again = main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, **kw))
     assert again["computed"] == 0
 
@@ -255,6 +259,65 @@ def test_wants_speed_retries_only_gained_kernels(status, module, want):
     assert Frontier._wants_speed(get_method("dense"), {**point, "decode_tok_s": 1.0}, again=True) is False
     assert Frontier._wants_speed(get_method("dense"), point) is False
     assert Frontier._wants_speed(get_method("cluster_neuron_oracle"), point) is False
+
+
+def test_frontier_quality_added_to_old_points_and_prompt_protocol(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense", "teal"])
+    first = {p["method"]: p for p in main(cfg)["points"]}
+    assert len(list((tmp_path / "dense_ref").glob("*.json"))) == 2  # one cached reference per window
+    f = cfg.out / "points" / "teal_0.5000.json"
+    old = json.loads(f.read_text())
+    for k in ("kl", "top1"):  # a point made before the columns existed
+        old.pop(k)
+    old["decode_speedup"] = 1.23
+    f.write_text(json.dumps(old))
+    res = main(cfg)
+    assert res["computed"] == 1
+    teal = json.loads(f.read_text())
+    assert teal["kl"] == pytest.approx(first["teal"]["kl"], rel=1e-9) and teal["ppl"] == pytest.approx(old["ppl"])
+    assert teal["decode_speedup"] == 1.23  # kept
+    assert main(cfg)["computed"] == 0
+    assert main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense", "teal"], quality_again=True))["computed"] == 2
+    # the prompt protocol: its own folder (the standard one refuses it), same dense reference, fewer scored tokens
+    with pytest.raises(FrontierError, match="protocol"):
+        main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense"], protocol="prompt:8"))
+    pr = main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense", "teal"], protocol="prompt:8",
+                   out=tmp_path / "fr_prompt"))
+    pts = {p["method"]: p for p in pr["points"]}
+    assert all(p["protocol"] == "prompt:8" and p["tokens"] == 2 * (31 - 8) for p in pts.values())
+    assert pts["dense"]["top1"] == 1.0 and pts["dense"]["kl"] < 1e-4 and pts["teal"]["kl"] > 0
+    assert len(list((tmp_path / "dense_ref").glob("*.json"))) == 2
+    assert json.loads((tmp_path / "fr_prompt" / "fingerprint.json").read_text())["protocol"] == "prompt:8"
+    with pytest.raises(FrontierError, match="must leave at least 2"):
+        main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense"], protocol="prompt:31"))
+    # a method that needs a prompt is refused under the standard protocol, by its spec or by its modules
+    # (two registered names stand in for the toys: the --methods choices are fixed at import)
+    from dataclasses import dataclass as _dc
+
+    from awq.methods import registry
+    from awq.methods.base import MethodConfig, SwappedMLP
+
+    class _NeedsPrompt(SwappedMLP):
+        needs_prompt = True
+
+        def forward(self, x):
+            return self.base(x)
+
+    @_dc
+    class _Cfg(MethodConfig):
+        def build(self, mlp, i):
+            return _NeedsPrompt(mlp, i)
+
+    monkeypatch.setitem(registry.METHODS, "topk", registry.MethodSpec("topk", _Cfg, lambda *a: _Cfg(), (0.5,),
+                                                                      needs_prompt=True))
+    monkeypatch.setitem(registry.METHODS, "gathered", registry.MethodSpec("gathered", _Cfg, lambda *a: _Cfg(), (0.5,)))
+    with pytest.raises(FrontierError, match="topk chooses its neurons from a prompt"):
+        main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["topk"]))
+    with pytest.raises(FrontierError, match="gathered chooses its neurons from a prompt"):
+        main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["gathered"]))
+    ok = main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["gathered"], protocol="prompt:8",
+                   out=tmp_path / "fr_prompt"))
+    assert {p["method"] for p in ok["points"]} == {"dense", "teal", "gathered"}
 
 
 def test_frontier_weight_formats(tiny_model_dir, tiny_corpus, tmp_path):

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 from awq.experiments.eval import measure_sparsity, perplexity, run_lm_eval
+from awq.experiments.quality import DenseReference, QualityResult, evaluate, weights_id
 from awq.load.data import load_corpus, tokenize_windows
-from awq.load.models import load_model
+from awq.load.models import check_model_path, load_model
 from awq.methods.base import sparsify_, swapped_mlps, unsparsify_
 from awq.methods.codebook import codebook_stats, load_codebooks, parse_centroid_spec
 from awq.methods.common import CalibData
@@ -31,16 +32,21 @@ from awq.methods.cost import metering
 from awq.methods.gathered import GatheredConfig
 from awq.methods.label_predictor import load_predicted_selector, load_predictor
 from awq.methods.paper_mlp import SparsityConfig
+from awq.methods.protocol import Protocol, check_protocol
 from awq.methods.recording import record_masks
 from awq.methods.registry import METHODS, check_needs, config_summary, extra_read, get_method
-from awq.load.models import check_model_path
-from awq.predictor.cluster_files import (check_entry_options, install_cluster_predictor, names_cluster_predictor,
-                                         routed_variants)
+from awq.predictor.cluster_files import (
+    check_entry_options,
+    install_cluster_predictor,
+    names_cluster_predictor,
+    routed_variants,
+)
 from awq.store.thresholds import ThresholdsError, file_sha256, load_thresholds, shipped_thresholds
 from awq.util.cli import ConfigError, fail, opt, parse_config, setup_logging
 from awq.util.cli import build_parser as build_config_parser
+from awq.util.fingerprint import weights_fingerprint
 from awq.util.io import atomic_write_json, check_not_input, check_output_path, output_lock
-from awq.util.paths import default_store, fill_bare_option
+from awq.util.paths import default_store, fill_bare_option, project_root
 
 log = logging.getLogger("awq.entry")
 
@@ -103,6 +109,14 @@ class EntryConfig:
     num_fewshot: int = opt(0, help="lm-eval few-shot count (default 0)", min=0)
     limit: Optional[int] = opt(None, help="lm-eval: at most this many examples per task (a count)", min=1)
     lm_eval_include_path: Optional[str] = opt(None, help="lm-eval: extra directory of task YAMLs", kind="in_dir")
+    protocol: str = opt("standard", help="wikitext scoring protocol: 'standard' (each window one forward, every token "
+                        "scored) or 'prompt:P' (the first P tokens of each window run dense as a prompt, the rest "
+                        "scored with the sparsity active; see awq.methods.protocol); recorded in the results JSON",
+                        check=check_protocol)
+    kl: bool = opt(False, help="wikitext: also the mean KL divergence from the dense model and the top-1 agreement "
+                   "with it, on the scored tokens (dense log-probabilities cached in --dense_ref)")
+    dense_ref: Optional[Path] = opt(None, help="--kl: folder of the cached dense log-probabilities (default "
+                                    "results/dense_ref)", kind="out_dir")
     no_hub: bool = opt(False, help="never try the Hugging Face hub for data")
     log_level: str = opt("INFO", help="logging level (default INFO)", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -186,6 +200,11 @@ def main(cfg: EntryConfig) -> dict:
     if cfg.sparse_compute and not cfg.predictor:
         raise ValueError("--sparse_compute needs --predictor: oracle labels need the true mask, which sparse "
                          "compute never computes")
+    proto = Protocol.parse(cfg.protocol).check(cfg.seqlen)
+    if (proto.prompt_tokens or cfg.kl) and cfg.dump_masks:
+        raise ValueError("--dump_masks records the standard protocol's perplexity run: drop --protocol/--kl")
+    if cfg.dense_ref and not cfg.kl:
+        raise ValueError("--dense_ref is the cache of --kl: add --kl")
     if cfg.sparse_compute and cfg.dump_masks:
         raise ValueError("--sparse_compute cannot record masks (it never computes the inactive neurons)")
 
@@ -209,6 +228,7 @@ def main(cfg: EntryConfig) -> dict:
 
 def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
     model, tokenizer, info = load_model(cfg.model_path, cfg.dtype, cfg.device, revision=cfg.revision)
+    weights_sha = weights_fingerprint(model) if cfg.kl else None  # the dense weights: the --kl reference's key
     max_pos = info.extra.get("max_position_embeddings") or 0
     if "wikitext" in tasks and max_pos and cfg.seqlen > max_pos:
         raise ValueError(f"--seqlen {cfg.seqlen} exceeds the model's context of {max_pos} tokens")
@@ -272,11 +292,15 @@ def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
         with meter_ctx as meter, metering(model) as reads:
             if cfg.dump_masks:
                 ppl = _ppl_with_recording(cfg, model, windows, meter, reads, results, info, corpus, thr_path)
+            elif cfg.kl or Protocol.parse(cfg.protocol).prompt_tokens:
+                ppl = _quality(cfg, model, windows, info, weights_sha)
             else:
                 ppl = perplexity(model, windows, batch_size=cfg.batch_size)
         results.update({
             "ppl": ppl.ppl,
             "tokens": ppl.tokens,
+            "protocol": getattr(ppl, "protocol", "standard"),
+            **({"kl": ppl.kl, "top1": ppl.top1} if cfg.kl else {}),
             "nsamples": ppl.windows,
             "windows_available": None if cfg.nsamples else avail,  # unknown when only a prefix was tokenized
             "seqlen": cfg.seqlen,
@@ -304,6 +328,17 @@ def _run(cfg: EntryConfig, tasks: list[str], t_start: float) -> dict:
         p = atomic_write_json(cfg.output_path, results, what="results file")
         log.info("results written to %s", p)
     return results
+
+
+def _quality(cfg: EntryConfig, model, windows, info, weights_sha: Optional[str]) -> QualityResult:
+    """PPL (and with --kl, KL / top-1 against the cached dense reference) under --protocol
+    (:mod:`awq.experiments.quality`)."""
+    ref = None
+    if cfg.kl:
+        folder = Path(cfg.dense_ref) if cfg.dense_ref else project_root() / "results" / "dense_ref"
+        ref = DenseReference(folder, weights_id(weights_sha, info.dtype))
+        ref.ensure(model, windows)  # with the original MLPs, once per window
+    return evaluate(model, windows, protocol=cfg.protocol, reference=ref, batch_size=cfg.batch_size)
 
 
 def _install_sparse_compute(cfg, model, thresholds) -> None:
@@ -399,7 +434,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
         print(f"ppl={res['ppl']:.4f}{meth} tokens={res['tokens']} windows={res['nsamples']} "
               f"dataset={res['dataset']['name']}"
               f"{' (substitute)' if res['dataset']['substitute'] else ''} sparsity: {spars}"
-              f" mlp_weight_read={res['weight_read']['weight_read_fraction']:.3f}")
+              f" mlp_weight_read={res['weight_read']['weight_read_fraction']:.3f}"
+              + (f" protocol={res['protocol']}" if res.get("protocol", "standard") != "standard" else "")
+              + (f" kl={res['kl']:.5f} top1={res['top1']:.4f}" if res.get("kl") is not None else ""))
     if "lm_eval" in res:
         for task, metrics in res["lm_eval"]["results"].items():
             shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -8,15 +8,23 @@ rotation the method reads besides (``extra``). Resumable: one JSON per point und
 ``<out>/points/``; points already done are skipped. The directory's ``fingerprint.json`` (weights
 sha256, corpus sha256, seqlen, windows, calibration settings; the model's path and name are recorded
 only) must match, else the run is refused.
-Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_<model>.png``.
+Every point also carries ``kl`` and ``top1`` (:mod:`awq.experiments.quality`): the mean KL divergence from the
+dense model's next-token distribution and the share of tokens whose top-1 token is dense's, on the tokens
+perplexity scores; the dense log-probabilities are computed once per window and cached (``--dense_ref``,
+default ``<out>/../dense_ref``). Points made before these columns existed get them on the next run
+(re-evaluated: calibration is deterministic for the seed); ``--quality_again`` re-evaluates every point.
+``--protocol prompt:P`` scores every method on the continuation of a dense P-token prompt
+(:mod:`awq.methods.protocol`); the protocol is part of the fingerprint.
+Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_<model>.png`` (PPL in full and
+zoomed to 3x dense, KL, top-1).
 
 Weight formats (``--weights f32,q8_0,q4_1``): every point is also computed with the model's linear layers (q/k/v/o,
 gate/up/down, LM head, token embedding) replaced by their block-quantised values, dequantised
 (:func:`awq.decode.quant.model_qweights`, raw blocks of the model's GGUF where it holds that format): exactly the
-weights the quantised kernels read; calibration runs on those weights too. Each point carries ``bytes_per_token``,
-the whole step's weight bytes at its format (attention + LM head + MLP x (read fraction + extra); predictors and
-rotations counted at 4 bytes per weight), and ``<plots_dir>/frontier_<model>_bytes.png`` plots perplexity against
-it. Points of a block format are ``<method>_<density>_<format>.json``.
+weights the quantised kernels read; calibration runs on those weights too, KL and top-1 stay against the F32 dense
+model. Each point carries ``bytes_per_token``, the whole step's weight bytes at its format (attention + LM head + MLP
+x (read fraction - extra), plus ``extra`` at 4 bytes per weight), and ``<plots_dir>/frontier_<model>_bytes.png``
+plots perplexity against it. Points of a block format are ``<method>_<density>_<format>.json``.
 """
 from __future__ import annotations
 
@@ -31,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from awq.decode.lean import SUPPORTED_TYPES
 from awq.decode.quant import fake_quantized, model_qweights, step_bytes
 from awq.decode.speed import measure_point  # real batch-1 decode speed, dense interleaved
-from awq.experiments.eval import perplexity
 from awq.experiments.frontier_report import markdown, plot, plot_bytes, sort_points, write_csv, write_markdown
+from awq.experiments.quality import DenseReference, evaluate, weights_id
 from awq.load.data import load_corpus, tokenize_windows
 from awq.load.models import check_model_path, load_model, model_slug
 from awq.load.quant_formats import WEIGHT_FORMATS, bits_per_weight
@@ -43,6 +52,7 @@ from awq.methods.base import SwappedMLP, sparsify_, unsparsify_
 from awq.methods.codebook import parse_centroid_spec
 from awq.methods.common import CalibData, MethodError, check_density
 from awq.methods.cost import metering
+from awq.methods.protocol import Protocol, ProtocolError, check_protocol, needs_prompt
 from awq.methods.registry import METHODS, check_needs, config_summary, default_methods, extra_read, get_method
 from awq.util.cli import ConfigError, build_parser, check_config, fail, opt, parse_config, setup_logging
 from awq.util.fingerprint import weights_fingerprint
@@ -51,6 +61,7 @@ from awq.util.io import atomic_write_json, output_lock
 log = logging.getLogger("awq.experiments.frontier")
 
 INFO_ONLY = ("model", "model_name")  # recorded, not compared: weights_sha256 identifies the model
+FINGERPRINT_DEFAULTS = {"protocol": "standard"}  # the value of a key an older fingerprint.json lacks
 
 
 class FrontierError(ValueError):
@@ -94,6 +105,16 @@ class FrontierConfig:
     speed_repeats: int = opt(3, help="--speed: interleaved repeats, medians (default 3)", min=1)
     speed_again: bool = opt(False, help="--speed: time again the points already timed (after a decoder or kernel "
                             "change); perplexity and cost are kept")
+    protocol: str = opt("standard", help="evaluation protocol: 'standard' (each window one forward with the method "
+                        "active, every token scored) or 'prompt:P' (the first P tokens of each window run dense as a "
+                        "prompt, PPL/KL/top-1 on the rest with the method active; methods that choose from the prompt "
+                        "see it; default results folder <model>_prompt<P>); see awq.methods.protocol",
+                        check=check_protocol)
+    dense_ref: Optional[Path] = opt(None, help="folder of the cached dense log-probabilities for kl/top1 (default "
+                                    "<out>/../dense_ref; keyed by weights and window tokens, shared safely)",
+                                    kind="out_dir")
+    quality_again: bool = opt(False, help="evaluate again every point already done (ppl, kl, top1 and the read "
+                              "fraction; decode speed kept); points without kl/top1 are re-evaluated anyway")
     no_hub: bool = opt(False, help="never try the Hugging Face hub for the corpus")
     weights: list[str] = opt(default_factory=lambda: ["f32"], choices=WEIGHT_FORMATS,
                              help="weight formats, comma-separated (default f32): every point again on the model's "
@@ -154,6 +175,14 @@ class Frontier:
         check_config(cfg)
         if len(set(cfg.weights)) != len(cfg.weights):
             raise FrontierError(f"--weights: a format is given twice ({','.join(cfg.weights)})")
+        try:
+            self.protocol = Protocol.parse(cfg.protocol).check(cfg.seqlen)
+        except ProtocolError as e:
+            raise FrontierError(str(e)) from None
+        if self.protocol.prompt_tokens == 0:
+            bad = [s.name for s in self.specs if s.needs_prompt]
+            if bad:
+                raise FrontierError(f"{bad[0]} chooses its neurons from a prompt: run it with --protocol prompt:P")
         if cfg.speed_again and not cfg.speed:
             raise FrontierError("--speed_again needs --speed")
         self.measure = None
@@ -167,7 +196,8 @@ class Frontier:
         c = self.cfg
         self.model, self.tok, self.info = load_model(c.model_path, c.dtype, c.device)
         self.slug = model_slug(self.info)
-        self.out = Path(c.out) if c.out else Path("results/frontier") / self.slug
+        self.suffix = "" if self.protocol.prompt_tokens == 0 else f"_prompt{self.protocol.prompt_tokens}"
+        self.out = Path(c.out) if c.out else Path("results/frontier") / f"{self.slug}{self.suffix}"
         if not c.out:  # the default folder is known now: one run at a time in it
             self._stack.enter_context(output_lock(self.out, "frontier results folder", folder=False))
         test = load_corpus("test", c.data_path, use_hub=not c.no_hub)
@@ -176,6 +206,11 @@ class Frontier:
         if tw.size(0) < c.nsamples:
             raise FrontierError(f"--nsamples {c.nsamples} but the test part has only {tw.size(0)} windows of {c.seqlen}")
         self.test_windows = tw[: c.nsamples]
+        if self.measure is not None:  # --speed needs the lean decoder: refuse before any point, not after the first
+            mtype = getattr(self.model.config, "model_type", "?")
+            if mtype not in SUPPORTED_TYPES:
+                raise FrontierError(f"--speed: the lean decoder runs {', '.join(SUPPORTED_TYPES)} models, not "
+                                    f"'{mtype}' (drop --speed)")
         self.calib = CalibData(tokenize_windows(self.tok, train.text, c.seqlen)[: c.calib_nsamples],
                                model_name=self.info.name, max_tokens=c.calib_tokens, seed=c.seed,
                                centroids=c.centroids, predictor=c.predictor)
@@ -183,15 +218,19 @@ class Frontier:
                             "weights_sha256": weights_fingerprint(self.model), "dtype": self.info.dtype,
                             "corpus": test.name, "corpus_test_sha256": test.sha256, "corpus_train_sha256": train.sha256,
                             "seqlen": c.seqlen, "nsamples": c.nsamples, "calib_nsamples": c.calib_nsamples,
-                            "calib_tokens": c.calib_tokens, "seed": c.seed}
+                            "calib_tokens": c.calib_tokens, "seed": c.seed, "protocol": self.protocol.name}
         self._check_fingerprint()
+        self.reference = DenseReference(Path(c.dense_ref) if c.dense_ref else self.out.parent / "dense_ref",
+                                        weights_id(self.fingerprint["weights_sha256"], self.info.dtype))
+        self.reference.ensure(self.model, self.test_windows)
 
     def _check_fingerprint(self) -> None:
         fp = self.out / "fingerprint.json"
         if fp.is_file():
             old = _read_json(fp, "fingerprint")
             # the model's path and name are informative only: the same weights elsewhere (another checkout) resume
-            diff = [k for k in self.fingerprint if k not in INFO_ONLY and old.get(k) != self.fingerprint[k]]
+            diff = [k for k in self.fingerprint if k not in INFO_ONLY
+                    and old.get(k, FINGERPRINT_DEFAULTS.get(k)) != self.fingerprint[k]]
             if diff:
                 k = diff[0]
                 raise FrontierError(f"{self.out} was made with another setup ({k}: {old.get(k)!r} there, "
@@ -200,35 +239,72 @@ class Frontier:
             atomic_write_json(fp, self.fingerprint, "frontier fingerprint")
 
     # ------------------------------------------------------------------------------------------
-    def _point(self, spec, density: float, fmt: str = "f32") -> dict:
+    def _evaluate(self, spec, density: float) -> dict:
+        """Calibrate, install, evaluate (PPL, KL, top-1, reads) under the protocol; the method stays installed."""
         t0 = time.perf_counter()
         cfg = spec.calibrate(self.model, self.calib, density)
         t_cal = time.perf_counter() - t0
         unsparsify_(self.model)
         desc = f"{spec.name} d={density:.2f}"
+
+        def run():
+            return evaluate(self.model, self.test_windows, protocol=self.protocol, reference=self.reference, desc=desc)
+
         if cfg is None:  # dense: reads every weight
-            res = perplexity(self.model, self.test_windows, desc=desc)
+            res = run()
             summ = {"weight_read_fraction": 1.0, "per_projection": {"gate_proj": 1.0, "up_proj": 1.0, "down_proj": 1.0},
                     "per_layer": None, "extra": 0.0}
         else:
             sparsify_(self.model, cfg)
+            if self.protocol.prompt_tokens == 0 and (getattr(cfg, "needs_prompt", False) or needs_prompt(self.model)):
+                unsparsify_(self.model)
+                raise FrontierError(f"{spec.name} chooses its neurons from a prompt: run it with --protocol prompt:P")
             extra = extra_read(cfg, self.model)
             with metering(self.model) as meter:
-                res = perplexity(self.model, self.test_windows, desc=desc)
+                res = run()
             summ = meter.summary(extra)
-        point = {"model": self.slug, "method": spec.name, "param": float(density),
-                 "weight_read_fraction": summ["weight_read_fraction"], "ppl": res.ppl, "tokens": res.tokens,
-                 "realizable": spec.realizable, "decode_speedup": None, "roofline": None,
-                 "extra": summ["extra"], "per_projection": summ["per_projection"], "per_layer": summ["per_layer"],
-                 "config": config_summary(cfg), "calib_seconds": t_cal, "eval_seconds": res.seconds,
-                 "fingerprint": self.fingerprint, "weights": fmt, "bits_per_weight": bits_per_weight(fmt)}
-        point["bytes_per_token"] = bytes_per_token(point, step_bytes(self.model, fmt))
-        if fmt != "f32":
-            point["decode_status"] = f"not timed at {fmt} here (bench/bench_decode.py --weights {fmt})"
-        elif self.measure is not None and self._wants_speed(spec, point):
-            point.update(self.measure(self.model, self.tok, point))
-        unsparsify_(self.model)
+        return {"weight_read_fraction": summ["weight_read_fraction"], "ppl": res.ppl, "kl": res.kl, "top1": res.top1,
+                "tokens": res.tokens, "protocol": res.protocol, "extra": summ["extra"],
+                "per_projection": summ["per_projection"], "per_layer": summ["per_layer"],
+                "per_layer_projection": summ.get("per_layer_projection"), "config": config_summary(cfg),
+                "calib_seconds": t_cal, "eval_seconds": res.seconds, "per_window_kl": res.per_window_kl,
+                "fingerprint": self.fingerprint}
+
+    def _point(self, spec, density: float, fmt: str = "f32") -> dict:
+        try:
+            q = self._evaluate(spec, density)
+            head = ("weight_read_fraction", "ppl", "kl", "top1", "tokens")
+            point = {"model": self.slug, "method": spec.name, "param": float(density),
+                     **{k: q[k] for k in head}, "realizable": spec.realizable, "decode_speedup": None, "roofline": None,
+                     **{k: v for k, v in q.items() if k not in head}, "weights": fmt,
+                     "bits_per_weight": bits_per_weight(fmt)}
+            point["bytes_per_token"] = bytes_per_token(point, step_bytes(self.model, fmt))
+            if fmt != "f32":
+                point["decode_status"] = f"not timed at {fmt} here (bench/bench_decode.py --weights {fmt})"
+            elif self.measure is not None and self._wants_speed(spec, point):
+                point.update(self.measure(self.model, self.tok, point))
+        finally:
+            unsparsify_(self.model)
         return point
+
+    @staticmethod
+    def _wants_quality(point: dict, again: bool) -> bool:
+        return again or point.get("kl") is None or point.get("top1") is None
+
+    def _quality_only(self, spec, density: float, point: dict) -> dict:
+        """A done point evaluated again (calibration is deterministic for the seed): PPL, KL, top-1 and reads
+        replaced, decode speed kept; a PPL that moved by more than 1e-4 (relative) is logged."""
+        try:
+            q = self._evaluate(spec, density)
+        finally:
+            unsparsify_(self.model)
+        old = point.get("ppl")
+        if old is not None and abs(q["ppl"] - old) > 1e-4 * abs(old):
+            log.warning("%s d=%.3f: ppl %.4f now, %.4f when first measured", spec.name, density, q["ppl"], old)
+            q["ppl_before"] = old
+        out = {**point, **q}
+        out["bytes_per_token"] = bytes_per_token(out, step_bytes(self.model, out.get("weights", "f32")))
+        return out
 
     @staticmethod
     def _wants_speed(spec, point: dict, again: bool = False) -> bool:
@@ -297,15 +373,19 @@ class Frontier:
                 p["bytes_per_token"] = bytes_per_token(p, steps[p["weights"]])
         csv_path = write_csv(points, self.out / "frontier.csv")
         head = (f"Model {self.info.name}, corpus {self.fingerprint['corpus']}, {self.cfg.nsamples} test windows of "
-                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows.\n\n")
+                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows, protocol "
+                f"{self.protocol.name}; kl: mean KL(dense || method) in nats, top1: share of tokens whose most likely "
+                f"next token is dense's (same tokens as PPL); weights: the linear layers' format, MB/token: the whole "
+                f"step's weight bytes at it.\n\n")
         md_path = write_markdown(points, self.out / "frontier.md", head)
         f32_points = [p for p in points if p["weights"] == "f32"]
-        png = plot(f32_points or points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}.png", self.info.name)
+        png = plot(f32_points or points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}{self.suffix}.png",
+                   f"{self.info.name}, protocol {self.protocol.name}")
         out = {"points": points, "computed": done, "csv": str(csv_path), "markdown": str(md_path), "plot": str(png),
                "out": str(self.out)}
         if len({p["weights"] for p in points}) > 1:
-            out["plot_bytes"] = str(plot_bytes(points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}_bytes.png",
-                                               self.info.name))
+            out["plot_bytes"] = str(plot_bytes(points, Path(self.cfg.plots_dir) /
+                                               f"frontier_{self.slug}{self.suffix}_bytes.png", self.info.name))
         return out
 
     def _run_format(self, fmt: str, todo: list, pdir: Path) -> int:
@@ -314,19 +394,28 @@ class Frontier:
             path = pdir / _point_name(spec.name, d, fmt)
             if path.is_file():
                 old = _read_json(path, "point")
+                redone = self._wants_quality(old, self.cfg.quality_again)
+                if redone:
+                    log.info("[%d/%d] %s at density %.3f: done, evaluating again for kl/top1", k + 1, len(todo),
+                             spec.name, d)
+                    old = self._quality_only(spec, d, old)
+                    atomic_write_json(path, old, "frontier point")
+                    done += 1
+                    log.info("%s d=%.3f: read %.3f ppl %.3f kl %.4f top1 %.3f", spec.name, d,
+                             old["weight_read_fraction"], old["ppl"], old["kl"], old["top1"])
                 if fmt == "f32" and self.measure is not None and self._wants_speed(spec, old, self.cfg.speed_again):
                     log.info("[%d/%d] %s at density %.3f: done, adding decode speed", k + 1, len(todo), spec.name, d)
                     atomic_write_json(path, self._speed_only(spec, d, old), "frontier point")
-                    done += 1
-                else:
+                    done += 0 if redone else 1
+                elif not redone:
                     log.info("[%d/%d] skip (done): %s", k + 1, len(todo), path)
                 continue
             log.info("[%d/%d] %s at density %.3f, %s weights", k + 1, len(todo), spec.name, d, fmt)
             p = self._point(spec, d, fmt)
             atomic_write_json(path, p, "frontier point")
             done += 1
-            log.info("%s d=%.3f %s: read %.3f, %.1f MB/token, ppl %.3f", spec.name, d, fmt, p["weight_read_fraction"],
-                     p["bytes_per_token"] / 1e6, p["ppl"])
+            log.info("%s d=%.3f %s: read %.3f, %.1f MB/token, ppl %.3f kl %.4f top1 %.3f", spec.name, d, fmt,
+                     p["weight_read_fraction"], p["bytes_per_token"] / 1e6, p["ppl"], p["kl"], p["top1"])
         return done
 
 

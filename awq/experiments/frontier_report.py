@@ -1,4 +1,8 @@
-"""Outputs of ``python -m awq.frontier``: ``frontier.csv``, a markdown table and the frontier plot."""
+"""Outputs of ``python -m awq.frontier``: ``frontier.csv``, a markdown table and the frontier plot.
+
+The plot has four panels over the same x axis (MLP weight bytes read per token): perplexity in full (log
+scale), perplexity zoomed on the region users care about (up to ``ZOOM`` x dense, linear), the mean KL
+divergence from dense (log scale) and the top-1 agreement with dense."""
 from __future__ import annotations
 
 import csv
@@ -10,9 +14,10 @@ from typing import Optional
 from awq.experiments.plots import _plt
 from awq.util.io import atomic_path, atomic_write_text
 
-CSV_COLUMNS = ("model", "method", "param", "weight_read_fraction", "ppl", "tokens", "realizable", "decode_speedup",
-               "roofline", "weights", "bytes_per_token")
+CSV_COLUMNS = ("model", "method", "param", "weight_read_fraction", "ppl", "kl", "top1", "tokens", "realizable",
+               "decode_speedup", "roofline", "protocol", "weights", "bytes_per_token")
 FORMAT_ORDER = ("f32", "q8_0", "q4_1", "q4_0")
+ZOOM = 3.0  # the zoomed PPL panel shows up to this multiple of dense
 
 
 def _cell(v) -> str:
@@ -43,8 +48,9 @@ def write_csv(points: list[dict], path: Path) -> Path:
 
 def markdown(points: list[dict]) -> str:
     dense = next((p["ppl"] for p in points if p["method"] == "dense" and p.get("weights", "f32") == "f32"), None)
-    lines = ["| method | weights | density | weight read / MLP | of which extra | MB/token | PPL | vs F32 dense | realizable "
-             "| decode speedup | roofline |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | weights | density | weight read / MLP | of which extra | MB/token | PPL | vs F32 dense | KL vs dense "
+             "| top-1 = dense | realizable | decode speedup | roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         rel = f"{p['ppl'] / dense:.2f}x" if dense else "–"
         mb = "–" if p.get("bytes_per_token") is None else f"{p['bytes_per_token'] / 1e6:.1f}"
@@ -54,8 +60,10 @@ def markdown(points: list[dict]) -> str:
             st = p["decode_status"].replace("|", "\\|")  # a '|' in a reason would split the table cell
             sp = st if r is None else f"{st} ({r:.2f}x)"
         rf = "–" if p.get("roofline") is None else f"{p['roofline']:.2f}x"
+        kl = "–" if p.get("kl") is None else f"{p['kl']:.4f}"
+        t1 = "–" if p.get("top1") is None else f"{100 * p['top1']:.1f}%"
         lines.append(f"| {p['method']} | {p.get('weights', 'f32')} | {p['param']:.2f} | {p['weight_read_fraction']:.3f} | "
-                     f"{p.get('extra', 0.0):.3f} | {mb} | {p['ppl']:.2f} | {rel} | {'yes' if p['realizable'] else 'no (oracle)'} | {sp} | {rf} |")
+                     f"{p.get('extra', 0.0):.3f} | {mb} | {p['ppl']:.2f} | {rel} | {kl} | {t1} | {'yes' if p['realizable'] else 'no (oracle)'} | {sp} | {rf} |")
     return "\n".join(lines) + "\n"
 
 
@@ -65,31 +73,55 @@ def write_markdown(points: list[dict], path: Path, header: str = "") -> Path:
 
 def plot(points: list[dict], path: Path, model: str) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10), sharex=True)
+    (ax_ppl, ax_zoom), (ax_kl, ax_top1) = axes
     methods = []
     for p in points:
         if p["method"] not in methods:
             methods.append(p["method"])
     cmap = plt.get_cmap("tab20")
+    dense = next((p for p in points if p["method"] == "dense"), None)
     for k, m in enumerate(methods):
         pts = sorted((p for p in points if p["method"] == m), key=lambda p: p["weight_read_fraction"])
         if m == "dense":
-            ax.axhline(pts[0]["ppl"], color="black", ls="--", lw=1, label=f"dense ({pts[0]['ppl']:.2f})")
+            for ax in (ax_ppl, ax_zoom):
+                ax.axhline(pts[0]["ppl"], color="black", ls="--", lw=1, label=f"dense ({pts[0]['ppl']:.2f})")
+            ax_top1.axhline(100.0, color="black", ls="--", lw=1)
             continue
         oracle = not pts[0]["realizable"]
         col = cmap(k % 20)
-        ax.plot([p["weight_read_fraction"] for p in pts], [p["ppl"] for p in pts], marker="o", color=col,
-                markerfacecolor="none" if oracle else col, ls=":" if oracle else "-",
-                label=f"{m} (oracle: needs the true mask)" if oracle else m)
-    ax.set_yscale("log")
-    ax.set_xlabel("MLP weight bytes read per token / MLP weight bytes (batch-1 decode)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(f"Sparsity frontier: {model}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+        style = dict(marker="o", color=col, markerfacecolor="none" if oracle else col, ls=":" if oracle else "-")
+        label = f"{m} (oracle: needs the true mask)" if oracle else m
+        x = [p["weight_read_fraction"] for p in pts]
+        ax_ppl.plot(x, [p["ppl"] for p in pts], label=label, **style)
+        ax_zoom.plot(x, [p["ppl"] for p in pts], **style)
+        q = [p for p in pts if p.get("kl") is not None and p.get("top1") is not None]
+        if q:
+            xq = [p["weight_read_fraction"] for p in q]
+            ax_kl.plot(xq, [max(p["kl"], 1e-6) for p in q], **style)
+            ax_top1.plot(xq, [100 * p["top1"] for p in q], **style)
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_ylabel("perplexity (log scale)")
+    ax_ppl.set_title("perplexity")
+    if dense is not None:
+        ok = [p["ppl"] for p in points if finite(p["ppl"])]
+        ax_zoom.set_ylim(0.97 * min(ok + [dense["ppl"]]), ZOOM * dense["ppl"])
+        ax_zoom.set_title(f"perplexity up to {ZOOM:g}x dense")
+    ax_zoom.set_ylabel("perplexity")
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylabel("mean KL(dense || method), nats (log scale)")
+    ax_kl.set_title("KL divergence from dense")
+    ax_top1.set_ylabel("top-1 token = dense's (% of tokens)")
+    ax_top1.set_title("top-1 agreement with dense")
+    for ax in axes.flat:
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("MLP weight bytes read per token / MLP weight bytes (batch-1 decode)")
+    fig.legend(*ax_ppl.get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(0.995, 0.5))
+    fig.suptitle(f"Sparsity frontier: {model}")
     fig.tight_layout()
     with atomic_path(path, "frontier plot") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -20,6 +20,10 @@ Hooks, each with a default here (override what the method needs):
 ``SwappedMLP.decode_unsupported``  why there is no batch-1 kernel (None when there is one)
 ``SwappedMLP.extra_bytes``     weight bytes one decode step reads besides the MLP's
 ``SwappedMLP.is_decode_step``  the one guard: a prepared kernel, one token, nobody observing
+``SwappedMLP.observe_prompt``  prompt -> continuation protocol (:mod:`awq.methods.protocol`): the dense prompt's
+                               MLP input and ``h``; a method choosing its neurons from the prompt keeps its choice
+``SwappedMLP.end_sequence``    the sequences are finished: drop per-sequence state
+``SwappedMLP.needs_prompt``    True: refused under the standard protocol (nothing to choose from)
 =============================  ===========================================================================
 """
 from __future__ import annotations
@@ -126,6 +130,16 @@ class SwappedMLP(nn.Module):
     def _notify(self, name: str, y: Any) -> None:
         for obs in self.observers:
             obs(self.layer_idx, name, y)
+
+    # prompt -> continuation protocol (awq.methods.protocol): a method that chooses from the prompt overrides these
+    needs_prompt = False  # True: cannot run under the standard protocol (no prompt to choose from)
+
+    def observe_prompt(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        """The prompt ran dense: its MLP input ``x [B, P, H]`` and ``h = act(gate(x)) * up(x)`` ``[B, P, F]``
+        (row b = sequence b; may be called more than once per sequence: accumulate).  Default: ignored."""
+
+    def end_sequence(self) -> None:
+        """The current sequences are finished: drop per-sequence state.  Default: nothing."""
 
 
 def sparsify_(model: nn.Module, config: MethodConfig) -> nn.Module:

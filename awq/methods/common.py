@@ -114,6 +114,7 @@ class CalibData:
     centroids: Optional[str] = None  # cluster_*: a --centroids spec (gate=FILE,up=FILE,down=FILE or a folder)
     predictor: Optional[str] = None  # cluster_predicted: a cluster predictor file (python -m awq.predictor train)
     _xs: Optional[list] = field(default=None, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)  # per-calibration-set results a method reuses across densities
 
     def xs(self, model: nn.Module) -> list[torch.Tensor]:
         if self._xs is None:

@@ -72,9 +72,15 @@ class ReadMeter:
         w = sum(self.sizes[p] for p in PROJS)
         return sum(pp[p] * self.sizes[p] for p in PROJS) / w + extra
 
+    def per_layer_projection(self) -> dict[str, list[Optional[float]]]:
+        """Per layer, the mean read fraction of each projection (e.g. TEAL: gate = up = density of x, down = of h)."""
+        return {p: [None if float(t) == 0 else float(self.sums[i, j] / t) for i, t in enumerate(self.tokens)]
+                for j, p in enumerate(PROJS)}
+
     def summary(self, extra: float = 0.0) -> dict:
         return {"weight_read_fraction": self.weight_read_fraction(extra), "per_projection": self.per_projection(),
-                "per_layer": self.per_layer(), "extra": extra, "tokens_per_layer": float(self.tokens.max())}
+                "per_layer": self.per_layer(), "per_layer_projection": self.per_layer_projection(), "extra": extra,
+                "tokens_per_layer": float(self.tokens.max())}
 
 
 def mlp_weight_sizes(mlp: nn.Module) -> dict[str, int]:

@@ -10,7 +10,9 @@ the layer's :class:`~awq.methods.base.SwappedMLP`, and a calibration) plus one :
 * ``realizable``: whether it runs without knowing the true mask (oracles are bounds, not methods);
 * ``kernel``: its batch-1 decode kernel, or why it has none;
 * ``default``: in the frontier's default method list; ``needs``: the file option it needs (``centroids``,
-  ``predictor``), without which it is left out of defaults and refused when named.
+  ``predictor``), without which it is left out of defaults and refused when named;
+* ``needs_prompt``: it chooses its neurons from a prompt (:mod:`awq.methods.protocol`), so it runs only under
+  ``--protocol prompt:P``.
 
 ``python -m awq.entry --method NAME --density D``, ``python -m awq.frontier --methods``, ``python -m
 awq.generate --method`` and ``bench/bench_decode.py --methods`` all read :data:`METHODS`.
@@ -25,12 +27,25 @@ from torch import nn
 from awq.methods.base import MethodConfig
 from awq.methods.cats import CatsConfig, calibrate_cats
 from awq.methods.cluster import ClusterConfig, calibrate_cluster
+from awq.methods.cluster_lowbit import ClusterLowbitConfig, calibrate_cluster_lowbit
 from awq.methods.cluster_neuron import ClusterNeuronConfig, ClusterVariant, calibrate_cluster_neuron
 from awq.methods.common import CalibData, MethodError, check_density
 from awq.methods.gathered import GatheredConfig, random_sets
+from awq.methods.greedy import TealGreedyConfig, WinaGreedyConfig, calibrate_greedy
+from awq.methods.larosa import (
+    LarosaFoldedConfig,
+    LarosaTopkConfig,
+    calibrate_larosa_folded,
+    calibrate_larosa_folded_greedy,
+    calibrate_larosa_topk,
+)
+from awq.methods.lowbit_rank import LowbitRankConfig, calibrate_lowbit_rank
 from awq.methods.neuron_predictor import NeuronPredictorConfig, calibrate_neuron_predictor
 from awq.methods.paper import VARIANTS, paper_config, paper_thresholds
 from awq.methods.paper_mlp import SparsityConfig
+from awq.methods.prompt_sets import GriffinConfig, GriffinRefineConfig, calibrate_griffin, calibrate_griffin_refine
+from awq.methods.rsparse import RSparseConfig, calibrate_rsparse
+from awq.methods.scap import ScapConfig, calibrate_scap
 from awq.methods.teal import LarosaConfig, TealConfig, WinaConfig, calibrate_larosa, calibrate_teal, calibrate_wina
 from awq.methods.topk import TopKConfig, calibrate_topk
 
@@ -55,6 +70,7 @@ class MethodSpec:
     about: str = ""
     default: bool = True  # in the frontier's default method list
     needs: Optional[str] = None  # "centroids" / "predictor": the file option the method needs
+    needs_prompt: bool = False  # chooses its neurons from a prompt: refused under the standard protocol
 
 
 def on_inputs(fn: Callable) -> Calibrate:
@@ -90,6 +106,34 @@ def _cluster_neuron(**variant) -> Calibrate:
     return cal
 
 
+def _greedy(kind: str) -> Calibrate:
+    def cal(model: nn.Module, calib: CalibData, density: float) -> MethodConfig:
+        return calibrate_greedy(model, calib.xs(model), check_density(density), kind=kind, cache=calib.cache,
+                                seed=calib.seed)
+    return cal
+
+
+def _larosa_folded_greedy(model: nn.Module, calib: CalibData, density: float) -> LarosaFoldedConfig:
+    return calibrate_larosa_folded_greedy(model, calib.xs(model), check_density(density), cache=calib.cache,
+                                          seed=calib.seed)
+
+
+def _griffin_refine(candidates: Optional[float], **kw) -> Calibrate:
+    """GRIFFIN candidates (``candidates`` share; None: the density itself, for a fixed centroid) + low-bit ranking."""
+    def cal(model: nn.Module, calib: CalibData, density: float) -> GriffinRefineConfig:
+        d = check_density(density)
+        return calibrate_griffin_refine(model, calib.xs(model), d, candidates if candidates is not None else d,
+                                        seed=calib.seed, **kw)
+    return cal
+
+
+def _cluster_lowbit(model: nn.Module, calib: CalibData, density: float) -> ClusterLowbitConfig:
+    return calibrate_cluster_lowbit(model, calib.xs(model), check_density(density), candidates=0.8, seed=calib.seed)
+
+
+LOWBIT_KERNEL = "low-bit scores (csrc/lowbit_rank.cpp), then " + ROW_KERNEL.split(" (")[0] + " rows of the kept neurons"
+FOLDED_KERNEL = ("none: an evaluation module (rotates at run time); the folded model "
+                 "(awq.methods.larosa.fold_rotation) runs TEAL's column-gathered kernel")
 PAPER_KERNEL = "paper ([gate; up] GEMV, thresholds, rows of W_down for nonzero h)"
 _PAPER_ABOUT = {"paper": "thresholds on gate, up and down outputs", "paper_gate": "paper, gate output only",
                 "paper_up": "paper, up output only", "paper_gate_up": "paper, gate and up outputs",
@@ -107,6 +151,49 @@ _SPECS: list[MethodSpec] = [
                about="small |x_i|·‖W[:, i]‖ entries"),
     MethodSpec("larosa", LarosaConfig, on_inputs(calibrate_larosa), (0.25, 0.45, 0.65), kernel=COLUMN_KERNEL,
                about="TEAL after a per-layer PCA rotation of x (rotation counted)"),
+    MethodSpec("teal_greedy", TealGreedyConfig, _greedy("teal"), (0.3, 0.5, 0.7), kernel=COLUMN_KERNEL, default=False,
+               about="TEAL, per-layer x/h split by TEAL's block-wise greedy output-error search"),
+    MethodSpec("wina_greedy", WinaGreedyConfig, _greedy("wina"), (0.3, 0.5, 0.7), kernel=COLUMN_KERNEL, default=False,
+               about="WINA, per-layer x/h split by TEAL's block-wise greedy output-error search"),
+    MethodSpec("larosa_folded", LarosaFoldedConfig, on_inputs(calibrate_larosa_folded), (0.3, 0.5, 0.7),
+               kernel=FOLDED_KERNEL, default=False,
+               about="LaRoSA, one global rotation folded into the weights (no extra reads)"),
+    MethodSpec("larosa_folded_wina", LarosaFoldedConfig,
+               on_inputs(lambda model, xs, density: calibrate_larosa_folded(model, xs, density, wina=True)),
+               (0.3, 0.5, 0.7), kernel=FOLDED_KERNEL, default=False,
+               about="larosa_folded with WINA's column-norm criterion"),
+    MethodSpec("larosa_folded_greedy", LarosaFoldedConfig, _larosa_folded_greedy, (0.3, 0.5, 0.7),
+               kernel=FOLDED_KERNEL, default=False, about="larosa_folded with TEAL's greedy per-layer x/h split"),
+    MethodSpec("larosa_topk", LarosaTopkConfig, on_inputs(calibrate_larosa_topk), (0.25, 0.375, 0.5),
+               kernel="none: top-k selection (the C++ input-sparse kernel takes thresholds)", default=False,
+               about="LaRoSA's own selection: per-layer rotation (counted), top-k per token on |xQ| and |h| (exact "
+                     "densities)"),
+    MethodSpec("lowbit_rank", LowbitRankConfig, on_inputs(calibrate_lowbit_rank), (0.22, 0.32, 0.41, 0.5),
+               kernel=LOWBIT_KERNEL, default=False,
+               about="neurons ranked by |act(g~) u~| from a 4-bit copy of gate/up (copy counted)"),
+    MethodSpec("rsparse", RSparseConfig, on_inputs(calibrate_rsparse), (0.3, 0.4, 0.5, 0.6),
+               kernel="column-gathered GEMVs of the kept x and h (down_gather) + the rank-r remainders", default=False,
+               about="R-Sparse: top-|x| channels exact + rank-r SVD remainder, per-layer rank/split search (factors "
+                     "counted); param = read budget"),
+    MethodSpec("scap", ScapConfig, on_inputs(calibrate_scap), (0.3, 0.4, 0.5, 0.6),
+               kernel="column-gathered GEMVs of the kept mode-centred x and h (down_gather)", default=False,
+               about="SCAP: input pruning after mode-centering, calibrated x/h split; param = read budget"),
+    MethodSpec("griffin", GriffinConfig, lambda model, calib, density: calibrate_griffin(model, [], density),
+               (0.4, 0.5, 0.6, 0.7),
+               kernel=ROW_KERNEL + " of the prompt's set", default=False, needs_prompt=True,
+               about="GRIFFIN: one neuron set per sequence from the prompt (needs --protocol prompt:P)"),
+    MethodSpec("griffin_lowbit", GriffinRefineConfig, _griffin_refine(0.9), (0.41,),
+               kernel=LOWBIT_KERNEL + " (candidates only)", default=False, needs_prompt=True,
+               about="GRIFFIN top 90% as candidates, 4-bit copy ranks inside per token (threshold from the prompt; "
+                     "copy rows counted; needs --protocol prompt:P)"),
+    MethodSpec("griffin_centroid", GriffinRefineConfig, _griffin_refine(None, centroids_k=16, refine=False),
+               (0.5, 0.7), kernel=ROW_KERNEL + " of the picked centroid", default=False, needs_prompt=True,
+               about="the prompt picks one of 16 per-layer centroids (GRIFFIN score coverage), fixed for the "
+                     "continuation; needs --protocol prompt:P"),
+    MethodSpec("cluster_lowbit", ClusterLowbitConfig, _cluster_lowbit, (0.3, 0.4, 0.45),
+               kernel=LOWBIT_KERNEL + " (the routed centroid's candidates)", default=False,
+               about="routed centroid (80% of neurons) as candidates, 4-bit copy ranks inside (router + copy rows "
+                     "counted)"),
     MethodSpec("topk", TopKConfig, calibrate_topk, (0.1, 0.3, 0.5), kernel="[gate; up] GEMV, top-k, kept rows of "
                "W_down", about="per-token top-k of |h| (gate and up read in full)", default=False),
     MethodSpec("gathered", GatheredConfig, lambda model, calib, density: random_sets(model, check_density(density),

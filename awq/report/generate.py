@@ -11,6 +11,7 @@ Blocks are made from the checked-in summaries in ``results_ref/`` (each file nam
 ``--check`` rewrites nothing and exits 1 naming every block that differs from what the summaries produce (a
 number edited by hand, or a results file updated without rerunning the report) and every results file without
 its provenance.  A fresh run is imported first with ``--import_reproduce DIR``, ``--import_frontier CSV NAME``,
+``--merge_frontier_quality CSV NAME`` (kl/top1 added to a checked-in frontier),
 ``--import_sparse_mlp JSON``, ``--import_predictor DIR``, ``--import_decode JSON NAME``, ``--import_bench JSON
 [NAME]`` or ``--import_run_default JSON`` (:mod:`awq.report.importers`; ``--command`` records the command as
 typed instead of the one rebuilt from the output).
@@ -36,6 +37,7 @@ from awq.report.importers import (
     import_reproduce,
     import_run_default,
     import_sparse_mlp,
+    merge_frontier_quality,
 )
 from awq.report.refs import REF_FILES, TARGETS, ReportError, load_refs, target_files
 from awq.report.summaries import cluster_findings, headline
@@ -200,7 +202,7 @@ def make_run(refs: dict) -> str:
 
 
 FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
-                  "larosa", "neuron_predictor", "cluster_oracle", "cluster_predicted", "cluster_thresh",
+                  "teal_greedy", "wina_greedy", "larosa", "larosa_folded", "larosa_folded_wina", "neuron_predictor", "cluster_oracle", "cluster_predicted", "cluster_thresh",
                   "cluster_ideal_oracle", "cluster_thresh_oracle", "cluster_hthresh", "cluster_hthresh_oracle",
                   "cluster_neuron", "cluster_neuron_oracle", "cluster_union2", "cluster_union4", "cluster_hot",
                   "cluster_pooled_oracle", "cluster_binary_oracle")
@@ -223,14 +225,19 @@ def frontier(refs: dict, key: str = "frontier") -> str:
     for q in sorted(pts, key=lambda q: (order.get(q["method"], 99), q["param"])):
         by.setdefault(q["method"], []).append(q)
     speed = any(q.get("roofline") is not None for q in pts)
-    lines = ["| method | density swept | MLP weight read / token | PPL |" + (" decode speedup (roofline) |" if speed else ""),
-             "|---|---|---|---|" + ("---|" if speed else "")]
+    qual = any(q.get("kl") is not None for q in pts)  # KL / top-1 against dense (awq.experiments.quality)
+    lines = ["| method | density swept | MLP weight read / token | PPL |" + (" KL vs dense | top-1 = dense |" if qual else "")
+             + (" decode speedup (roofline) |" if speed else ""),
+             "|---|---|---|---|" + ("---|---|" if qual else "") + ("---|" if speed else "")]
     for m, qs in by.items():
         tag = "" if all(q["realizable"] for q in qs) else " (oracle)"
         dens = " / ".join(f"{q['param']:g}" for q in qs)
         reads = " / ".join(f"{q['weight_read_fraction']:.3f}" for q in qs)
         ppls = " / ".join(f"{q['ppl']:,.1f}" for q in qs)
         row = f"| `{m}`{tag} | {dens} | {reads} | {ppls} |"
+        if qual:
+            row += (" " + " / ".join("–" if q.get("kl") is None else f"{q['kl']:.3f}" for q in qs) + " | "
+                    + " / ".join("–" if q.get("top1") is None else f"{100 * q['top1']:.0f}%" for q in qs) + " |")
         if speed:
             row += " " + " / ".join(_speed_cell(q) for q in qs) + " |"
         lines.append(row)
@@ -247,6 +254,7 @@ def frontier(refs: dict, key: str = "frontier") -> str:
         out += (f"At most {budget:.0%} of the MLP weights read (+0.01): best `{best['method']}` "
                 f"(density {best['param']:g}, reads {best['weight_read_fraction']:.3f}) at PPL {best['ppl']:,.1f}"
                 + (f" ({best['ppl'] / dense:.2f}x dense)" if dense else "")
+                + (f", KL {best['kl']:.3f}, top-1 {100 * best['top1']:.0f}%" if best.get("kl") is not None else "")
                 + (f"; next `{runner['method']}` at PPL {runner['ppl']:,.1f}" if runner else "") + ".\n")
     return out + by_format(refs[key]["points"])
 
@@ -353,6 +361,12 @@ class ReportConfig:
                                                max_mb=256, check=_ref_name(FRONTIER_REFS),
                                                help="first copy a frontier.csv into results_ref/NAME.json (NAME: "
                                                + ", ".join(FRONTIER_REFS) + ")")
+    merge_frontier_quality: Optional[list[str]] = opt(None, nargs=2, metavar=("CSV", "NAME"),
+                                                      kind=("in_file", None), max_mb=256,
+                                                      check=_ref_name(FRONTIER_REFS),
+                                                      help="first add kl/top1 of a frontier.csv to the points of "
+                                                      "results_ref/NAME.json, keeping their decode speed where the "
+                                                      "PPL agrees (NAME: " + ", ".join(FRONTIER_REFS) + ")")
     import_sparse_mlp: Optional[Path] = opt(None, metavar="JSON", kind="in_file", max_mb=256,
                                             help="first copy a `bench/bench_sparse_mlp.py --output JSON` run into "
                                             "results_ref/sparse_mlp.json")
@@ -381,8 +395,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
     p = build_config_parser(ReportConfig, prog="python -m awq.report", description=__doc__.split("\n\n")[0])
     try:
         a, _ = parse_config(ReportConfig, argv, p)
-        imports = [k for k in ("import_reproduce", "import_frontier", "import_sparse_mlp", "import_predictor",
-                               "import_decode", "import_bench", "import_run_default") if getattr(a, k)]
+        imports = [k for k in ("import_reproduce", "import_frontier", "merge_frontier_quality", "import_sparse_mlp",
+                               "import_predictor", "import_decode", "import_bench", "import_run_default")
+                   if getattr(a, k)]
         if a.command is not None and len(imports) != 1:
             raise ConfigError("--command: goes with exactly one --import_* option")
     except ConfigError as e:
@@ -398,6 +413,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
             log.info("imported %s", import_reproduce(a.import_reproduce, a.results, cmd))
         if a.import_frontier:
             log.info("imported %s", import_frontier(Path(a.import_frontier[0]), a.import_frontier[1], a.results, cmd))
+        if a.merge_frontier_quality:
+            csv_path, name = a.merge_frontier_quality
+            log.info("merged kl/top1 into %s: %s", name, merge_frontier_quality(Path(csv_path), name, a.results, cmd))
         if a.import_sparse_mlp:
             log.info("imported %s", import_sparse_mlp(a.import_sparse_mlp, a.results, cmd))
         if a.import_predictor:

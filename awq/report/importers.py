@@ -124,8 +124,8 @@ def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None, c
     fp = csv_path.with_name("fingerprint.json")
     pts = [{"method": r["method"], "param": float(r["param"]), "weight_read_fraction": float(r["weight_read_fraction"]),
             "ppl": float(r["ppl"]), "tokens": int(r["tokens"]), "realizable": r["realizable"] == "true",
-            **{k: float(r[k]) for k in ("decode_speedup", "roofline", "bytes_per_token") if r.get(k)},
-            **({"weights": r["weights"]} if r.get("weights") else {})} for r in rows]
+            **{k: float(r[k]) for k in ("kl", "top1", "decode_speedup", "roofline", "bytes_per_token") if r.get(k)},
+            **{k: r[k] for k in ("protocol", "weights") if r.get(k)}} for r in rows]
     secs = []
     for pf in sorted(csv_path.with_name("points").glob("*.json")):
         try:
@@ -153,6 +153,69 @@ def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None, c
     ref = _ref(ref_dir, name)
     atomic_write_json(ref, out)
     return ref
+
+
+SPEED_KEYS = ("decode_speedup", "roofline")
+
+
+def merge_frontier_quality(csv_path: Path, name: str, ref_dir: Optional[Path] = None, command: Optional[str] = None,
+                           rtol: float = 1e-3) -> dict:
+    """Add ``kl`` / ``top1`` of a fresh frontier run (its ``frontier.csv``) to the points of ``results_ref/<name>.json``
+    without losing what the run did not measure (decode speed).
+
+    A point of the same method and density whose PPL agrees within ``rtol`` gets the new ``kl``, ``top1`` and
+    ``protocol``; one whose PPL moved (another calibration since) takes the new point's figures, drops its old
+    decode speed (measured on the other configuration) and keeps ``ppl_before``; a new point is appended; a
+    point the run lacks stays as it was.  The file keeps its ``provenance``; the merge's own is added as
+    ``quality_provenance``.  Returns counts ``{"added", "replaced", "appended", "untouched"}``."""
+    import csv
+
+    ref = _ref(ref_dir, name)
+    old = _load(ref, f"no results_ref/{name}.json to merge into")
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise RunOutputError(f"no {csv_path}: run `python -m awq.frontier` first")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fp = csv_path.with_name("fingerprint.json")
+    new_fp = _load(fp, "") if fp.is_file() else {}
+    if new_fp and old.get("fingerprint"):
+        diff = [k for k in ("weights_sha256", "corpus_test_sha256", "seqlen", "nsamples")
+                if new_fp.get(k) != old["fingerprint"].get(k)]
+        if diff:
+            raise RunOutputError(f"{csv_path} was made with another setup than results_ref/{name}.json ({diff[0]})")
+    index = {(q["method"], round(float(q["param"]), 6)): q for q in old["points"]}
+    counts = {"added": 0, "replaced": 0, "appended": 0, "untouched": 0}
+    seen = set()
+    for r in rows:
+        if not r.get("kl"):
+            continue
+        key = (r["method"], round(float(r["param"]), 6))
+        seen.add(key)
+        new = {"kl": float(r["kl"]), "top1": float(r["top1"]), "protocol": r.get("protocol") or "standard"}
+        q = index.get(key)
+        if q is None:
+            old["points"].append({"method": r["method"], "param": float(r["param"]),
+                                  "weight_read_fraction": float(r["weight_read_fraction"]), "ppl": float(r["ppl"]),
+                                  "tokens": int(r["tokens"]), "realizable": r["realizable"] == "true", **new})
+            counts["appended"] += 1
+        elif abs(float(r["ppl"]) - q["ppl"]) <= rtol * abs(q["ppl"]):
+            q.update(new)
+            counts["added"] += 1
+        else:
+            q["ppl_before"] = q["ppl"]
+            for k in SPEED_KEYS:
+                q.pop(k, None)
+            q.update({"ppl": float(r["ppl"]), "weight_read_fraction": float(r["weight_read_fraction"]),
+                      "tokens": int(r["tokens"]), **new})
+            counts["replaced"] += 1
+    counts["untouched"] = sum(1 for k in index if k not in seen)
+    old["quality_from"] = f"kl/top1 merged from {csv_path}"
+    old["quality_provenance"] = provenance.make(
+        command or f"python -m awq.frontier --out {paths.display(csv_path.parent)}", {**new_fp, "counts": counts},
+        root=_root(ref_dir), note=None if command else "command rebuilt from the folder's path")
+    atomic_write_json(ref, old)
+    return counts
 
 
 def sparse_mlp_rows(bench: dict) -> list[dict]:
