@@ -2,6 +2,7 @@
 
     python bench/bench_decode.py --threads 2                      # default model, 256-token prompt, 128 new
     python bench/bench_decode.py --threads 1 --densities 0.3,0.5 --repeats 5 --output results/bench_decode.json
+    python bench/bench_decode.py --threads 2 --weights q8_0,q4_1 --quick     # smoke run of the per-format rows
 
 Rows (all greedy, batch 1, the same 256 prompt tokens, 128 new tokens, the same thread count; repeats
 interleaved A B C A B C ...; decode time per token = time of the one-token steps after the prefill):
@@ -22,6 +23,9 @@ interleaved A B C A B C ...; decode time per token = time of the one-token steps
 * ``lean dense-kernel``: the TEAL kernel with zero thresholds (reads every weight): a third dense
   baseline, so a sparse row is never divided by a slower dense GEMV than the kernel it uses.
 * ``transformers generate`` (``--hf``): ``model.generate``, per-token time from runs of N and 1 tokens.
+* ``--weights q8_0,q4_1,...``: per block format, llama.cpp on a GGUF of the same blocks, lean dense and the method
+  rows on the quantised kernels, GB/s of weights per row and whether they fit in the last-level cache
+  (``bench/quant_rows.py``); ``--ppl_check N``: the decode-path check on an N-token test window for every decoder.
 
 The roofline of a sparse row is dense bytes / sparse bytes per token (weights; embedding one row),
 and its speedup is computed against the *faster* dense baseline (lean dense or llama.cpp F32);
@@ -282,6 +286,8 @@ class DecodeBenchConfig:
                        help="weight formats, comma-separated: f32, q8_0, q4_0, q4_1, or FMT:HEAD (LM head in HEAD, "
                             "e.g. q4_1:q8_0); each gets a llama.cpp row, a lean dense row and the method rows at that "
                             "format (default f32; docs/kernels.md)")
+    quick: bool = opt(False, help="smoke run: --prompt_tokens 16 --new_tokens 16 --repeats 1 --ppl_check 32 (figures "
+                                   "not comparable to a full run)")
     ppl_check: int = opt(128, min=0, max=4096,
                          help="decode-path check window in tokens of the test split: perplexity one token at a time "
                               "through each decoder vs the batched evaluation on the same weights (0: skip; "
@@ -300,6 +306,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         fail(str(e))
         return 2
+    if a.quick:
+        a.prompt_tokens, a.new_tokens, a.repeats, a.ppl_check = 16, 16, 1, 32
     dens, meths, formats = list(a.densities), parse_methods(a.methods), parse_weights(a.weights)
     f32 = any(f == "f32" for _, f, _ in formats)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

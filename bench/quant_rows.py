@@ -209,7 +209,7 @@ def decode_path_checks(model, tok, a, fmt_recs: list, f32_dec, method_mods: dict
             if mkey.startswith("lean gathered"):
                 continue
             try:
-                r = decode_path_check(model, dec, ids, mods)
+                r = decode_path_check(model, dec, ids, mods, sensitivity=True)
             except QuantDecodeError as e:
                 rep.emit(f"decode-path check {mkey} {label}: skipped ({e})")
                 continue
@@ -217,4 +217,5 @@ def decode_path_checks(model, tok, a, fmt_recs: list, f32_dec, method_mods: dict
             rep.figure(f"decode_path {mkey} {label}", r)
             rep.emit(f"decode-path check {mkey} {label}: ppl batched {r['ppl_batched']:.4f}, one token at a time "
                      f"through the kernels {r['ppl_decode']:.4f} ({100 * r['rel_diff']:.3f}% apart, {r['tokens']} tokens; "
-                     f"<= 0.5%: {'pass' if ok else 'FAIL'})")
+                     f"<= 0.5%: {'pass' if ok else 'FAIL'}); the batched evaluation itself moves "
+                     f"{100 * r['sensitivity']:.3f}% with its weights scaled by 1 +- 2^-23 (float rounding)")

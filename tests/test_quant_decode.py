@@ -156,3 +156,17 @@ def test_raw_gguf_blocks(tmp_path):
         for p in ("q_proj", "k_proj", "down_proj", "up_proj"):
             assert np.array_equal(d[p].to_ggml(), e[p].to_ggml()), p
     assert np.array_equal(quantize(model.lm_head.weight, "q4_1").to_ggml(), qg.head.to_ggml())
+
+
+def test_sensitivity_restores_weights_and_moves_only_by_rounding():
+    """decode_path_check(sensitivity=True): the batched figure again on weights scaled by 1 +- 2^-23; the model's
+    weights are the same afterwards, and a dense F32 point moves by float rounding only."""
+    model = sharp_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = own_text(model, 12)
+    r = decode_path_check(model, LeanDecoder(model, capacity=64), ids, None, sensitivity=True)
+    assert r["sensitivity"] < 1e-4 and r["rel_diff"] < 0.005, r
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    r = decode_path_check(model, LeanDecoder(model, capacity=64), ids, method_modules(model, "teal"),
+                          sensitivity=True)
+    assert "ppl_jittered" in r and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

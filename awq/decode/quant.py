@@ -481,11 +481,15 @@ def batched_nll(model: nn.Module, ids: torch.Tensor, mlps=None) -> tuple[float, 
     return float(nll), ids.numel() - 1
 
 
-def decode_path_check(model: nn.Module, dec, ids: torch.Tensor, mlps=None) -> dict:
+def decode_path_check(model: nn.Module, dec, ids: torch.Tensor, mlps=None, sensitivity: bool = False) -> dict:
     """The decode-path check: perplexity of ``ids`` fed one token at a time through ``dec``'s step (its
     weight format, ``mlps`` set on it) vs the batched evaluation of the same point (for a quantised decoder:
     on the dequantised weights it reads, with its int8 activation quantisation, :class:`fake_quantized`).
-    ``{"ppl_batched", "ppl_decode", "rel_diff"}``."""
+    ``{"ppl_batched", "ppl_decode", "rel_diff", "tokens"}``; with ``sensitivity`` also ``"ppl_jittered"`` and
+    ``"sensitivity"``: the batched evaluation again with every linear weight scaled by ``1 +- 2**-23`` (float32
+    rounding; a fixed random sign per weight) and its relative change: how far float rounding alone moves this
+    point's perplexity (thresholded methods flip entries that sit on a threshold, and the window's tokens
+    after the flip follow another trajectory)."""
     q = getattr(dec, "_q", None)
     qw = q.qw if q is not None else None
     dec.set_mlps(mlps)
@@ -495,5 +499,35 @@ def decode_path_check(model: nn.Module, dec, ids: torch.Tensor, mlps=None) -> di
         dec.set_mlps(None)
     with fake_quantized(model, qw, kv16=q is not None and q.kv_dtype == torch.float16):
         nb, _ = batched_nll(model, ids, mlps)
+        if sensitivity:
+            with _jittered(model):
+                nj, _ = batched_nll(model, ids, mlps)
     pb, pd = ppl(nb, n), ppl(nd, n)
-    return {"ppl_batched": pb, "ppl_decode": pd, "rel_diff": abs(pd - pb) / pb, "tokens": n}
+    out = {"ppl_batched": pb, "ppl_decode": pd, "rel_diff": abs(pd - pb) / pb, "tokens": n}
+    if sensitivity:
+        pj = ppl(nj, n)
+        out.update(ppl_jittered=pj, sensitivity=abs(pj - pb) / pb)
+    return out
+
+
+class _jittered:
+    """Every linear weight of the decoder layers and the LM head scaled by ``1 +- 2**-23`` (seeded signs), restored
+    on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.saved = model, []
+
+    def __enter__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        lins = [m for layer in decoder_layers(self.model) for m in layer.modules() if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            for w in {id(t): t for t in [lin.weight for lin in lins] + [self.model.get_output_embeddings().weight]}.values():
+                self.saved.append((w, w.detach().clone()))
+                sign = torch.randint(0, 2, w.shape, generator=g).to(w.dtype) * 2 - 1
+                w.mul_(1 + sign * 2.0 ** -23)
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for w, v in self.saved:
+                w.copy_(v)
+        self.saved = []

@@ -17,10 +17,19 @@ default ``<out>/../dense_ref``). Points made before these columns existed get th
 (:mod:`awq.methods.protocol`); the protocol is part of the fingerprint.
 Writes ``<out>/frontier.csv``, ``<out>/frontier.md`` and ``<plots_dir>/frontier_<model>.png`` (PPL in full and
 zoomed to 3x dense, KL, top-1).
+
+Weight formats (``--weights f32,q8_0,q4_1``): every point is also computed with the model's linear layers (q/k/v/o,
+gate/up/down, LM head, token embedding) replaced by their block-quantised values, dequantised
+(:func:`awq.decode.quant.model_qweights`, raw blocks of the model's GGUF where it holds that format): exactly the
+weights the quantised kernels read; calibration runs on those weights too, KL and top-1 stay against the F32 dense
+model. Each point carries ``bytes_per_token``, the whole step's weight bytes at its format (attention + LM head + MLP
+x (read fraction - extra), plus ``extra`` at 4 bytes per weight), and ``<plots_dir>/frontier_<model>_bytes.png``
+plots perplexity against it. Points of a block format are ``<method>_<density>_<format>.json``.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -31,11 +40,14 @@ from pathlib import Path
 from typing import Optional
 
 from awq.decode.lean import SUPPORTED_TYPES
+from awq.decode.quant import fake_quantized, model_qweights, step_bytes
 from awq.decode.speed import measure_point  # real batch-1 decode speed, dense interleaved
-from awq.experiments.frontier_report import markdown, plot, sort_points, write_csv, write_markdown
+from awq.experiments.frontier_report import markdown, plot, plot_bytes, sort_points, write_csv, write_markdown
 from awq.experiments.quality import DenseReference, evaluate, weights_id
 from awq.load.data import load_corpus, tokenize_windows
 from awq.load.models import check_model_path, load_model, model_slug
+from awq.load.quant_formats import WEIGHT_FORMATS, bits_per_weight
+from awq.load.quant_gguf import gguf_source
 from awq.methods.base import SwappedMLP, sparsify_, unsparsify_
 from awq.methods.codebook import parse_centroid_spec
 from awq.methods.common import CalibData, MethodError, check_density
@@ -104,6 +116,10 @@ class FrontierConfig:
     quality_again: bool = opt(False, help="evaluate again every point already done (ppl, kl, top1 and the read "
                               "fraction; decode speed kept); points without kl/top1 are re-evaluated anyway")
     no_hub: bool = opt(False, help="never try the Hugging Face hub for the corpus")
+    weights: list[str] = opt(default_factory=lambda: ["f32"], choices=WEIGHT_FORMATS,
+                             help="weight formats, comma-separated (default f32): every point again on the model's "
+                                  "linear layers block-quantised (q8_0, q4_0, q4_1) and dequantised, with its bytes "
+                                  "per token (docs/frontier.md)")
 
 
 def _has_kernel(class_path: Optional[str]) -> bool:
@@ -129,8 +145,16 @@ def _read_json(path: Path, what: str) -> dict:
     return out
 
 
-def _point_name(method: str, param: float) -> str:
-    return f"{method}_{param:.4f}.json"
+def _point_name(method: str, param: float, fmt: str = "f32") -> str:
+    return f"{method}_{param:.4f}.json" if fmt == "f32" else f"{method}_{param:.4f}_{fmt}.json"
+
+
+def bytes_per_token(point: dict, step: dict) -> float:
+    """The whole step's weight bytes per token of a point at its format: attention + LM head + MLP x read fraction,
+    plus what the method reads besides (``extra``, a fraction of the MLP's weights, stored at 4 bytes each)."""
+    frac, extra = float(point["weight_read_fraction"]), float(point.get("extra") or 0.0)
+    mlp_weights = step["mlp"] / (bits_per_weight(point.get("weights", "f32")) / 8.0)
+    return step["attn"] + step["head"] + step["mlp"] * (frac - extra) + extra * mlp_weights * 4.0
 
 
 class Frontier:
@@ -149,6 +173,8 @@ class Frontier:
         if cfg.predictor and not Path(cfg.predictor).is_file():
             raise FrontierError(f"--predictor {cfg.predictor}: no such file")
         check_config(cfg)
+        if len(set(cfg.weights)) != len(cfg.weights):
+            raise FrontierError(f"--weights: a format is given twice ({','.join(cfg.weights)})")
         try:
             self.protocol = Protocol.parse(cfg.protocol).check(cfg.seqlen)
         except ProtocolError as e:
@@ -244,14 +270,18 @@ class Frontier:
                 "calib_seconds": t_cal, "eval_seconds": res.seconds, "per_window_kl": res.per_window_kl,
                 "fingerprint": self.fingerprint}
 
-    def _point(self, spec, density: float) -> dict:
+    def _point(self, spec, density: float, fmt: str = "f32") -> dict:
         try:
             q = self._evaluate(spec, density)
             head = ("weight_read_fraction", "ppl", "kl", "top1", "tokens")
             point = {"model": self.slug, "method": spec.name, "param": float(density),
                      **{k: q[k] for k in head}, "realizable": spec.realizable, "decode_speedup": None, "roofline": None,
-                     **{k: v for k, v in q.items() if k not in head}}
-            if self.measure is not None and self._wants_speed(spec, point):
+                     **{k: v for k, v in q.items() if k not in head}, "weights": fmt,
+                     "bits_per_weight": bits_per_weight(fmt)}
+            point["bytes_per_token"] = bytes_per_token(point, step_bytes(self.model, fmt))
+            if fmt != "f32":
+                point["decode_status"] = f"not timed at {fmt} here (bench/bench_decode.py --weights {fmt})"
+            elif self.measure is not None and self._wants_speed(spec, point):
                 point.update(self.measure(self.model, self.tok, point))
         finally:
             unsparsify_(self.model)
@@ -272,7 +302,9 @@ class Frontier:
         if old is not None and abs(q["ppl"] - old) > 1e-4 * abs(old):
             log.warning("%s d=%.3f: ppl %.4f now, %.4f when first measured", spec.name, density, q["ppl"], old)
             q["ppl_before"] = old
-        return {**point, **q}
+        out = {**point, **q}
+        out["bytes_per_token"] = bytes_per_token(out, step_bytes(self.model, out.get("weights", "f32")))
+        return out
 
     @staticmethod
     def _wants_speed(spec, point: dict, again: bool = False) -> bool:
@@ -308,14 +340,58 @@ class Frontier:
                 self._stack.enter_context(output_lock(self.cfg.out, "frontier results folder", folder=False))
             return self._run()
 
+    def _formats(self):
+        """(format, context manager putting the format's dequantised weights into the model) per ``--weights``."""
+        src = gguf_source(self.cfg.model_path)
+        for fmt in self.cfg.weights:
+            if fmt == "f32":
+                yield fmt, contextlib.nullcontext()
+                continue
+            qw = model_qweights(self.model, fmt, gguf_path=src)
+            # the weights the kernels read; the kernels' int8 activations and float16 cache are the decode-path
+            # check's business (awq.decode.quant.decode_path_check), not the point's
+            yield fmt, fake_quantized(self.model, qw, act=False, kv16=False)
+
     def _run(self) -> dict:
         self._setup()
         pdir = self.out / "points"
         pdir.mkdir(parents=True, exist_ok=True)
         todo = [(s, d) for s in self.specs for d in ((1.0,) if s.name == "dense" else (self.cfg.densities or s.densities))]
         done = 0
+        calib_f32 = self.calib
+        for fmt, weights in self._formats():
+            with weights:
+                # calibration inputs collected from the model at this format (CalibData keeps them once)
+                self.calib = calib_f32 if fmt == "f32" else dataclasses.replace(calib_f32, _xs=None)
+                done += self._run_format(fmt, todo, pdir)
+        self.calib = calib_f32
+        points = sort_points([_read_json(f, "point") for f in sorted(pdir.glob("*.json"))], list(METHODS))
+        steps = {fmt: step_bytes(self.model, fmt) for fmt in WEIGHT_FORMATS}
+        for p in points:  # points of older runs (F32 only) carry no format or bytes per token: the same formula
+            p.setdefault("weights", "f32")
+            if p.get("bytes_per_token") is None and p["weights"] in steps:
+                p["bytes_per_token"] = bytes_per_token(p, steps[p["weights"]])
+        csv_path = write_csv(points, self.out / "frontier.csv")
+        head = (f"Model {self.info.name}, corpus {self.fingerprint['corpus']}, {self.cfg.nsamples} test windows of "
+                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows, protocol "
+                f"{self.protocol.name}; kl: mean KL(dense || method) in nats, top1: share of tokens whose most likely "
+                f"next token is dense's (same tokens as PPL); weights: the linear layers' format, MB/token: the whole "
+                f"step's weight bytes at it.\n\n")
+        md_path = write_markdown(points, self.out / "frontier.md", head)
+        f32_points = [p for p in points if p["weights"] == "f32"]
+        png = plot(f32_points or points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}{self.suffix}.png",
+                   f"{self.info.name}, protocol {self.protocol.name}")
+        out = {"points": points, "computed": done, "csv": str(csv_path), "markdown": str(md_path), "plot": str(png),
+               "out": str(self.out)}
+        if len({p["weights"] for p in points}) > 1:
+            out["plot_bytes"] = str(plot_bytes(points, Path(self.cfg.plots_dir) /
+                                               f"frontier_{self.slug}{self.suffix}_bytes.png", self.info.name))
+        return out
+
+    def _run_format(self, fmt: str, todo: list, pdir: Path) -> int:
+        done = 0
         for k, (spec, d) in enumerate(todo):
-            path = pdir / _point_name(spec.name, d)
+            path = pdir / _point_name(spec.name, d, fmt)
             if path.is_file():
                 old = _read_json(path, "point")
                 redone = self._wants_quality(old, self.cfg.quality_again)
@@ -327,30 +403,20 @@ class Frontier:
                     done += 1
                     log.info("%s d=%.3f: read %.3f ppl %.3f kl %.4f top1 %.3f", spec.name, d,
                              old["weight_read_fraction"], old["ppl"], old["kl"], old["top1"])
-                if self.measure is not None and self._wants_speed(spec, old, self.cfg.speed_again):
+                if fmt == "f32" and self.measure is not None and self._wants_speed(spec, old, self.cfg.speed_again):
                     log.info("[%d/%d] %s at density %.3f: done, adding decode speed", k + 1, len(todo), spec.name, d)
                     atomic_write_json(path, self._speed_only(spec, d, old), "frontier point")
                     done += 0 if redone else 1
                 elif not redone:
                     log.info("[%d/%d] skip (done): %s", k + 1, len(todo), path)
                 continue
-            log.info("[%d/%d] %s at density %.3f", k + 1, len(todo), spec.name, d)
-            p = self._point(spec, d)
+            log.info("[%d/%d] %s at density %.3f, %s weights", k + 1, len(todo), spec.name, d, fmt)
+            p = self._point(spec, d, fmt)
             atomic_write_json(path, p, "frontier point")
             done += 1
-            log.info("%s d=%.3f: read %.3f ppl %.3f kl %.4f top1 %.3f", spec.name, d, p["weight_read_fraction"], p["ppl"],
-                     p["kl"], p["top1"])
-        points = sort_points([_read_json(f, "point") for f in sorted(pdir.glob("*.json"))], list(METHODS))
-        csv_path = write_csv(points, self.out / "frontier.csv")
-        head = (f"Model {self.info.name}, corpus {self.fingerprint['corpus']}, {self.cfg.nsamples} test windows of "
-                f"{self.cfg.seqlen} tokens, calibration on {self.cfg.calib_nsamples} train windows, protocol "
-                f"{self.protocol.name}; kl: mean KL(dense || method) in nats, top1: share of tokens whose most likely "
-                f"next token is dense's (same tokens as PPL).\n\n")
-        md_path = write_markdown(points, self.out / "frontier.md", head)
-        png = plot(points, Path(self.cfg.plots_dir) / f"frontier_{self.slug}{self.suffix}.png",
-                   f"{self.info.name}, protocol {self.protocol.name}")
-        return {"points": points, "computed": done, "csv": str(csv_path), "markdown": str(md_path), "plot": str(png),
-                "out": str(self.out)}
+            log.info("%s d=%.3f %s: read %.3f, %.1f MB/token, ppl %.3f kl %.4f top1 %.3f", spec.name, d, fmt,
+                     p["weight_read_fraction"], p["bytes_per_token"] / 1e6, p["ppl"], p["kl"], p["top1"])
+        return done
 
 
 def main(cfg: FrontierConfig) -> dict:
@@ -372,7 +438,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
         return 2
 
     print(markdown(res["points"]), end="")
-    print(f"frontier: {len(res['points'])} points ({res['computed']} computed now) -> {res['csv']}, {res['plot']}")
+    print(f"frontier: {len(res['points'])} points ({res['computed']} computed now) -> {res['csv']}, {res['plot']}"
+          + (f", {res['plot_bytes']}" if res.get("plot_bytes") else ""))
     return 0
 
 

@@ -15,7 +15,8 @@ from awq.experiments.plots import _plt
 from awq.util.io import atomic_path, atomic_write_text
 
 CSV_COLUMNS = ("model", "method", "param", "weight_read_fraction", "ppl", "kl", "top1", "tokens", "realizable",
-               "decode_speedup", "roofline", "protocol")
+               "decode_speedup", "roofline", "protocol", "weights", "bytes_per_token")
+FORMAT_ORDER = ("f32", "q8_0", "q4_1", "q4_0")
 ZOOM = 3.0  # the zoomed PPL panel shows up to this multiple of dense
 
 
@@ -31,7 +32,9 @@ def _cell(v) -> str:
 
 def sort_points(points: list[dict], order: Optional[list[str]] = None) -> list[dict]:
     rank = {m: i for i, m in enumerate(order or [])}
-    return sorted(points, key=lambda p: (rank.get(p["method"], len(rank)), p["method"], p["param"]))
+    fmt = {f: i for i, f in enumerate(FORMAT_ORDER)}
+    return sorted(points, key=lambda p: (fmt.get(p.get("weights", "f32"), len(fmt)), rank.get(p["method"], len(rank)),
+                                         p["method"], p["param"]))
 
 
 def write_csv(points: list[dict], path: Path) -> Path:
@@ -44,12 +47,13 @@ def write_csv(points: list[dict], path: Path) -> Path:
 
 
 def markdown(points: list[dict]) -> str:
-    dense = next((p["ppl"] for p in points if p["method"] == "dense"), None)
-    lines = ["| method | density | weight read / MLP | of which extra | PPL | vs dense | KL vs dense | top-1 = dense | "
-             "realizable | decode speedup | roofline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = next((p["ppl"] for p in points if p["method"] == "dense" and p.get("weights", "f32") == "f32"), None)
+    lines = ["| method | weights | density | weight read / MLP | of which extra | MB/token | PPL | vs F32 dense | KL vs dense "
+             "| top-1 = dense | realizable | decode speedup | roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         rel = f"{p['ppl'] / dense:.2f}x" if dense else "–"
+        mb = "–" if p.get("bytes_per_token") is None else f"{p['bytes_per_token'] / 1e6:.1f}"
         sp = "–" if p.get("decode_speedup") is None else f"{p['decode_speedup']:.2f}x"
         if p.get("decode_status"):
             r = p.get("decode_measured_ratio")
@@ -58,8 +62,8 @@ def markdown(points: list[dict]) -> str:
         rf = "–" if p.get("roofline") is None else f"{p['roofline']:.2f}x"
         kl = "–" if p.get("kl") is None else f"{p['kl']:.4f}"
         t1 = "–" if p.get("top1") is None else f"{100 * p['top1']:.1f}%"
-        lines.append(f"| {p['method']} | {p['param']:.2f} | {p['weight_read_fraction']:.3f} | {p.get('extra', 0.0):.3f} | "
-                     f"{p['ppl']:.2f} | {rel} | {kl} | {t1} | {'yes' if p['realizable'] else 'no (oracle)'} | {sp} | {rf} |")
+        lines.append(f"| {p['method']} | {p.get('weights', 'f32')} | {p['param']:.2f} | {p['weight_read_fraction']:.3f} | "
+                     f"{p.get('extra', 0.0):.3f} | {mb} | {p['ppl']:.2f} | {rel} | {kl} | {t1} | {'yes' if p['realizable'] else 'no (oracle)'} | {sp} | {rf} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +122,45 @@ def plot(points: list[dict], path: Path, model: str) -> Path:
     fig.tight_layout()
     with atomic_path(path, "frontier plot") as tmp:
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_bytes(points: list[dict], path: Path, model: str) -> Path:
+    """Perplexity against the whole step's weight bytes per token, one colour per method, one marker per weight
+    format: at equal bytes, a lower-bit dense model or a higher-bit sparse one?"""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    methods, fmts = [], []
+    for p in points:
+        if p["method"] not in methods:
+            methods.append(p["method"])
+        if p.get("weights", "f32") not in fmts:
+            fmts.append(p.get("weights", "f32"))
+    marks = dict(zip(FORMAT_ORDER, "osD^"))
+    cmap = plt.get_cmap("tab20")
+    for k, m in enumerate(methods):
+        col = "black" if m == "dense" else cmap(k % 20)
+        for f in fmts:
+            pts = sorted((p for p in points if p["method"] == m and p.get("weights", "f32") == f
+                          and p.get("bytes_per_token") is not None), key=lambda p: p["bytes_per_token"])
+            if not pts:
+                continue
+            oracle = not pts[0]["realizable"]
+            ax.plot([p["bytes_per_token"] / 1e6 for p in pts], [p["ppl"] for p in pts], marker=marks.get(f, "x"),
+                    color=col, markerfacecolor="none" if oracle else col, ls=":" if oracle else "-",
+                    label=f"{m} {f}" + (" (oracle)" if oracle else ""))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("weight MB read per token, whole step (attention + LM head + MLP x read fraction)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"Frontier by weight format: {model} (markers: " + ", ".join(f"{marks.get(f, 'x')} {f}" for f in fmts)
+                 + ")", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    fig.tight_layout()
+    with atomic_path(path, "frontier plot") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 

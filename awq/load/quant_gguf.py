@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from awq.load.models import default_gguf_path, resolve_alias
+from awq.load.packed_gguf import ensure_packed_gguf
 from awq.load.quant_formats import get_format
 from awq.util.cache import cache_dir
 from awq.util.io import atomic_path
@@ -87,3 +89,16 @@ def ensure_quant_gguf(src: str | Path, fmt: str, head_fmt: Optional[str] = None)
         log.info("writing %s (once)", dst)
         write_quant_gguf(src, dst, fmt, head_fmt)
     return dst
+
+
+def gguf_source(model_path: Optional[str]) -> Optional[Path]:
+    """The GGUF a ``--model_path`` loads from (the default model, an alias of a packed model, a .gguf), or None
+    (a Hugging Face folder or hub id): where the quantised decoder and the frontier take raw blocks from."""
+    if model_path is None:
+        return default_gguf_path()
+    if str(model_path).endswith(".gguf"):
+        return Path(model_path)
+    alias = None if Path(model_path).expanduser().exists() else resolve_alias(model_path)
+    if alias is None:
+        return None
+    return default_gguf_path() if alias[0] == "default" else Path(ensure_packed_gguf(alias[1]))

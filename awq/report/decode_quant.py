@@ -92,7 +92,9 @@ def format_table(data: dict, label: str) -> str:
             ok = v["rel_diff"] <= 0.005
             notes.append(f"decode-path check {name}: ppl batched {v['ppl_batched']:.3f}, token by token through the "
                          f"kernels {v['ppl_decode']:.3f} ({100 * v['rel_diff']:.2f}% apart, {v['tokens']} tokens: "
-                         f"{'pass' if ok else 'FAIL'})")
+                         f"{'pass' if ok else 'FAIL'}"
+                         + (f"; float rounding of the weights alone moves the batched figure {100 * v['sensitivity']:.2f}%"
+                            if v.get("sensitivity") is not None else "") + ")")
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(f"* {n}" for n in notes) + "\n" if notes else "")
 
 

@@ -219,8 +219,9 @@ def _speed_cell(q: dict) -> str:
 
 
 def frontier(refs: dict, key: str = "frontier") -> str:
-    """Frontier table (one row per method: its sweep) and the winners at <= 0.5 and <= 0.3 of the weights read."""
-    pts = refs[key]["points"]
+    """Frontier table (one row per method: its sweep) and the winners at <= 0.5 and <= 0.3 of the weights read (F32
+    points); then, when the run has other weight formats, their points by whole-step bytes per token."""
+    pts = [q for q in refs[key]["points"] if q.get("weights", "f32") == "f32"]
     order = {m: i for i, m in enumerate(FRONTIER_ORDER)}
     by: dict[str, list[dict]] = {}
     for q in sorted(pts, key=lambda q: (order.get(q["method"], 99), q["param"])):
@@ -257,7 +258,23 @@ def frontier(refs: dict, key: str = "frontier") -> str:
                 + (f" ({best['ppl'] / dense:.2f}x dense)" if dense else "")
                 + (f", KL {best['kl']:.3f}, top-1 {100 * best['top1']:.0f}%" if best.get("kl") is not None else "")
                 + (f"; next `{runner['method']}` at PPL {runner['ppl']:,.1f}" if runner else "") + ".\n")
-    return out
+    return out + by_format(refs[key]["points"])
+
+
+def by_format(points: list[dict]) -> str:
+    """The realizable points of every weight format ordered by whole-step weight MB per token (empty for an F32-only
+    run): at equal bytes, a lower-bit dense model or a higher-bit sparse one?"""
+    if all(q.get("weights", "f32") == "f32" for q in points):
+        return ""
+    pts = sorted((q for q in points if q["realizable"] and q.get("bytes_per_token") is not None),
+                 key=lambda q: q["bytes_per_token"])
+    lines = ["", "By weight format, realizable points ordered by weight bytes read per token (whole step: attention, "
+             "LM head and MLP x read fraction; perplexity on the dequantised weights):", "",
+             "| weights | method | density | MLP weight read | MB/token | PPL |", "|---|---|---|---|---|---|"]
+    for q in pts:
+        lines.append(f"| {q.get('weights', 'f32')} | `{q['method']}` | {q['param']:g} | {q['weight_read_fraction']:.3f} | "
+                     f"{q['bytes_per_token'] / 1e6:.1f} | {q['ppl']:,.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def all_blocks() -> dict[str, Callable[[dict], str]]:

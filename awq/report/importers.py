@@ -124,8 +124,8 @@ def import_frontier(csv_path: Path, name: str, ref_dir: Optional[Path] = None, c
     fp = csv_path.with_name("fingerprint.json")
     pts = [{"method": r["method"], "param": float(r["param"]), "weight_read_fraction": float(r["weight_read_fraction"]),
             "ppl": float(r["ppl"]), "tokens": int(r["tokens"]), "realizable": r["realizable"] == "true",
-            **{k: float(r[k]) for k in ("kl", "top1", "decode_speedup", "roofline") if r.get(k)},
-            **({"protocol": r["protocol"]} if r.get("protocol") else {})} for r in rows]
+            **{k: float(r[k]) for k in ("kl", "top1", "decode_speedup", "roofline", "bytes_per_token") if r.get(k)},
+            **{k: r[k] for k in ("protocol", "weights") if r.get(k)}} for r in rows]
     secs = []
     for pf in sorted(csv_path.with_name("points").glob("*.json")):
         try:
