@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,16 +126,25 @@ def test_killed_reproduce_run_resumes_to_the_same_result(tiny_model_dir, tiny_co
         return [sys.executable, "-m", "awq.experiments.reproduce", "--quick", "--out", str(out), "--model_path",
                 str(tiny_model_dir), "--data_path", str(tiny_corpus), "--thresholds", str(tiny_thresholds),
                 "--seqlen", "32", "--ppl_nsamples", "1", "--extract_nsamples", "3", "--ks", "4", "--sparsities", "0.4",
-                "--baseline_k", "100000",  # --baseline_k over the rows: AWC only, to stay fast "--max_rows", "150", "--eval_rows", "150", "--max_iter", "2",
+                # --baseline_k above the number of rows: AWC only, to stay fast
+                "--baseline_k", "100000", "--max_rows", "150", "--eval_rows", "150", "--max_iter", "2",
                 "--baseline_max_iter", "2", "--plots_dir", str(out / "plots")]
 
-    timed_run(cmd(tmp_path / "full"))
-    delay = rng.uniform(0.0, 0.2)  # after the pattern store is complete: clustering and the last steps left to do
+    # the kill lands in the first third of the window the uninterrupted run had between a complete pattern store
+    # and its summary (clustering and the last steps left to do); a kill that still comes too late is retried at once
+    full = tmp_path / "full"
+    window = time_after(cmd(full), full / "runs" / "extract.json", full / "summary.json")
     crash = tmp_path / "crash"
-    killed = kill_when(cmd(crash), crash / "runs" / "extract.json", delay, crash / "summary.json")
-    done = sorted(str(f.relative_to(crash)) for f in crash.rglob("*.json"))
-    print(f"seed {SEED + 1}: killed {delay:.3f}s after the pattern store was complete; json files then: {done}")
-    assert killed, "the run finished before the kill: the crash was not exercised"
+    for attempt in range(3):
+        delay = rng.uniform(0.0, window / 3) if attempt == 0 else 0.0
+        shutil.rmtree(crash, ignore_errors=True)
+        killed = kill_when(cmd(crash), crash / "runs" / "extract.json", delay, crash / "summary.json")
+        done = sorted(str(f.relative_to(crash)) for f in crash.rglob("*.json"))
+        print(f"seed {SEED + 1}: attempt {attempt}: killed {delay:.3f}s after the pattern store was complete (the full "
+              f"run wrote its summary {window:.3f}s after it); landed: {killed}; json files then: {done}")
+        if killed:
+            break
+    assert killed, "every run finished before the kill: the crash was not exercised"
     timed_run(cmd(crash))
     a = json.loads((tmp_path / "full" / "summary.json").read_text())
     b = json.loads((tmp_path / "crash" / "summary.json").read_text())

@@ -12,6 +12,7 @@ The sources are found in the repository (``<repo>/csrc``, an editable install su
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import platform
@@ -108,8 +109,17 @@ def load_cpp_extension(stem: str, filename: str | Sequence[str], cflags: Sequenc
         name = f"{stem}_{build_key(source_text(srcs), cflags, ldflags)}"
         build = cache_dir() / name
         build.mkdir(parents=True, exist_ok=True)
-        mod = ext.load(name=name, sources=[str(s) for s in srcs], extra_cflags=list(cflags),
-                       extra_ldflags=list(ldflags), build_directory=str(build), verbose=False)
+        # torch's own build lock is a plain file that a killed build leaves behind, after which every later load
+        # waits for it forever; an OS lock (released when its process dies) serialises our builds instead, and
+        # under it any torch lock file left in the folder is stale
+        with open(build / ".build.flock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            stale = build / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            mod = ext.load(name=name, sources=[str(s) for s in srcs], extra_cflags=list(cflags),
+                           extra_ldflags=list(ldflags), build_directory=str(build), verbose=False)
     except Exception as e:  # compiler missing, ninja missing, build error, unwritable cache ...
         log.warning("%s C++ kernel unavailable (%s: %s); using the pure torch path", what, type(e).__name__,
                     _last_line(e))
