@@ -29,7 +29,7 @@ from torch import nn
 
 from awq.methods.base import MethodConfig, SwappedMLP
 from awq.methods.cluster_neuron import ClusterVariant, calibrate_cluster_neuron
-from awq.methods.common import MethodError, check_density, keep_threshold, mlp_dims, mlp_of, token_density
+from awq.methods.common import MethodError, check_density, keep_threshold, mlp_dims, mlp_of, neuron_masked_mlp
 from awq.methods.lowbit_rank import LowbitRankMLP, check_bits, copy_bytes, copy_scores, layer_copy
 from awq.methods.teal import _check_layers
 
@@ -117,14 +117,7 @@ class ClusterLowbitMLP(LowbitRankMLP):
         if self.observers:
             self._notify("input", x)
         keep = self.route(x) & (self.scores(x) >= self.t)
-        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x) * keep
-        y = self.down_proj(h)
-        if self.observers:
-            self._notify("down_proj", y)
-        if self.read_meter is not None:
-            d = token_density(keep)
-            self.read_meter.add(self.layer_idx, d.numel(), d, d, d)
-        return y
+        return neuron_masked_mlp(self, x, keep)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, cluster_lowbit, K={self.centroids.shape[0]}, bits={self.bits}, t={self.t:.4g}"

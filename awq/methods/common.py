@@ -97,6 +97,19 @@ def token_density(mask: torch.Tensor) -> torch.Tensor:
     return m.sum(1, dtype=torch.float64) / m.shape[-1]
 
 
+def neuron_masked_mlp(m: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The gated MLP of a swapped module ``m`` on the neurons ``keep`` marks (gate, up and down read only there):
+    ``down((act(gate x) * up x) * keep)``, with its ``down_proj`` observers and the read meter (every projection at
+    the token's share of kept neurons)."""
+    y = m.down_proj(m.act_fn(m.gate_proj(x)) * m.up_proj(x) * keep)
+    if m.observers:
+        m._notify("down_proj", y)
+    if m.read_meter is not None:
+        d = token_density(keep)
+        m.read_meter.add(m.layer_idx, d.numel(), d, d, d)
+    return y
+
+
 def mlp_dims(model: nn.Module) -> tuple[int, int]:
     mlp = mlp_of(model, 0)
     return mlp.gate_proj.in_features, mlp.gate_proj.out_features

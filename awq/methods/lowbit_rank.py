@@ -37,7 +37,7 @@ from torch import nn
 from awq.kernels.lowbit import check_bits as kernel_check_bits
 from awq.kernels.lowbit import lowbit_kernel, lowbit_select, pack_codes
 from awq.methods.base import MethodConfig, SwappedMLP
-from awq.methods.common import MethodError, check_density, keep_threshold, mlp_dims, mlp_of, token_density
+from awq.methods.common import MethodError, check_density, keep_threshold, mlp_dims, mlp_of, neuron_masked_mlp
 from awq.methods.dynamic_sparse import _as_row, bias_of, gu_bias, log_once, neuron_decode_for, unsupported
 from awq.methods.teal import _check_layers
 
@@ -199,14 +199,7 @@ class LowbitRankMLP(SwappedMLP):
         if self.observers:
             self._notify("input", x)
         keep = self.scores(x) >= self.t
-        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x) * keep
-        y = self.down_proj(h)
-        if self.observers:
-            self._notify("down_proj", y)
-        if self.read_meter is not None:
-            d = token_density(keep)
-            self.read_meter.add(self.layer_idx, d.numel(), d, d, d)
-        return y
+        return neuron_masked_mlp(self, x, keep)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, lowbit_rank, bits={self.bits}, t={self.t:.4g}"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from awq.methods.base import MethodConfig, SwappedMLP
-from awq.methods.common import check_density, dense_h, keep_threshold, mlp_dims, mlp_of, token_density
+from awq.methods.common import check_density, dense_h, keep_threshold, mlp_dims, mlp_of, neuron_masked_mlp
 from awq.methods.dynamic_sparse import neuron_decode_for, unsupported
 from awq.methods.teal import _check_layers
 
@@ -104,14 +104,7 @@ class NeuronPredictorMLP(SwappedMLP):
         if self.observers:
             self._notify("input", x)
         keep = self.keep_mask(x)
-        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x) * keep
-        y = self.down_proj(h)
-        if self.observers:
-            self._notify("down_proj", y)
-        if self.read_meter is not None:
-            d = token_density(keep)
-            self.read_meter.add(self.layer_idx, d.numel(), d, d, d)
-        return y
+        return neuron_masked_mlp(self, x, keep)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, neuron_predictor, k={self.k}, rank={self.a.shape[0]}"
