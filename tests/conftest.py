@@ -84,3 +84,38 @@ def tiny_thresholds(tiny_model_dir, tiny_corpus, tmp_path_factory) -> Path:
     assert cli(["--sparsity", "0.5", "--model_path", str(tiny_model_dir), "--data_path", str(tiny_corpus),
                 "--seqlen", "32", "--nsamples", "4", "--output", str(out)]) == 0
     return out
+
+
+# The quick tier (`pytest -m "not slow"`, under ~90 s) leaves out, besides the tests marked slow where they are
+# defined, these: each took 2 s or more on a quiet 2-core machine (`pytest --durations`), mostly subprocess CLIs,
+# real-model runs and kernel builds for a second vector path. `make test` runs them all.
+SLOW_TESTS = (
+    "tests/test_artifact.py::test_no_store_says_which_command",
+    "tests/test_bad_input.py::test_store_of_another_model_with_the_same_name_is_refused",
+    "tests/test_bad_input_matrix.py::test_bad_input_in_real_processes",
+    "tests/test_cli.py::test_real_clis_share_the_generator",
+    "tests/test_cluster_kernel.py::test_avx2_only_build_is_real_and_identical",
+    "tests/test_clustering.py::test_cli_bad_inputs",
+    "tests/test_clustering.py::test_cli_pipeline_and_precision",
+    "tests/test_clustering.py::test_runs_by_path_and_as_module_from_any_cwd",
+    "tests/test_clustering.py::test_two_processes_equal_one",
+    "tests/test_crash.py::test_killed_clustering_run_resumes_to_the_same_result",
+    "tests/test_data.py::test_substitute_is_labelled_and_split",
+    "tests/test_decode.py::test_default_model_greedy_equals_hf_generate",
+    "tests/test_entry.py::test_help_documents_every_flag",
+    "tests/test_entry.py::test_lm_eval_local_task",
+    "tests/test_entry.py::test_real_default_model_short_window",
+    "tests/test_faults.py::test_reproduce_full_disk_and_kill",
+    "tests/test_frontier.py::test_frontier_quality_added_to_old_points_and_prompt_protocol",
+    "tests/test_frontier.py::test_frontier_speed_added_to_done_points",
+    "tests/test_gelu.py::test_every_method_runs_on_a_gelu_gated_mlp",
+    "tests/test_masks.py::test_resume_after_kill9_is_byte_identical",
+    "tests/test_models.py::test_real_qwen_if_cached",
+    "tests/test_predictor.py::test_cli_contract_and_module_entry_point",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[", 1)[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
