@@ -48,6 +48,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from awq.load.models import check_model_path  # noqa: E402
+from awq.load.quant_gguf import copy_fields  # noqa: E402
 from awq.methods.registry import METHODS  # noqa: E402
 from awq.util.cli import ConfigError, fail, opt  # noqa: E402
 from bench.common import Report, Timing, parse_bench, roofline_speedup  # noqa: E402
@@ -68,14 +69,7 @@ def write_f32_gguf(src: Path, dst: Path) -> Path:
     arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
     with atomic_path(dst, "F32 GGUF") as tmp:
         w = gguf.GGUFWriter(str(tmp), arch=arch)
-        for f in r.fields.values():
-            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
-                continue
-            vt = f.types[0]
-            val = f.contents()
-            if f.name == gguf.Keys.General.FILE_TYPE:
-                val = int(gguf.LlamaFileType.ALL_F32)
-            w.add_key_value(f.name, val, vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+        copy_fields(r, w, int(gguf.LlamaFileType.ALL_F32))
         for t in r.tensors:
             arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
             w.add_tensor(t.name, arr.reshape([int(x) for x in reversed(t.shape)]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -25,6 +25,19 @@ log = logging.getLogger(__name__)
 
 # gguf.LlamaFileType of a file whose linears are in the format
 _FILE_TYPE = {"q8_0": 7, "q4_0": 2, "q4_1": 3}
+
+
+def copy_fields(r: Any, w: Any, file_type: int) -> None:
+    """Copy every metadata field of a GGUF being read into one being written, but the architecture (given to the
+    writer) and the reader's own GGUF.* fields, with ``general.file_type`` set to ``file_type``."""
+    import gguf
+
+    for fld in r.fields.values():
+        if fld.name == gguf.Keys.General.ARCHITECTURE or fld.name.startswith("GGUF."):
+            continue
+        vt = fld.types[0]
+        val = file_type if fld.name == gguf.Keys.General.FILE_TYPE else fld.contents()
+        w.add_key_value(fld.name, val, vt, sub_type=fld.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
 
 
 def quant_gguf_name(src: Path, fmt: str, head_fmt: Optional[str] = None) -> str:
@@ -50,14 +63,7 @@ def write_quant_gguf(src: str | Path, dst: str | Path, fmt: str, head_fmt: Optio
     copied = requant = 0
     with atomic_path(Path(dst), f"{f.name} GGUF") as tmp:
         w = gguf.GGUFWriter(str(tmp), arch=arch)
-        for fld in r.fields.values():
-            if fld.name == gguf.Keys.General.ARCHITECTURE or fld.name.startswith("GGUF."):
-                continue
-            vt = fld.types[0]
-            val = fld.contents()
-            if fld.name == gguf.Keys.General.FILE_TYPE:
-                val = _FILE_TYPE[f.name]
-            w.add_key_value(fld.name, val, vt, sub_type=fld.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+        copy_fields(r, w, _FILE_TYPE[f.name])
         for t in r.tensors:
             shape = [int(x) for x in reversed(list(t.shape))]  # numpy order [R, C]
             if len(shape) != 2:
