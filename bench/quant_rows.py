@@ -25,8 +25,9 @@ from typing import Optional
 
 import torch
 
+from awq.decode.check import decode_path_check
 from awq.decode.lean import LeanDecoder
-from awq.decode.quant import QuantDecodeError, decode_path_check
+from awq.decode.quant import QuantDecodeError
 from awq.load.data import load_corpus, tokenize_windows
 from awq.load.quant_formats import get_format
 from awq.load.quant_gguf import ensure_quant_gguf

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import awq.kernels.quant as qk
+from awq.decode.check import batched_nll, decode_path_check, fake_quantized, ppl
 from awq.decode.lean import LeanDecoder
-from awq.decode.quant import QuantDecodeError, batched_nll, decode_path_check, fake_quantized, model_qweights, ppl
+from awq.decode.quant import QuantDecodeError, model_qweights
 from awq.load.arch import decoder_layers, rope_pair_perm
 from awq.load.quant_formats import quantize
 from awq.methods.base import sparsify_, unsparsify_

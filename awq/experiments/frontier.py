@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from awq.decode.check import fake_quantized
 from awq.decode.lean import SUPPORTED_TYPES
-from awq.decode.quant import fake_quantized, model_qweights, step_bytes
+from awq.decode.quant import model_qweights, step_bytes
 from awq.decode.speed import measure_point  # real batch-1 decode speed, dense interleaved
 from awq.experiments.frontier_report import markdown, plot, plot_bytes, sort_points, write_csv, write_markdown
 from awq.experiments.quality import DenseReference, evaluate, weights_id
@@ -349,7 +350,7 @@ class Frontier:
                 continue
             qw = model_qweights(self.model, fmt, gguf_path=src)
             # the weights the kernels read; the kernels' int8 activations and float16 cache are the decode-path
-            # check's business (awq.decode.quant.decode_path_check), not the point's
+            # check's business (awq.decode.check.decode_path_check), not the point's
             yield fmt, fake_quantized(self.model, qw, act=False, kv16=False)
 
     def _run(self) -> dict:
