@@ -304,7 +304,7 @@ def test_merge_frontier_quality_keeps_speed_where_ppl_agrees(tmp_path):
 
 
 def test_report_frontier_table_shows_kl_and_top1():
-    from awq.report.generate import frontier
+    from awq.report.tables import frontier
 
     pts = [{"method": "dense", "param": 1.0, "weight_read_fraction": 1.0, "ppl": 10.0, "realizable": True, "kl": 0.0,
             "top1": 1.0},

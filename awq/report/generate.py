@@ -39,9 +39,9 @@ from awq.report.importers import (
     import_sparse_mlp,
     merge_frontier_quality,
 )
-from awq.report.refs import REF_FILES, TARGETS, ReportError, load_refs, target_files
+from awq.report.refs import REF_FILES, ReportError, load_refs, target_files
 from awq.report.summaries import cluster_findings, half_read, headline
-from awq.report.tables import predictor_table, sparse_mlp_table
+from awq.report.tables import frontier, predictor_table, sparse_mlp_table
 from awq.util import paths
 from awq.util.cli import ConfigError, fail, opt, parse_config, setup_logging
 from awq.util.cli import build_parser as build_config_parser
@@ -199,82 +199,6 @@ def make_run(refs: dict) -> str:
         line += (f"\n(the checked-in run: {r['nsamples']} windows of {r['seqlen']} tokens in {r['wall_time_s'] / 60:.1f} "
                  f"min of wall time, as the run recorded it, on the shared 2-core machine)\n")
     return line
-
-
-FRONTIER_ORDER = ("dense", "paper", "paper_gate", "paper_up", "paper_gate_up", "paper_down", "cats", "teal", "wina",
-                  "teal_greedy", "wina_greedy", "larosa", "larosa_folded", "larosa_folded_wina", "larosa_folded_greedy",
-                  "larosa_topk", "rsparse", "scap", "lowbit_rank", "griffin", "griffin_lowbit", "griffin_centroid",
-                  "cluster_lowbit", "neuron_predictor", "cluster_oracle", "cluster_predicted", "cluster_thresh",
-                  "cluster_ideal_oracle", "cluster_thresh_oracle", "cluster_hthresh", "cluster_hthresh_oracle",
-                  "cluster_neuron", "cluster_neuron_oracle", "cluster_union2", "cluster_union4", "cluster_hot",
-                  "cluster_pooled_oracle", "cluster_binary_oracle")
-
-
-def _speed_cell(q: dict) -> str:
-    if q.get("roofline") is None:
-        return "–"
-    if q.get("decode_speedup") is None:
-        return f"above roofline ({q['roofline']:.2f}×): measurement error"
-    return f"{q['decode_speedup']:.2f}× ({q['roofline']:.2f}×)"
-
-
-def frontier(refs: dict, key: str = "frontier") -> str:
-    """Frontier table (one row per method: its sweep) and the winners at <= 0.5 and <= 0.3 of the weights read (F32
-    points); then, when the run has other weight formats, their points by whole-step bytes per token."""
-    pts = [q for q in refs[key]["points"] if q.get("weights", "f32") == "f32"]
-    order = {m: i for i, m in enumerate(FRONTIER_ORDER)}
-    by: dict[str, list[dict]] = {}
-    for q in sorted(pts, key=lambda q: (order.get(q["method"], 99), q["param"])):
-        by.setdefault(q["method"], []).append(q)
-    speed = any(q.get("roofline") is not None for q in pts)
-    qual = any(q.get("kl") is not None for q in pts)  # KL / top-1 against dense (awq.experiments.quality)
-    lines = ["| method | density swept | MLP weight read / token | PPL |" + (" KL vs dense | top-1 = dense |" if qual else "")
-             + (" decode speedup (roofline) |" if speed else ""),
-             "|---|---|---|---|" + ("---|---|" if qual else "") + ("---|" if speed else "")]
-    for m, qs in by.items():
-        tag = "" if all(q["realizable"] for q in qs) else " (oracle)"
-        dens = " / ".join(f"{q['param']:g}" for q in qs)
-        reads = " / ".join(f"{q['weight_read_fraction']:.3f}" for q in qs)
-        ppls = " / ".join(f"{q['ppl']:,.1f}" for q in qs)
-        row = f"| `{m}`{tag} | {dens} | {reads} | {ppls} |"
-        if qual:
-            row += (" " + " / ".join("–" if q.get("kl") is None else f"{q['kl']:.3f}" for q in qs) + " | "
-                    + " / ".join("–" if q.get("top1") is None else f"{100 * q['top1']:.0f}%" for q in qs) + " |")
-        if speed:
-            row += " " + " / ".join(_speed_cell(q) for q in qs) + " |"
-        lines.append(row)
-    dense = next((q["ppl"] for q in pts if q["method"] == "dense"), None)
-    out = "\n".join(lines) + "\n\n"
-    for budget in (0.5, 0.3):
-        ok = [q for q in pts if q["realizable"] and q["method"] != "dense" and q["weight_read_fraction"] <= budget + 0.01]
-        if not ok:
-            out += f"At most {budget:.0%} of the MLP weights read: no point of the sweep reaches it.\n"
-            continue
-        best = min(ok, key=lambda q: q["ppl"])
-        rest = sorted(ok, key=lambda q: q["ppl"])
-        runner = next((q for q in rest if q["method"] != best["method"]), None)
-        out += (f"At most {budget:.0%} of the MLP weights read (+0.01): best `{best['method']}` "
-                f"(density {best['param']:g}, reads {best['weight_read_fraction']:.3f}) at PPL {best['ppl']:,.1f}"
-                + (f" ({best['ppl'] / dense:.2f}x dense)" if dense else "")
-                + (f", KL {best['kl']:.3f}, top-1 {100 * best['top1']:.0f}%" if best.get("kl") is not None else "")
-                + (f"; next `{runner['method']}` at PPL {runner['ppl']:,.1f}" if runner else "") + ".\n")
-    return out + by_format(refs[key]["points"])
-
-
-def by_format(points: list[dict]) -> str:
-    """The realizable points of every weight format ordered by whole-step weight MB per token (empty for an F32-only
-    run): at equal bytes, a lower-bit dense model or a higher-bit sparse one?"""
-    if all(q.get("weights", "f32") == "f32" for q in points):
-        return ""
-    pts = sorted((q for q in points if q["realizable"] and q.get("bytes_per_token") is not None),
-                 key=lambda q: q["bytes_per_token"])
-    lines = ["", "By weight format, realizable points ordered by weight bytes read per token (whole step: attention, "
-             "LM head and MLP x read fraction; perplexity on the dequantised weights):", "",
-             "| weights | method | density | MLP weight read | MB/token | PPL |", "|---|---|---|---|---|---|"]
-    for q in pts:
-        lines.append(f"| {q.get('weights', 'f32')} | `{q['method']}` | {q['param']:g} | {q['weight_read_fraction']:.3f} | "
-                     f"{q['bytes_per_token'] / 1e6:.1f} | {q['ppl']:,.2f} |")
-    return "\n".join(lines) + "\n"
 
 
 def all_blocks() -> dict[str, Callable[[dict], str]]:
