@@ -12,7 +12,8 @@
 // MLP kinds per layer (the sparse ones mirror the fp32 kernels of csrc/sparse_mlp.cpp):
 //   0 dense:   [g; u] = Wgu x, h = silu(g) u, y = Wd h
 //   1 input:   TEAL / WINA: keep x_i with |x_i| s_i >= t_x, [g; u] from the kept input rows of the
-//              cols layout of Wgu; h = silu(g) u; keep |h_n| s_n >= t_h; y from the kept rows of Wd's cols
+//              input-major layout of Wgu; h = silu(g) u; keep |h_n| s_n >= t_h; y from the kept rows of Wd's cols
+//   ("cols" here and below: the input-major layout of a matrix, cols or tcols of csrc/quant_simd.h)
 //   2 cats:    g = Wg x (all rows); keep |silu(g_n)| >= t_a; u from those rows of Wu; y from Wd's cols
 //   3 paper:   [g; u] = Wgu x; g, u below t_g, t_u -> 0; h = silu(g) u; y from Wd's cols of nonzero h;
 //              |y| < t_d -> 0
@@ -187,10 +188,12 @@ RowsMat make_rows(const torch::Tensor& t, int64_t fmt, int64_t C, const char* wh
 struct ColsMat {
   QColsView v;
   torch::Tensor q, ds, ms;
+  bool tcols = false;  // the output-blocked layout (scales [C, Rp/32])
 };
 
 ColsMat make_cols(const torch::Tensor& q, const torch::Tensor& ds, const torch::Tensor& ms, int64_t fmt, int64_t R,
-                  int64_t C, const char* what) {
+                  int64_t C, const char* what, int64_t layout) {
+  TORCH_CHECK(layout == 0 || layout == 1, what, ": layout 0 (cols) or 1 (tcols)");
   TORCH_CHECK(fmt >= 0 && fmt <= 2, what, ": fmt 0, 1 or 2");
   const int64_t Rp = q_pad64(R), nb = C / QBLK;
   TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous() && q.size(0) == C &&
@@ -199,7 +202,7 @@ ColsMat make_cols(const torch::Tensor& q, const torch::Tensor& ds, const torch::
   if (fmt == QF_Q4_1)
     TORCH_CHECK(ms.scalar_type() == torch::kHalf && ms.is_contiguous() && ms.numel() == nb * Rp, what, ": ms [C/32, Rp]");
   ColsMat c;
-  c.q = q; c.ds = ds; c.ms = ms;
+  c.q = q; c.ds = ds; c.ms = ms; c.tcols = layout == 1;  // both layouts hold C * Rp / 32 scales
   c.v.fmt = static_cast<int>(fmt); c.v.R = R; c.v.C = C; c.v.Rp = Rp; c.v.rowb = q.size(1);
   c.v.q = q.data_ptr<uint8_t>();
   c.v.ds = reinterpret_cast<const uint16_t*>(ds.data_ptr<at::Half>());
@@ -232,6 +235,7 @@ struct Scratch {
   std::vector<float> h, n, a, q, k, sc, val;
   QAct act, act2;
   QSparseAct sact;
+  QTScratch tsc;
   std::vector<int32_t> idx, acc;
   std::vector<int64_t> rows, bounds;
 };
@@ -292,11 +296,12 @@ class QDecoder {
   }
 
   void mlp_input(int64_t l, torch::Tensor gq, torch::Tensor gds, torch::Tensor gms, torch::Tensor dq, torch::Tensor dds,
-                 torch::Tensor dms, int64_t fmt, double t_x, double t_h, torch::Tensor xs, torch::Tensor hs) {
+                 torch::Tensor dms, int64_t fmt, double t_x, double t_h, torch::Tensor xs, torch::Tensor hs,
+                 int64_t layout) {
     Mlp m;
     m.kind = 1;
-    m.gu_t = make_cols(gq, gds, gms, fmt, 2 * F_, H_, "wgu cols");
-    m.d_t = make_cols(dq, dds, dms, fmt, H_, F_, "wd cols");
+    m.gu_t = make_cols(gq, gds, gms, fmt, 2 * F_, H_, "wgu cols", layout);
+    m.d_t = make_cols(dq, dds, dms, fmt, H_, F_, "wd cols", layout);
     m.t_x = static_cast<float>(t_x); m.t_h = static_cast<float>(t_h);
     m.xs = xs.contiguous(); m.hs = hs.contiguous();
     opt_f32(m.xs, H_, "x_scale"); opt_f32(m.hs, F_, "h_scale");
@@ -304,13 +309,14 @@ class QDecoder {
   }
 
   void mlp_neuron(int64_t l, int64_t kind, torch::Tensor wgu, int64_t fmt_gu, torch::Tensor dq, torch::Tensor dds,
-                  torch::Tensor dms, int64_t fmt_d, double t_a, double t_g, double t_u, double t_d, torch::Tensor idx) {
+                  torch::Tensor dms, int64_t fmt_d, double t_a, double t_g, double t_u, double t_d, torch::Tensor idx,
+                  int64_t layout) {
     TORCH_CHECK(kind >= 2 && kind <= 4, "kind: 2 (cats), 3 (paper) or 4 (fixed set)");
     Mlp m;
     m.kind = static_cast<int>(kind);
     m.gu = make_rows(wgu, fmt_gu, H_, "wgu");
     TORCH_CHECK(m.gu.R == 2 * F_, "wgu: [2F, H]");
-    m.d_t = make_cols(dq, dds, dms, fmt_d, H_, F_, "wd cols");
+    m.d_t = make_cols(dq, dds, dms, fmt_d, H_, F_, "wd cols", layout);
     m.t_a = static_cast<float>(t_a); m.t_g = static_cast<float>(t_g); m.t_u = static_cast<float>(t_u);
     m.t_d = static_cast<float>(t_d);
     if (kind == 4) {
@@ -438,14 +444,26 @@ class QDecoder {
     }
   }
 
-  // partial input-major product of this thread's blocks into part (zeroed first)
+  // the k active entries s.idx / s.val of an input of width C made ready for W's layout
+  void sparse_in(const ColsMat& W, Scratch& s, int64_t k, int64_t C) {
+    if (!W.tcols) q_sparse_act(s.idx.data(), s.val.data(), k, C, s.sact);
+  }
+
+  // partial input-major product of this thread's share of the active entries into part (zeroed first):
+  // cols: whole input blocks; tcols: groups of 32 active entries
   void cols_part(const ColsMat& W, Scratch& s, int tid, int nt, std::vector<float>& part) {
-    q_split_blocks(s.sact, nt, s.bounds);
     std::fill(part.begin(), part.begin() + W.v.Rp, 0.f);
+    if (W.tcols) {
+      const int64_t n = static_cast<int64_t>(s.idx.size()), ng = (n + 31) / 32;
+      q_tcols_range(W.v, s.idx.data(), s.val.data(), n, ng * tid / nt, ng * (tid + 1) / nt, s.tsc, part.data());
+      return;
+    }
+    q_split_blocks(s.sact, nt, s.bounds);
     q_cols_range(W.v, s.sact, s.bounds[tid], s.bounds[tid + 1], s.acc.data(), part.data());
   }
 
-  int64_t active_blocks(const QSparseAct& a) const {
+  int64_t active_blocks(const ColsMat& W, const QSparseAct& a) const {
+    if (W.tcols) return 0;
     int64_t nb = 0;
     for (size_t b = 0; b + 1 < a.bstart.size(); ++b) nb += a.bstart[b + 1] > a.bstart[b];
     return nb;
@@ -486,8 +504,8 @@ class QDecoder {
         const float sc = xs ? std::fabs(v) * xs[i] : std::fabs(v);
         if (sc >= M.t_x) { s.idx.push_back(static_cast<int32_t>(i)); s.val[k++] = v; }
       }
-      q_sparse_act(s.idx.data(), s.val.data(), k, H, s.sact);
-      const int64_t kx = k, bx = tid == 0 ? active_blocks(s.sact) : 0;
+      sparse_in(M.gu_t, s, k, H);
+      const int64_t kx = k, bx = tid == 0 ? active_blocks(M.gu_t, s.sact) : 0;
       cols_part(M.gu_t, s, tid, nt, gu_part_[tid]);
 #pragma omp barrier
       for (int64_t j = 0; j < 2 * F; ++j) {
@@ -503,9 +521,9 @@ class QDecoder {
         const float sc = hs ? std::fabs(v) * hs[n] : std::fabs(v);
         if (sc >= M.t_h) { s.idx.push_back(static_cast<int32_t>(n)); s.val[k++] = v; }
       }
-      q_sparse_act(s.idx.data(), s.val.data(), k, F, s.sact);
+      sparse_in(M.d_t, s, k, F);
       cols_part(M.d_t, s, tid, nt, y_part_[tid]);
-      if (tid == 0) { cnt[0] += kx; cnt[1] += bx; cnt[2] += k; cnt[3] += active_blocks(s.sact); }
+      if (tid == 0) { cnt[0] += kx; cnt[1] += bx; cnt[2] += k; cnt[3] += active_blocks(M.d_t, s.sact); }
 #pragma omp barrier
       add_y(&y_part_, 0.f);
       return;
@@ -551,9 +569,9 @@ class QDecoder {
       }
       gate_rows = nf; up_rows = nf;
     }
-    q_sparse_act(s.idx.data(), s.val.data(), k, F, s.sact);
+    sparse_in(M.d_t, s, k, F);
     cols_part(M.d_t, s, tid, nt, y_part_[tid]);
-    if (tid == 0) { cnt[0] += H; cnt[1] += H / QBLK; cnt[2] += k; cnt[3] += active_blocks(s.sact); cnt[4] += gate_rows; cnt[5] += up_rows; }
+    if (tid == 0) { cnt[0] += H; cnt[1] += H / QBLK; cnt[2] += k; cnt[3] += active_blocks(M.d_t, s.sact); cnt[4] += gate_rows; cnt[5] += up_rows; }
 #pragma omp barrier
     add_y(&y_part_, M.kind == 3 ? M.t_d : 0.f);
   }

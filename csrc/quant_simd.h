@@ -21,9 +21,17 @@
 // * cols (input-channel sparsity: W^T, one row per input channel i holding q[:, i] for every output):
 //   quants [C, Rp] (Q8) or [C, Rp/2] (Q4), Rp = R rounded up to 64; scales ds [C/32, Rp] (and ms), i.e.
 //   the same blocks and scales as the rows layout, stored input-major.  Within each chunk of CW outputs
-//   (64 for QK512, 32 for QK256) the byte at position p = 16L + 4k + j holds output CW/4*k + 4L + j: after
+//   (64 for QK512, 32 for QK256) the byte at position p = 16L + 4k + j holds output CW/4*k + 4L + j (Q8_0 under
+//   QK512 stored as q + 128, the unsigned operand of vpdpbusd, so the kernel reads it as is): after
 //   the byte/word interleave of four rows (unpack within 128-bit lanes) the int32 lanes come out in
 //   output order.  Q4 nibbles in groups of 128 positions (tail 64): low = position j, high = j + G/2.
+// * tcols (output-blocked, for the sparse kernels; awq/decode/tcols.py): W^T requantised in the same format
+//   with its blocks along the OUTPUTS (32 outputs of one input channel share a scale d (Q4_1: and m)): quants
+//   exactly as the cols layout, scales ds [C, Rp/32] (and ms).  An active input reads its row of quants and its
+//   Rp/32 scales, nothing else: the bytes read are the format's bits per weight times the active inputs.
+//   Product (q_tcols_range): per group of 32 consecutive active entries j and output block b the activation
+//   z_jb = x_j d_jb is quantised to int8 (scale amax_j|z_jb| / 127, as llama.cpp's activations), summed
+//   against the quants with the same int8 dot products as cols, then scaled; Q4_1 adds sum_j x_j m_jb.
 #pragma once
 #include "simd.h"
 #include <c10/util/Half.h>
@@ -471,21 +479,15 @@ struct QColsView {
 
 #if defined(QK512)
 // interleave four 64-byte rows (positions) into four int32-lane registers in output order, and
-// accumulate u * x (x: four int8 packed in xb)
-static inline void q_quad512(__m512i a, __m512i b, __m512i c, __m512i d, __m512i xb, __m512i* acc, bool q8) {
+// accumulate u * x (u unsigned: Q4 nibbles, Q8_0 stored as q + 128; x: four int8 packed in xb for outputs
+// 0..31 of the chunk, in xb2 for 32..63)
+static inline void q_quad512(__m512i a, __m512i b, __m512i c, __m512i d, __m512i xb, __m512i xb2, __m512i* acc) {
   const __m512i ab0 = _mm512_unpacklo_epi8(a, b), ab1 = _mm512_unpackhi_epi8(a, b);
   const __m512i cd0 = _mm512_unpacklo_epi8(c, d), cd1 = _mm512_unpackhi_epi8(c, d);
-  __m512i q0 = _mm512_unpacklo_epi16(ab0, cd0), q1 = _mm512_unpackhi_epi16(ab0, cd0);
-  __m512i q2 = _mm512_unpacklo_epi16(ab1, cd1), q3 = _mm512_unpackhi_epi16(ab1, cd1);
-  if (q8) {
-    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-    q0 = _mm512_xor_si512(q0, bias); q1 = _mm512_xor_si512(q1, bias);
-    q2 = _mm512_xor_si512(q2, bias); q3 = _mm512_xor_si512(q3, bias);
-  }
-  acc[0] = _mm512_dpbusd_epi32(acc[0], q0, xb);
-  acc[1] = _mm512_dpbusd_epi32(acc[1], q1, xb);
-  acc[2] = _mm512_dpbusd_epi32(acc[2], q2, xb);
-  acc[3] = _mm512_dpbusd_epi32(acc[3], q3, xb);
+  acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_unpacklo_epi16(ab0, cd0), xb);
+  acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_unpackhi_epi16(ab0, cd0), xb);
+  acc[2] = _mm512_dpbusd_epi32(acc[2], _mm512_unpacklo_epi16(ab1, cd1), xb2);
+  acc[3] = _mm512_dpbusd_epi32(acc[3], _mm512_unpackhi_epi16(ab1, cd1), xb2);
 }
 #elif defined(QK256)
 static inline void q_quad256(__m256i a, __m256i b, __m256i c, __m256i d, __m256i xb, __m256i* acc, bool q8) {
@@ -503,116 +505,128 @@ static inline void q_quad256(__m256i a, __m256i b, __m256i c, __m256i d, __m256i
 }
 #endif
 
-// acc[0..Rp) = sum_t u[rows[t], :] * xq[t] for the n rows given (n <= 32: one input block)
-static void q_cols_block(const QColsView& W, const int32_t* rows, const int8_t* xq, int64_t n, int32_t* acc) {
+// acc[0..Rp) = sum_t u[rows[t], :] * x[t] for the n rows given, x as int8: word(t4, b) is the int32 holding
+// the four activations of rows 4 t4 .. 4 t4 + 3 (zero past n) for the outputs of block b (32 outputs):
+// the same for every block in the cols layout, one per block in the tcols layout (q_tcols_range)
+// n <= 32.  Loop order: per chunk of outputs, every row of the call, the chunk's int32 sums in registers.
+template <class Word>
+static void q_cols_accum(const QColsView& W, const int32_t* rows, int64_t n, int32_t* acc, Word word) {
   const int64_t Rp = W.Rp;
   const bool q8 = W.fmt == QF_Q8_0;
   if (n == 0) { std::memset(acc, 0, Rp * sizeof(int32_t)); return; }
-  for (int64_t g = 0; g < n; g += 4) {
-    const uint8_t* p[4];
-    int8_t xs[4];
-    for (int t = 0; t < 4; ++t) {
-      const bool ok = g + t < n;
-      p[t] = W.q + static_cast<int64_t>(rows[ok ? g + t : g]) * W.rowb;
-      xs[t] = ok ? xq[g + t] : 0;
-    }
-    const bool first = g == 0;
-    uint32_t xw;
-    std::memcpy(&xw, xs, 4);
+  const int64_t nq = (n + 3) / 4;
+  const uint8_t* P[8][4];  // row pointers per quad (a padding entry repeats the quad's first row, activation 0)
+  for (int64_t q = 0; q < nq; ++q)
+    for (int t = 0; t < 4; ++t) P[q][t] = W.q + static_cast<int64_t>(rows[4 * q + t < n ? 4 * q + t : 4 * q]) * W.rowb;
 #if defined(QK512)
-    const __m512i xb = _mm512_set1_epi32(static_cast<int>(xw));
-    auto chunk = [&](__m512i a, __m512i b, __m512i c, __m512i d, int64_t c0) {
-      __m512i ac[4];
-      for (int k = 0; k < 4; ++k)
-        ac[k] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(acc + c0 + 16 * k);
-      q_quad512(a, b, c, d, xb, ac, q8);
-      for (int k = 0; k < 4; ++k) _mm512_storeu_si512(acc + c0 + 16 * k, ac[k]);
-    };
-    if (q8) {
-      for (int64_t c0 = 0; c0 < Rp; c0 += 64)
-        chunk(_mm512_loadu_si512(p[0] + c0), _mm512_loadu_si512(p[1] + c0), _mm512_loadu_si512(p[2] + c0),
-              _mm512_loadu_si512(p[3] + c0), c0);
-    } else {
-      const __m512i m4 = _mm512_set1_epi8(0x0F);
-      int64_t c0 = 0;
-      for (; c0 + 128 <= Rp; c0 += 128) {
-        __m512i lo[4], hi[4];
-        for (int t = 0; t < 4; ++t) {
-          const __m512i v = _mm512_loadu_si512(p[t] + c0 / 2);
-          lo[t] = _mm512_and_si512(v, m4);
-          hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        }
-        chunk(lo[0], lo[1], lo[2], lo[3], c0);
-        chunk(hi[0], hi[1], hi[2], hi[3], c0 + 64);
+  auto bc = [&](int64_t q, int64_t b) { return _mm512_set1_epi32(static_cast<int>(word(q, b))); };
+  auto store = [&](const __m512i* ac, int64_t c0) {
+    for (int k = 0; k < 4; ++k) _mm512_storeu_si512(acc + c0 + 16 * k, ac[k]);
+  };
+  if (q8) {
+    for (int64_t c0 = 0; c0 < Rp; c0 += 64) {
+      __m512i ac[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+      for (int64_t q = 0; q < nq; ++q) {
+        q_quad512(_mm512_loadu_si512(P[q][0] + c0), _mm512_loadu_si512(P[q][1] + c0), _mm512_loadu_si512(P[q][2] + c0),
+                  _mm512_loadu_si512(P[q][3] + c0), bc(q, c0 / QBLK), bc(q, c0 / QBLK + 1), ac);
       }
-      if (c0 < Rp) {  // one 64-position tail group
-        const __m256i m4h = _mm256_set1_epi8(0x0F);
-        __m512i w[4];
-        for (int t = 0; t < 4; ++t) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[t] + c0 / 2));
-          w[t] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4h)),
-                                    _mm256_and_si256(_mm256_srli_epi16(v, 4), m4h), 1);
-        }
-        chunk(w[0], w[1], w[2], w[3], c0);
-      }
+      store(ac, c0);
     }
+    return;
+  }
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  int64_t c0 = 0;
+  for (; c0 + 128 <= Rp; c0 += 128) {
+    __m512i lo[4], hi[4];
+    for (int k = 0; k < 4; ++k) { lo[k] = _mm512_setzero_si512(); hi[k] = _mm512_setzero_si512(); }
+    for (int64_t q = 0; q < nq; ++q) {
+      __m512i l[4], h[4];
+      for (int t = 0; t < 4; ++t) {
+        const __m512i v = _mm512_loadu_si512(P[q][t] + c0 / 2);
+        l[t] = _mm512_and_si512(v, m4);
+        h[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      }
+      const int64_t b = c0 / QBLK;
+      q_quad512(l[0], l[1], l[2], l[3], bc(q, b), bc(q, b + 1), lo);
+      q_quad512(h[0], h[1], h[2], h[3], bc(q, b + 2), bc(q, b + 3), hi);
+    }
+    store(lo, c0);
+    store(hi, c0 + 64);
+  }
+  if (c0 < Rp) {  // one 64-position tail group
+    const __m256i m4h = _mm256_set1_epi8(0x0F);
+    __m512i ac[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t q = 0; q < nq; ++q) {
+      __m512i w[4];
+      for (int t = 0; t < 4; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P[q][t] + c0 / 2));
+        w[t] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4h)),
+                                  _mm256_and_si256(_mm256_srli_epi16(v, 4), m4h), 1);
+      }
+      q_quad512(w[0], w[1], w[2], w[3], bc(q, c0 / QBLK), bc(q, c0 / QBLK + 1), ac);
+    }
+    store(ac, c0);
+  }
 #elif defined(QK256)
-    const __m256i xb = _mm256_set1_epi32(static_cast<int>(xw));
-    auto chunk = [&](__m256i a, __m256i b, __m256i c, __m256i d, int64_t c0) {
-      __m256i ac[4];
-      for (int k = 0; k < 4; ++k)
-        ac[k] = first ? _mm256_setzero_si256()
-                      : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + c0 + 8 * k));
-      q_quad256(a, b, c, d, xb, ac, q8);
-      for (int k = 0; k < 4; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + c0 + 8 * k), ac[k]);
-    };
-    auto ld = [](const uint8_t* q) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)); };
-    if (q8) {
-      for (int64_t c0 = 0; c0 < Rp; c0 += 32) chunk(ld(p[0] + c0), ld(p[1] + c0), ld(p[2] + c0), ld(p[3] + c0), c0);
-    } else {
-      const __m256i m4 = _mm256_set1_epi8(0x0F);
-      int64_t c0 = 0;
-      for (; c0 + 128 <= Rp; c0 += 128) {
-        for (int half = 0; half < 2; ++half) {  // bytes 0..31: positions 0..31 and 64..95; 32..63: 32..63, 96..127
-          __m256i lo[4], hi[4];
-          for (int t = 0; t < 4; ++t) {
-            const __m256i v = ld(p[t] + c0 / 2 + 32 * half);
-            lo[t] = _mm256_and_si256(v, m4);
-            hi[t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-          }
-          chunk(lo[0], lo[1], lo[2], lo[3], c0 + 32 * half);
-          chunk(hi[0], hi[1], hi[2], hi[3], c0 + 64 + 32 * half);
-        }
+  auto ld = [](const uint8_t* q) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)); };
+  // one chunk of 32 outputs at c0 from the 32 bytes at byte offset off of each row (Q4: nibble half hi)
+  auto chunk = [&](int64_t c0, int64_t off, int nib) {
+    __m256i ac[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t q = 0; q < nq; ++q) {
+      __m256i v[4];
+      for (int t = 0; t < 4; ++t) {
+        v[t] = ld(P[q][t] + off);
+        if (nib == 1) v[t] = _mm256_and_si256(v[t], m4);
+        else if (nib == 2) v[t] = _mm256_and_si256(_mm256_srli_epi16(v[t], 4), m4);
       }
-      if (c0 < Rp) {
-        __m256i lo[4], hi[4];
-        for (int t = 0; t < 4; ++t) {
-          const __m256i v = ld(p[t] + c0 / 2);
-          lo[t] = _mm256_and_si256(v, m4);
-          hi[t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        }
-        chunk(lo[0], lo[1], lo[2], lo[3], c0);
-        chunk(hi[0], hi[1], hi[2], hi[3], c0 + 32);
-      }
+      q_quad256(v[0], v[1], v[2], v[3], _mm256_set1_epi32(static_cast<int>(word(q, c0 / QBLK))), ac, q8);
     }
+    for (int k = 0; k < 4; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + c0 + 8 * k), ac[k]);
+  };
+  if (q8) {
+    for (int64_t c0 = 0; c0 < Rp; c0 += 32) chunk(c0, c0, 0);
+    return;
+  }
+  int64_t c0 = 0;
+  for (; c0 + 128 <= Rp; c0 += 128)
+    for (int half = 0; half < 2; ++half) {  // bytes 0..31: positions 0..31 and 64..95; 32..63: 32..63, 96..127
+      chunk(c0 + 32 * half, c0 / 2 + 32 * half, 1);
+      chunk(c0 + 64 + 32 * half, c0 / 2 + 32 * half, 2);
+    }
+  if (c0 < Rp) {
+    chunk(c0, c0 / 2, 1);
+    chunk(c0 + 32, c0 / 2, 2);
+  }
 #else
-    for (int64_t pos = 0; pos < Rp; ++pos) {
-      int32_t s = first ? 0 : acc[pos];
+  for (int64_t pos = 0; pos < Rp; ++pos) {
+    int32_t sum = 0;
+    for (int64_t q = 0; q < nq; ++q) {
+      const uint32_t xw = word(q, pos / QBLK);
+      int8_t xs[4];
+      std::memcpy(xs, &xw, 4);
       for (int t = 0; t < 4; ++t) {
         int u;
         if (q8) {
-          u = static_cast<int8_t>(p[t][pos]);
+          u = static_cast<int8_t>(P[q][t][pos]);
         } else {
           const int64_t g0 = pos / 128 * 128, G = Rp - g0 >= 128 ? 128 : 64, j = pos - g0;
-          const uint8_t byte = p[t][g0 / 2 + (j < G / 2 ? j : j - G / 2)];
+          const uint8_t byte = P[q][t][g0 / 2 + (j < G / 2 ? j : j - G / 2)];
           u = j < G / 2 ? (byte & 0x0F) : (byte >> 4);
         }
-        s += u * xs[t];
+        sum += u * xs[t];
       }
-      acc[pos] = s;  // scalar build: positions are outputs (identity order)
     }
-#endif
+    acc[pos] = sum;  // scalar build: positions are outputs (identity order)
   }
+#endif
+}
+
+// acc[0..Rp) = sum_t u[rows[t], :] * xq[t] for the n rows given (n <= 32: one input block of the cols layout)
+static void q_cols_block(const QColsView& W, const int32_t* rows, const int8_t* xq, int64_t n, int32_t* acc) {
+  uint32_t words[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(words, xq, static_cast<size_t>(std::min<int64_t>(n, 32)));
+  q_cols_accum(W, rows, n, acc, [&](int64_t g4, int64_t) { return words[g4]; });
 }
 
 // y[0..Rp) += finalised block b: d[b, c] * xd * (acc[c] - corr) (+ m[b, c] * xd * xs for Q4_1)
@@ -676,4 +690,138 @@ static inline void q_split_blocks(const QSparseAct& a, int nt, std::vector<int64
     while (b < nb && a.bstart[b] < target) ++b;
     bounds[t] = b;
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// tcols layout (output-blocked scales ds [C, Rp/32]): y[0..Rp) += W x over groups [g0, g1) of 32 active entries
+// ------------------------------------------------------------------------------------------------
+struct QTScratch {
+  std::vector<float> z, zs, mb, dh;
+  std::vector<int8_t> zq8;
+  std::vector<int32_t> zw, corr, acc;
+};
+
+// float16 row -> float
+static inline void q_h2f_row(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(QK512)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(QK256)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = qh2f(src[i]);
+}
+
+// idx: the n active inputs (any order), v: their values; groups g of entries [32 g, 32 g + 32)
+static void q_tcols_range(const QColsView& W, const int32_t* idx, const float* v, int64_t n, int64_t g0, int64_t g1,
+                          QTScratch& s, float* y) {
+  const int64_t Rp = W.Rp, NB = Rp / QBLK;
+  int32_t kint = W.fmt == QF_Q4_0 ? 8 : 0;  // integer correction per sum of zq (see the header comment)
+#if defined(QK512)
+  if (W.fmt == QF_Q8_0) kint = 128;
+#endif
+  const int64_t NBp = (NB + 15) / 16 * 16;  // rows of the int8 scratch padded for 16-byte loads
+  if (static_cast<int64_t>(s.z.size()) < 32 * NB) {
+    s.z.resize(32 * NB); s.zs.resize(NB); s.mb.resize(NB); s.dh.resize(NB);
+  }
+  if (static_cast<int64_t>(s.zq8.size()) < 32 * NBp) {
+    s.zq8.assign(32 * NBp, 0); s.zw.assign(8 * NBp, 0); s.corr.assign(NBp, 0);
+  }
+  if (static_cast<int64_t>(s.acc.size()) < Rp) s.acc.resize(Rp);
+  const bool q41 = W.fmt == QF_Q4_1 && W.ms != nullptr;
+  if (q41) std::fill(s.mb.begin(), s.mb.begin() + NB, 0.f);
+  float* z = s.z.data();
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t j0 = g * 32, m = std::min<int64_t>(32, n - j0);
+    if (m <= 0) break;
+    float* zs = s.zs.data();
+    std::fill(zs, zs + NB, 0.f);  // amax first, then the scale
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = idx[j0 + j];
+      const float x = v[j0 + j];
+      float* zr = z + j * NB;
+      q_h2f_row(W.ds + i * NB, zr, NB);
+      for (int64_t b = 0; b < NB; ++b) {
+        zr[b] *= x;
+        zs[b] = std::max(zs[b], std::fabs(zr[b]));
+      }
+      if (q41) {
+        q_h2f_row(W.ms + i * NB, s.dh.data(), NB);
+        for (int64_t b = 0; b < NB; ++b) s.mb[b] += x * s.dh[b];
+      }
+    }
+    float* inv = s.dh.data();
+    for (int64_t b = 0; b < NB; ++b) {
+      zs[b] /= 127.f;
+      inv[b] = zs[b] != 0.f ? 1.f / zs[b] : 0.f;
+      s.corr[b] = 0;
+    }
+    // zq = round_half_even(z * inv): int8 rows [j][NBp] (zero rows up to a multiple of 4), sums per block in corr
+    int8_t* zq = s.zq8.data();
+    const int64_t m4 = (m + 3) / 4 * 4;
+    for (int64_t j = 0; j < m; ++j) {
+      const float* zr = z + j * NB;
+      int8_t* qr = zq + j * NBp;
+      int64_t b = 0;
+#if defined(QK512)
+      for (; b + 16 <= NB; b += 16) {
+        const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(zr + b), _mm512_loadu_ps(inv + b)),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_storeu_si512(s.corr.data() + b, _mm512_add_epi32(_mm512_loadu_si512(s.corr.data() + b), q));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + b), _mm512_cvtepi32_epi8(q));
+      }
+#elif defined(QK256)
+      for (; b + 8 <= NB; b += 8) {
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(zr + b), _mm256_loadu_ps(inv + b)));
+        auto* cp = reinterpret_cast<__m256i*>(s.corr.data() + b);
+        _mm256_storeu_si256(cp, _mm256_add_epi32(_mm256_loadu_si256(cp), q));
+        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + b), _mm_packs_epi16(w, w));
+      }
+#endif
+      for (; b < NB; ++b) {
+        const int q = static_cast<int>(std::nearbyint(zr[b] * inv[b]));
+        qr[b] = static_cast<int8_t>(q);
+        s.corr[b] += q;
+      }
+    }
+    if (m4 > m) std::memset(zq + m * NBp, 0, (m4 - m) * NBp);
+    // words [g4][NBp]: the int8 of rows 4 g4 .. 4 g4 + 3 for block b, interleaved (a 4 x NB byte transpose)
+    int8_t* zb = reinterpret_cast<int8_t*>(s.zw.data());
+    for (int64_t g4 = 0; g4 < m4 / 4; ++g4) {
+      const int8_t* r0 = zq + 4 * g4 * NBp;
+      int8_t* o = zb + g4 * NBp * 4;
+      int64_t b = 0;
+#if defined(QK512) || defined(QK256)
+      for (; b + 16 <= NBp; b += 16) {
+        auto ld = [&](int t) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + t * NBp + b)); };
+        const __m128i a = ld(0), bb = ld(1), c = ld(2), d = ld(3);
+        const __m128i ab0 = _mm_unpacklo_epi8(a, bb), ab1 = _mm_unpackhi_epi8(a, bb);
+        const __m128i cd0 = _mm_unpacklo_epi8(c, d), cd1 = _mm_unpackhi_epi8(c, d);
+        auto st = [&](int k, __m128i v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4 * (b + 4 * k)), v); };
+        st(0, _mm_unpacklo_epi16(ab0, cd0)); st(1, _mm_unpackhi_epi16(ab0, cd0));
+        st(2, _mm_unpacklo_epi16(ab1, cd1)); st(3, _mm_unpackhi_epi16(ab1, cd1));
+      }
+#endif
+      for (; b < NBp; ++b)
+        for (int t = 0; t < 4; ++t) o[4 * b + t] = r0[t * NBp + b];
+    }
+    const int32_t* zw = s.zw.data();
+    q_cols_accum(W, idx + j0, m, s.acc.data(), [&](int64_t g4, int64_t b) { return static_cast<uint32_t>(zw[g4 * NBp + b]); });
+    const int32_t* acc = s.acc.data();
+    for (int64_t b = 0; b < NB; ++b) {
+      const float sc = zs[b];
+      const int32_t c = kint * s.corr[b];
+      float* yb = y + b * QBLK;
+      const int32_t* ab = acc + b * QBLK;
+      for (int k = 0; k < QBLK; ++k) yb[k] += sc * static_cast<float>(ab[k] - c);
+    }
+  }
+  if (q41)
+    for (int64_t b = 0; b < NB; ++b) {
+      float* yb = y + b * QBLK;
+      for (int k = 0; k < QBLK; ++k) yb[k] += s.mb[b];
+    }
 }

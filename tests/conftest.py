@@ -119,3 +119,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.split("[", 1)[0] in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+# -- kernel builds in the background --------------------------------------------------------------------------
+# On a fresh clone compiling the C++ kernels is much of the suite's time, one g++ at a time. The AVX2-only builds
+# the tests load (tests of both vector paths) are started at once in a second process, so a second core compiles
+# them while the first runs tests; each build holds its own lock (awq.kernels.build), so a test that needs one
+# before it is ready waits for it, then loads it.
+_PREBUILD = ("import awq.kernels.quant as q, awq.kernels.cluster as c, awq.kernels.lowbit as lb; "
+             "c.kernel(); lb.lowbit_kernel(); q.kernel()")
+_prebuild_proc = None
+
+
+def pytest_sessionstart(session):
+    global _prebuild_proc
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64") or session.config.getoption("collectonly"):
+        return
+    env = {**os.environ, "AWQ_HW_FLAGS": "avx2 fma"}
+    _prebuild_proc = subprocess.Popen([sys.executable, "-c", _PREBUILD], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import signal
+
+    if _prebuild_proc is not None and _prebuild_proc.poll() is None:  # a short session: stop its compilers too
+        try:
+            os.killpg(_prebuild_proc.pid, signal.SIGTERM)
+            _prebuild_proc.wait(timeout=30)
+        except (ProcessLookupError, OSError):
+            pass

@@ -10,6 +10,7 @@ from awq.report import artifact
 from awq.report import generate as report
 from awq.report.artifact_run import predictor_steps, with_checked_in
 from awq.report.importers import RunOutputError, import_predictor, import_sparse_mlp
+from awq.report.refs import TARGETS
 
 REPO = Path(__file__).resolve().parent.parent
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -158,7 +159,7 @@ def test_make_artifact_prints_every_row_with_a_verdict():
 def test_hand_edited_figure_in_artifact_fails_check(tmp_path, capsys, block):
     root = tmp_path / "proj"
     root.mkdir()
-    for f in report.TARGETS:
+    for f in TARGETS:
         shutil.copy(REPO / f, root / f)
     shutil.copytree(REPO / "results_ref", root / "results_ref")
     art = root / "ARTIFACT.md"

@@ -374,3 +374,18 @@ def test_frontier_weight_formats(tiny_model_dir, tiny_corpus, tmp_path):
     mbs = [float(ln.split("|")[5]) for ln in table.splitlines() if ln.startswith("| q4_0") or ln.startswith("| f32")]
     assert len(mbs) == 4 and mbs == sorted(mbs) and "| q4_0 | `teal` | 0.5 |" in table
     assert by_format([p for p in res["points"] if p["weights"] == "f32"]) == ""
+
+
+def test_quantised_sparse_point_is_scored_on_the_weights_its_kernel_reads(tiny_model_dir, tiny_corpus, tmp_path,
+                                                                          monkeypatch):
+    """At a block format TEAL's kernel reads the tcols copy (W^T requantised, awq.decode.tcols): its point is scored
+    on those values, so it differs from the same point on the file's own blocks (AWQ_QUANT_SPARSE_LAYOUT=cols); the
+    dense point (no input-major reads) is the same under both."""
+    ppl = {}
+    for layout in ("tcols", "cols"):
+        monkeypatch.setenv("AWQ_QUANT_SPARSE_LAYOUT", layout)
+        res = main(_cfg(tiny_model_dir, tiny_corpus, tmp_path, methods=["dense", "teal"], weights=["q4_0"],
+                        out=tmp_path / f"fr_{layout}"))
+        ppl[layout] = {p["method"]: p["ppl"] for p in res["points"]}
+    assert ppl["tcols"]["dense"] == ppl["cols"]["dense"]
+    assert ppl["tcols"]["teal"] != ppl["cols"]["teal"]

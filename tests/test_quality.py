@@ -303,6 +303,41 @@ def test_merge_frontier_quality_keeps_speed_where_ppl_agrees(tmp_path):
         merge_frontier_quality(run / "frontier.csv", "frontier", tmp_path)
 
 
+def test_merge_keys_on_weight_format_and_quant_sentence(tmp_path):
+    """A quantised point (same method and density as an F32 one) is appended with its format, never merged into the
+    F32 point; the README's quantised-frontier sentence compares at the lowest-byte dense model's bytes per token."""
+    from awq.report.importers import merge_frontier_quality
+    from awq.report.summaries import quant_headline, quant_sentence
+
+    fp = {"weights_sha256": "a", "corpus_test_sha256": "b", "seqlen": 8, "nsamples": 1}
+    ref = {"what": "x", "fingerprint": fp, "points": [
+        {"method": "teal", "param": 0.5, "weight_read_fraction": 0.5, "ppl": 20.0, "tokens": 7, "realizable": True}]}
+    (tmp_path / "frontier.json").write_text(json.dumps(ref))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "fingerprint.json").write_text(json.dumps(fp))
+    (run / "frontier.csv").write_text(
+        "model,method,param,weight_read_fraction,ppl,kl,top1,tokens,realizable,protocol,weights,bytes_per_token\n"
+        "m,teal,0.5,0.5,20.0,0.3,0.7,7,true,standard,f32,100.0\n"
+        "m,teal,0.5,0.5,25.0,0.4,0.6,7,true,standard,q4_1,30.0\n")
+    assert merge_frontier_quality(run / "frontier.csv", "frontier", tmp_path)["appended"] == 1
+    pts = json.loads((tmp_path / "frontier.json").read_text())["points"]
+    assert [(q["weights"] if "weights" in q else "f32", q["ppl"]) for q in pts] == [("f32", 20.0), ("q4_1", 25.0)]
+    assert pts[1]["bytes_per_token"] == 30.0 and pts[0]["kl"] == 0.3
+
+    def pt(m, d, w, read, mb, p):
+        return {"method": m, "param": d, "weights": w, "weight_read_fraction": read, "bytes_per_token": mb * 1e6,
+                "ppl": p, "realizable": True}
+    pts = [pt("dense", 1.0, "q4_1", 1.0, 80, 25.0), pt("dense", 1.0, "q8_0", 1.0, 140, 24.0),
+           pt("teal", 0.5, "q8_0", 0.46, 97, 35.0), pt("teal", 0.3, "q8_0", 0.3, 75, 300.0),
+           pt("teal", 0.5, "q4_1", 0.46, 57, 37.0)]
+    s = quant_sentence(pts, "M")
+    assert "dense Q4_1 reads 80.0 MB" in s and "`teal` d=0.3 at Q8_0 (75.0 MB), has PPL 300.00, worse" in s
+    assert "`teal` d=0.5 reads 57.0 MB at PPL 37.00 (1.48x its dense)" in s
+    assert quant_sentence([q for q in pts if q["weights"] == "q8_0"], "M") is None  # one dense format only
+    assert quant_headline({"frontier_quant": {"points": pts}}).startswith("At equal weight bytes per token")
+
+
 def test_report_frontier_table_shows_kl_and_top1():
     from awq.report.tables import frontier
 

@@ -171,3 +171,64 @@ def test_sensitivity_restores_weights_and_moves_only_by_rounding():
     r = decode_path_check(model, LeanDecoder(model, capacity=64), ids, method_modules(model, "teal"),
                           sensitivity=True)
     assert "ppl_jittered" in r and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _plain_requant_t(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """W^T through gguf's own quantiser and back, transposed: the tcols values written out with gguf alone."""
+    t = getattr(gguf.GGMLQuantizationType, fmt.upper())
+    wt = np.ascontiguousarray(w.t().numpy())
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(wt, t), t).reshape(wt.shape)).t()
+
+
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_sparse_weights_are_the_tcols_values_and_restored(method):
+    """sparse_weights puts into the projections a method's quantised kernel reads input-major (TEAL: gate, up,
+    down; CATS: down) exactly W^T requantised by gguf's quantiser; the others keep the file's blocks; all restored."""
+    from awq.decode.check import sparse_weights
+
+    model = sharp_model()
+    qw = model_qweights(model, "q4_1")
+    mods = method_modules(model, method)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with fake_quantized(model, qw, act=False, kv16=False):
+        rows = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with sparse_weights(model, qw, mods):
+            for i, layer in enumerate(decoder_layers(model)):
+                tc = ("gate_proj", "up_proj", "down_proj") if method == "teal" else ("down_proj",)
+                for p in ("gate_proj", "up_proj", "down_proj"):
+                    w = getattr(layer.mlp, p).weight
+                    r = rows[f"model.layers.{i}.mlp.{p}.weight"]
+                    if p in tc:
+                        assert torch.equal(w, _plain_requant_t(r, "q4_1")) and not torch.equal(w, r)
+                    else:
+                        assert torch.equal(w, r)
+        assert all(torch.equal(p, rows[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_tcols_reads_exactly_the_active_inputs(monkeypatch):
+    """Bytes per token: on the tcols layout a TEAL step reads its active inputs' quants and scales, so the MLP bytes
+    fraction equals the weight fraction; on the file's own blocks (AWQ_QUANT_SPARSE_LAYOUT=cols) it is larger
+    (whole 32-input blocks' scales), and the decode-path check passes on both."""
+    model = sharp_model()
+    ids = own_text(model)
+    mods = method_modules(model, "teal")
+    got = {}
+    for layout in ("tcols", "cols"):
+        monkeypatch.setenv("AWQ_QUANT_SPARSE_LAYOUT", layout)
+        dec = LeanDecoder(model, capacity=64, weights="q4_1")
+        r = decode_path_check(model, dec, ids, mods)
+        assert r["rel_diff"] < 0.005, (layout, r)
+        dec.set_mlps(mods)
+        assert dec._q.layout == layout
+        dec._ensure(len(ids))
+        dec.prefill(ids[:8])
+        dec._q.c.reset_counts()
+        for t in ids[8:20].tolist():
+            dec.step(t)
+        got[layout] = dec._q.read_stats(12)
+        dec.set_mlps(None)
+    t, c = got["tcols"], got["cols"]
+    assert 0.2 < t["mlp_weight_fraction"] < 0.9
+    assert t["mlp_fraction"] == pytest.approx(t["mlp_weight_fraction"], rel=1e-12)
+    assert c["mlp_fraction"] > c["mlp_weight_fraction"] + 0.02

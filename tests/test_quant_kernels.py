@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import awq.kernels.quant as qk
+from awq.decode.tcols import TcolsProduct, int_quants
 from awq.kernels.build import march_flag
 from awq.kernels.quant import KERNEL_CODE, gemv_ref, quantize_act_ref
 from awq.load.quant_formats import FORMATS, QTensor, quantize
@@ -172,3 +173,63 @@ def test_rows_per_pass_override(kern, nr):
             kern.set_rows_per_pass(3)
     finally:
         kern.set_rows_per_pass(0)
+
+
+def tcols_ref(qt_t: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """What gemv_tcols computes, written out: W^T [C, R] with blocks along R; the active entries of x in groups
+    of 32; per group and output block z = x_j d_jb quantised to int8 (scale amax / 127, float32 as the kernel),
+    summed against the integer quants exactly; Q4_1 adds sum_j x_j m_jb."""
+    C, R = qt_t.shape
+    q = int_quants(qt_t).double()
+    d = qt_t.d.float().reshape(C, R // 32)
+    m = qt_t.m.float().reshape(C, R // 32) if qt_t.m is not None else None
+    idx = torch.nonzero(x).flatten()
+    y = torch.zeros(R, dtype=torch.float64)
+    for g0 in range(0, len(idx), 32):
+        ii = idx[g0:g0 + 32]
+        z = x[ii, None].float() * d[ii]  # [n, R/32]
+        s = z.abs().amax(0) / 127
+        inv = torch.where(s == 0, torch.zeros_like(s), 1 / s)
+        zq = torch.round(z * inv).double()
+        blocks = (zq[:, :, None] * q[ii].reshape(len(ii), R // 32, 32)).sum(0)  # [R/32, 32]
+        y += (blocks * s.double()[:, None]).reshape(R)
+        if m is not None:
+            y += (x[ii, None].double() * m[ii].double()).sum(0).repeat_interleave(32)
+    return y
+
+
+@pytest.mark.parametrize("kern", PATHS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("R,C", [(32, 7), (96, 37), (160, 608), (1088, 45)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_tcols_gemv_equals_reference(kern, fmt, R, C, density):
+    """The output-blocked layout (W^T requantised, blocks along the outputs): the kernel equals its written-out
+    reference (tcols_ref) to float32 rounding, and dequantise + masked dense to the int8 activation rounding."""
+    qt_t = quantize(weights(R, C, R + C).t().contiguous(), fmt)  # W [R, C] -> W^T [C, R]
+    q, ds, ms = kern.pack_tcols(qt_t.qs, qt_t.d, qt_t.m if qt_t.m is not None else torch.empty(0),
+                                KERNEL_CODE[fmt], R)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(C, generator=g)
+    x = x * (torch.rand(C, generator=g) < density)
+    y = kern.gemv_tcols(q, ds, ms, KERNEL_CODE[fmt], R, x)
+    w = qt_t.dequantize().double().t()
+    scale = float((w.abs() @ x.double().abs()).max()) + 1e-12
+    assert torch.allclose(y.double(), tcols_ref(qt_t, x), rtol=0, atol=1e-5 * scale + 1e-7)
+    assert torch.allclose(y.double(), w @ x.double(), rtol=0, atol=0.02 * scale + 1e-7)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_int_quants_and_tcols_product(fmt):
+    """int_quants times the scales (plus the mins) is the dequantisation; TcolsProduct (the decode-path check's model
+    of the kernel) equals the written-out reference on a batch of rows."""
+    qt_t = quantize(weights(96, 45, 1).t().contiguous(), fmt)
+    C, R = qt_t.shape
+    v = int_quants(qt_t).float().reshape(C, R // 32, 32) * qt_t.d.float().reshape(C, R // 32, 1)
+    if qt_t.m is not None:
+        v = v + qt_t.m.float().reshape(C, R // 32, 1)
+    assert torch.equal(v.reshape(C, R), qt_t.dequantize())
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, C, generator=g) * (torch.rand(3, C, generator=g) < 0.6)
+    got = TcolsProduct(qt_t)(x)
+    for r in range(3):
+        assert torch.allclose(got[r].double(), tcols_ref(qt_t, x[r]), rtol=1e-6, atol=1e-6)

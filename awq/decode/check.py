@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from awq.decode.quant import ATTN_PROJS, MLP_PROJS, QuantDecodeError, QWeights, fake_quant_
+from awq.decode.quant import ATTN_PROJS, MLP_PROJS, QuantDecodeError, QWeights, fake_quant_, mlp_kind
+from awq.decode.tcols import TCOLS_PROJS, TcolsProduct, sparse_layout
 from awq.kernels.quant import quantize_act_ref
 from awq.load.arch import decoder_layers
 from awq.methods.base import base_mlp
@@ -99,6 +100,61 @@ class fake_quantized:
         self.saved = []
 
 
+class sparse_weights:
+    """``with sparse_weights(model, qw, mlps):`` inside :class:`fake_quantized`, the MLP projections that each
+    layer's quantised sparse kernel reads from the tcols copy (:mod:`awq.decode.tcols`, :data:`TCOLS_PROJS` by the
+    kernel of the layer's module: ``mlps[i]`` or, None, the installed one) hold that copy's values, so a point is
+    scored on exactly the weights its kernels read; with ``act=True`` those projections also compute what the
+    kernel computes (:class:`awq.decode.tcols.TcolsProduct`: its int8 rounding of ``x_j d_jb``) from their raw
+    input, in place of :class:`fake_quantized`'s per-32-input activation rounding.  Nothing changes for
+    ``qw=None`` (F32), dense layers, modules without a quantised kernel, or ``AWQ_QUANT_SPARSE_LAYOUT=cols``.
+    Restored on exit."""
+
+    def __init__(self, model: nn.Module, qw: Optional[QWeights], mlps=None, act: bool = False) -> None:
+        self.model, self.qw, self.mlps, self.act, self.saved, self.hooks = model, qw, mlps, act, [], []
+
+    def __enter__(self) -> nn.Module:
+        if self.qw is None or sparse_layout() != "tcols":
+            return self.model
+        layers = decoder_layers(self.model)
+        mods = self.mlps if self.mlps is not None else [None] * len(layers)
+        with torch.no_grad():
+            for i, (layer, m) in enumerate(zip(layers, mods)):
+                m = layer.mlp if m is None else m
+                if base_mlp(m) is m:  # the model's own (dense) MLP
+                    continue
+                try:
+                    kind = mlp_kind(m)[0]
+                except QuantDecodeError:
+                    continue
+                for p in TCOLS_PROJS.get(kind, ()):
+                    lin = getattr(base_mlp(m), p)
+                    self.saved.append((lin.weight, lin.weight.detach().clone()))
+                    lin.weight.copy_(self.qw.tcols_values(i, p).to(lin.weight.dtype))
+                    if self.act:
+                        self._emulate(lin, i, p)
+        return self.model
+
+    def _emulate(self, lin: nn.Module, i: int, p: str) -> None:
+        f = self.qw.layers[i]["gate_proj"].shape[0]
+        which = "down" if p == "down_proj" else "gu"
+        out = None if p == "down_proj" else slice(0, f) if p == "gate_proj" else slice(f, 2 * f)
+        prod = TcolsProduct(self.qw.transposed(i, which), out)
+        raw = {}
+        # first of the pre-hooks: the input before fake_quantized's activation rounding
+        self.hooks.append(lin.register_forward_pre_hook(lambda mod, args: raw.update(x=args[0]), prepend=True))
+        self.hooks.append(lin.register_forward_hook(lambda mod, args, y: prod(raw.pop("x")).to(y.dtype)))
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        with torch.no_grad():
+            for w, v in reversed(self.saved):
+                w.copy_(v)
+        self.saved = []
+
+
 @torch.inference_mode()
 def batched_nll(model: nn.Module, ids: torch.Tensor, mlps=None) -> tuple[float, int]:
     """(sum of next-token NLL, tokens) of the window in one batched forward, with ``mlps`` (per-layer modules,
@@ -135,7 +191,7 @@ def decode_path_check(model: nn.Module, dec, ids: torch.Tensor, mlps=None, sensi
         nd, n = teacher_forced_nll(dec, ids)
     finally:
         dec.set_mlps(None)
-    with fake_quantized(model, qw, kv16=q is not None and q.kv_dtype == torch.float16):
+    with fake_quantized(model, qw, kv16=q is not None and q.kv_dtype == torch.float16), sparse_weights(model, qw, mlps, act=True):
         nb, _ = batched_nll(model, ids, mlps)
         if sensitivity:
             with _jittered(model):

@@ -31,10 +31,14 @@ paper (``SparseMLP``)    ``[gate; up]`` rows, thresholds, down input rows of non
 gathered (fixed set)     gate/up rows and down input rows of the set
 =======================  ====================================================================
 
-The cols layout holds the same blocks as the GGUF (input-major): a sparse kernel reads the quants of
-its active inputs plus the scales of every 32-input block with one active input, which
-:meth:`QuantStep.read_stats` counts into the bytes per token.  LaRoSA (rotated weights), the neuron
-predictor and the cluster methods have no quantised kernel yet (a one-line error).
+The input-major copy the sparse kernels read is, by default, the **tcols** layout (:mod:`awq.decode.tcols`):
+``W^T`` requantised in the same format with its blocks along the outputs, so a token reads exactly the quants
+and scales of its active inputs (the format's bits per weight times the active inputs); such a point is scored
+on exactly those weights (:func:`awq.decode.check.sparse_weights`).  ``AWQ_QUANT_SPARSE_LAYOUT=cols`` keeps the
+GGUF's own blocks stored input-major instead (no requantisation; a sparse kernel then reads the scales of every
+32-input block with one active input).  :meth:`QuantStep.read_stats` counts either into the bytes per token.
+LaRoSA (rotated weights), the neuron predictor and the cluster methods have no quantised kernel yet (a one-line
+error).
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from awq.decode.tcols import LAYOUTS, dequant_t, requant_t, sparse_layout
 from awq.kernels import quant as qk
 from awq.kernels.mlp import EMPTY, is_silu, min_bytes_per_thread
 from awq.kernels.quant import KERNEL_CODE
@@ -81,6 +86,24 @@ class QWeights:
     embed: QTensor  # the head for a tied model
     tied: bool
     sources: dict[str, int] = field(default_factory=dict)  # "gguf raw" / "gguf requantised" / "quantised": counts
+    _t: dict = field(default_factory=dict, repr=False, compare=False)  # (layer, "gu" | "down") -> tcols QTensor
+
+    def transposed(self, i: int, which: str) -> QTensor:
+        """Layer i's ``[gate; up]`` (``which="gu"``) or down weight as the tcols copy (:mod:`awq.decode.tcols`):
+        ``W^T`` requantised with blocks along the outputs (made once, shared by the kernels and the scoring)."""
+        key = (i, which)
+        if key not in self._t:
+            d = self.layers[i]
+            self._t[key] = requant_t(QTensor.cat([d["gate_proj"], d["up_proj"]]) if which == "gu" else d["down_proj"])
+        return self._t[key]
+
+    def tcols_values(self, i: int, proj: str) -> torch.Tensor:
+        """The values ``[R, C]`` the tcols kernels read for layer i's ``proj``."""
+        if proj == "down_proj":
+            return dequant_t(self.transposed(i, "down"))
+        w = dequant_t(self.transposed(i, "gu"))
+        f = self.layers[i]["gate_proj"].shape[0]
+        return w[:f] if proj == "gate_proj" else w[f:]
 
     def nbytes(self) -> dict[str, int]:
         """Storage bytes: attention, MLP, head (and the embedding when not tied)."""
@@ -241,13 +264,18 @@ class QuantStep:
         return self.k.pack_rows(qs, d, m, KERNEL_CODE[qt.fmt], qt.shape[1])
 
     def _cols_of(self, i: int, which: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The cols (input-major) layout of layer i's ``gu`` ([gate; up]) or ``down`` weight (made once)."""
-        key = (i, which)
+        """The input-major layout (``self.layout``: tcols or cols) of layer i's ``gu`` ([gate; up]) or ``down``
+        weight (made once)."""
+        key = (i, which, self.layout)
         if key not in self._cols:
             d = self.qw.layers[i]
             qt = QTensor.cat([d["gate_proj"], d["up_proj"]]) if which == "gu" else d["down_proj"]
-            qs, dd, m = _planes(qt)
-            self._cols[key] = tuple(self.k.pack_cols(qs, dd, m, KERNEL_CODE[qt.fmt], qt.shape[1]))
+            if self.layout == "tcols":
+                qs, dd, m = _planes(self.qw.transposed(i, which))
+                self._cols[key] = tuple(self.k.pack_tcols(qs, dd, m, KERNEL_CODE[qt.fmt], qt.shape[0]))
+            else:
+                qs, dd, m = _planes(qt)
+                self._cols[key] = tuple(self.k.pack_cols(qs, dd, m, KERNEL_CODE[qt.fmt], qt.shape[1]))
         return self._cols[key]
 
     def _down_rows(self, i: int) -> torch.Tensor:
@@ -280,6 +308,8 @@ class QuantStep:
         """Give every layer the kernel of the decoder's current MLP choice (None: dense)."""
         self.kind = []
         code = KERNEL_CODE
+        self.layout = sparse_layout()
+        lay = LAYOUTS[self.layout]
         for i, ly in enumerate(self.dec.layers):
             m = ly.mlp
             fmt = code[self.qw.fmt]
@@ -288,12 +318,12 @@ class QuantStep:
                 self.c.mlp_dense(i, self._gu[i], self._down_rows(i), fmt, fmt)
             elif kind == "input":
                 g, dn = self._cols_of(i, "gu"), self._cols_of(i, "down")
-                self.c.mlp_input(i, *g, *dn, fmt, args["t_x"], args["t_h"], args["xs"], args["hs"])
+                self.c.mlp_input(i, *g, *dn, fmt, args["t_x"], args["t_h"], args["xs"], args["hs"], lay)
             else:
                 dn = self._cols_of(i, "down")
                 kc = {"cats": 2, "paper": 3, "fixed": 4}[kind]
                 self.c.mlp_neuron(i, kc, self._gu[i], fmt, *dn, fmt, args.get("t_a", 0.0), args.get("t_g", 0.0),
-                                  args.get("t_u", 0.0), args.get("t_d", 0.0), args.get("idx", EMPTY))
+                                  args.get("t_u", 0.0), args.get("t_d", 0.0), args.get("idx", EMPTY), lay)
             self.kind.append(kind)
 
     # -- compute ----------------------------------------------------------------------------------
@@ -320,7 +350,8 @@ class QuantStep:
         qb = f.quant_bytes / 32.0  # quant bytes per weight
         sb = f.block_bytes - f.quant_bytes  # scale (+ min) bytes per block
         row_gu = H * qb + (H // 32) * sb  # one gate or up row (rows layout)
-        gu_out, d_out = -(-2 * F // 64) * 64, -(-H // 64) * 64  # cols layout outputs (padded to 64)
+        gu_out, d_out = -(-2 * F // 64) * 64, -(-H // 64) * 64  # input-major layouts' outputs (padded to 64)
+        tc = self.layout == "tcols"  # an active input reads its row's quants and its own Rp/32 scales
         mlp_b = mlp_w = 0.0
         for i, d in enumerate(self.qw.layers):
             kx, bx, kh, bh, gr, ur = cnt[i].tolist()
@@ -329,12 +360,12 @@ class QuantStep:
                 mlp_w += gr / F * 3 * H * F
                 continue
             if self.kind[i] == "input":
-                mlp_b += kx * gu_out * qb + bx * gu_out * sb
+                mlp_b += kx * gu_out * qb + (kx * gu_out / 32 if tc else bx * gu_out) * sb
                 mlp_w += kx * 2 * F
             else:
                 mlp_b += (gr + ur) * row_gu
                 mlp_w += (gr + ur) * H
-            mlp_b += kh * d_out * qb + bh * d_out * sb
+            mlp_b += kh * d_out * qb + (kh * d_out / 32 if tc else bh * d_out) * sb
             mlp_w += kh * H
         steps = max(1, steps)
         dense = self.dense_bytes()

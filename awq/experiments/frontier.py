@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from awq.decode.check import fake_quantized
+from awq.decode.check import fake_quantized, sparse_weights
 from awq.decode.lean import SUPPORTED_TYPES
 from awq.decode.quant import model_qweights, step_bytes
 from awq.decode.speed import measure_point  # real batch-1 decode speed, dense interleaved
+from awq.decode.tcols import sparse_layout
 from awq.experiments.frontier_report import markdown, plot, plot_bytes, sort_points, write_csv, write_markdown
 from awq.experiments.quality import DenseReference, evaluate, weights_id
 from awq.load.data import load_corpus, tokenize_windows
@@ -161,6 +162,7 @@ def bytes_per_token(point: dict, step: dict) -> float:
 class Frontier:
     def __init__(self, cfg: FrontierConfig) -> None:
         self.cfg = cfg
+        self._qw = None  # the QWeights of the format being run (None: F32)
         files = {"centroids": cfg.centroids, "predictor": cfg.predictor}
         names = cfg.methods or default_methods(files)
         try:
@@ -261,7 +263,9 @@ class Frontier:
                 unsparsify_(self.model)
                 raise FrontierError(f"{spec.name} chooses its neurons from a prompt: run it with --protocol prompt:P")
             extra = extra_read(cfg, self.model)
-            with metering(self.model) as meter:
+            # at a block format: the projections the method's quantised sparse kernel reads requantised
+            # (awq.decode.tcols) are scored with those values
+            with metering(self.model) as meter, sparse_weights(self.model, self._qw):
                 res = run()
             summ = meter.summary(extra)
         return {"weight_read_fraction": summ["weight_read_fraction"], "ppl": res.ppl, "kl": res.kl, "top1": res.top1,
@@ -282,6 +286,7 @@ class Frontier:
             point["bytes_per_token"] = bytes_per_token(point, step_bytes(self.model, fmt))
             if fmt != "f32":
                 point["decode_status"] = f"not timed at {fmt} here (bench/bench_decode.py --weights {fmt})"
+                point["sparse_layout"] = sparse_layout()  # what its quantised sparse kernel reads (awq.decode.tcols)
             elif self.measure is not None and self._wants_speed(spec, point):
                 point.update(self.measure(self.model, self.tok, point))
         finally:
@@ -345,10 +350,11 @@ class Frontier:
         """(format, context manager putting the format's dequantised weights into the model) per ``--weights``."""
         src = gguf_source(self.cfg.model_path)
         for fmt in self.cfg.weights:
+            self._qw = None
             if fmt == "f32":
                 yield fmt, contextlib.nullcontext()
                 continue
-            qw = model_qweights(self.model, fmt, gguf_path=src)
+            qw = self._qw = model_qweights(self.model, fmt, gguf_path=src)
             # the weights the kernels read; the kernels' int8 activations and float16 cache are the decode-path
             # check's business (awq.decode.check.decode_path_check), not the point's
             yield fmt, fake_quantized(self.model, qw, act=False, kv16=False)

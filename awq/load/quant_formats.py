@@ -19,8 +19,9 @@ blocks, row-major, in ggml's order), ``d`` and ``m`` (float16 ``[R, C/32]``) -- 
 GGUF blocks convert both ways without loss (:meth:`QTensor.from_ggml`, :meth:`QTensor.to_ggml`).
 The C++ kernels (``csrc/quant_kernels.cpp``, :mod:`awq.kernels.quant`) repack the planes once into their own orders (nibble
 groups, a transposed copy for input-channel sparsity); those repacks move bits, never change a value,
-and keep the bits per weight above (the transposed copy: the same quants and the same block scales,
-stored input-major; see :data:`LAYOUT_NOTE`).
+and keep the bits per weight above; the sparse kernels' input-major copy is either the same blocks stored
+input-major or the weights requantised with blocks along the outputs (:mod:`awq.decode.tcols`, see
+:data:`LAYOUT_NOTE`).
 
 Quantisation is ``gguf.quants.quantize`` (bit-identical to ggml's reference ``quantize_row_*_ref``) and
 the reference dequantisation ``gguf.quants.dequantize``; :func:`dequantize` here is a torch version of
@@ -66,9 +67,12 @@ FORMATS: dict[str, Format] = {
     "q4_1": Format("q4_1", 3, 20, True),
 }
 WEIGHT_FORMATS: tuple[str, ...] = ("f32", *FORMATS)  # what a decoder's weights can be
-LAYOUT_NOTE = ("row-major: ggml's blocks (bits per weight as the format); transposed (input-channel "
-               "sparsity): the same quants and block scales stored input-major, the same bits per weight, "
-               "but a token that reads any input of a 32-input block reads that block's scales")
+LAYOUT_NOTE = ("row-major: ggml's blocks (bits per weight as the format); tcols (input-channel sparsity, the "
+               "default): the weights requantised in the same format with blocks along the outputs, stored "
+               "input-major, the same bits per weight, an active input reads exactly its own quants and scales; "
+               "cols (AWQ_QUANT_SPARSE_LAYOUT=cols): the file's own quants and block scales stored input-major, "
+               "the same bits per weight, but a token that reads any input of a 32-input block reads that "
+               "block's scales")
 
 
 def get_format(name: str) -> Format:

@@ -40,8 +40,8 @@ from awq.report.importers import (
     merge_frontier_quality,
 )
 from awq.report.refs import REF_FILES, ReportError, load_refs, target_files
-from awq.report.summaries import cluster_findings, half_read, headline
-from awq.report.tables import frontier, predictor_table, sparse_mlp_table
+from awq.report.summaries import cluster_findings, half_read, headline, quant_headline
+from awq.report.tables import by_format_block, frontier, predictor_table, sparse_mlp_table
 from awq.util import paths
 from awq.util.cli import ConfigError, fail, opt, parse_config, setup_logging
 from awq.util.cli import build_parser as build_config_parser
@@ -208,6 +208,9 @@ def all_blocks() -> dict[str, Callable[[dict], str]]:
             "frontier_cluster": lambda refs: frontier(refs, "frontier_cluster"),
             "frontier_cluster_qwen": lambda refs: frontier(refs, "frontier_cluster_qwen"),
             "frontier_prompt": lambda refs: frontier(refs, "frontier_prompt"),
+            "frontier_quant": lambda refs: by_format_block(refs, "frontier_quant"),
+            "frontier_quant_qwen": lambda refs: by_format_block(refs, "frontier_quant_qwen"),
+            "quant_headline": quant_headline,
             "predictor_table": predictor_table, "sparse_mlp_table": sparse_mlp_table, **ARTIFACT_BLOCKS,
             **{name: decode_block(name) for name in DECODE_REFS}, **BENCH_BLOCKS,
             "headline": headline, "cluster_findings": cluster_findings, "half_read": half_read,

@@ -163,7 +163,7 @@ def merge_frontier_quality(csv_path: Path, name: str, ref_dir: Optional[Path] = 
     """Add ``kl`` / ``top1`` of a fresh frontier run (its ``frontier.csv``) to the points of ``results_ref/<name>.json``
     without losing what the run did not measure (decode speed).
 
-    A point of the same method and density whose PPL agrees within ``rtol`` gets the new ``kl``, ``top1`` and
+    A point of the same method, density and weight format whose PPL agrees within ``rtol`` gets the new ``kl``, ``top1`` and
     ``protocol``; one whose PPL moved (another calibration since) takes the new point's figures, drops its old
     decode speed (measured on the other configuration) and keeps ``ppl_before``; a new point is appended; a
     point the run lacks stays as it was.  The file keeps its ``provenance``; the merge's own is added as
@@ -184,20 +184,23 @@ def merge_frontier_quality(csv_path: Path, name: str, ref_dir: Optional[Path] = 
                 if new_fp.get(k) != old["fingerprint"].get(k)]
         if diff:
             raise RunOutputError(f"{csv_path} was made with another setup than results_ref/{name}.json ({diff[0]})")
-    index = {(q["method"], round(float(q["param"]), 6)): q for q in old["points"]}
+    index = {(q["method"], round(float(q["param"]), 6), q.get("weights", "f32")): q for q in old["points"]}
     counts = {"added": 0, "replaced": 0, "appended": 0, "untouched": 0}
     seen = set()
     for r in rows:
         if not r.get("kl"):
             continue
-        key = (r["method"], round(float(r["param"]), 6))
+        key = (r["method"], round(float(r["param"]), 6), r.get("weights") or "f32")
         seen.add(key)
         new = {"kl": float(r["kl"]), "top1": float(r["top1"]), "protocol": r.get("protocol") or "standard"}
         q = index.get(key)
         if q is None:
             old["points"].append({"method": r["method"], "param": float(r["param"]),
                                   "weight_read_fraction": float(r["weight_read_fraction"]), "ppl": float(r["ppl"]),
-                                  "tokens": int(r["tokens"]), "realizable": r["realizable"] == "true", **new})
+                                  "tokens": int(r["tokens"]), "realizable": r["realizable"] == "true", **new,
+                                  **({"weights": r["weights"]} if r.get("weights", "f32") != "f32" else {}),
+                                  **({"bytes_per_token": float(r["bytes_per_token"])} if r.get("bytes_per_token")
+                                     else {})})
             counts["appended"] += 1
         elif abs(float(r["ppl"]) - q["ppl"]) <= rtol * abs(q["ppl"]):
             q.update(new)

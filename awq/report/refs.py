@@ -11,7 +11,7 @@ REF_FILES = ("reproduce", "predictor", "sparse_mlp", "frontier", "frontier_qwen"
              "decode_smollm2", "decode_qwen", "decode_smollm2_avx2", "frontier_cluster", "frontier_cluster_qwen",
              "bench_ppl", "bench_clustering", "bench_clustering_avx2", "bench_predictor",
              "decode_quant_smollm2", "decode_quant_qwen", "decode_quant_smollm2_avx2", "decode_quant_qwen_avx2",
-             "frontier_prompt")
+             "frontier_prompt", "frontier_quant", "frontier_quant_qwen")
 TARGETS = ("README.md", "ARTIFACT.md")  # plus every docs/*.md: see target_files
 
 

@@ -3,6 +3,9 @@
 * ``headline`` (README.md): per method, its best point at about half the MLP weights read per token on both
   models (``results_ref/frontier.json``, ``frontier_qwen.json``), and the fastest decode row at that budget
   against llama.cpp (``decode_smollm2.json``, ``decode_qwen.json``).
+* ``quant_headline`` (README.md) and ``frontier_quant`` (docs/frontier.md): the frontier at several weight formats
+  (``frontier_quant.json``, ``frontier_quant_qwen.json``): at the bytes per token of the lowest-bit dense model,
+  the best sparse point of a higher-bit format, and the sparse points at that format.
 * ``cluster_findings`` (docs/frontier.md): what the cluster-method frontiers (``frontier_cluster.json``,
   ``frontier_cluster_qwen.json``) say, each statement computed from their points (a statement whose points are
   missing is left out).
@@ -175,3 +178,47 @@ def cluster_findings(refs: dict) -> str:
         if key in refs:
             items += _model_findings(refs[key]["points"], name)
     return "".join(f"* {s}\n" for s in items) or "No cluster frontier checked in.\n"
+
+
+QUANT_MODELS = (("frontier_quant", "SmolLM2-135M"), ("frontier_quant_qwen", "Qwen2.5-Coder-0.5B"))
+
+
+def _fmt(q: dict) -> str:
+    return str(q.get("weights", "f32")).upper()
+
+
+def quant_sentence(points: list[dict], name: str) -> Optional[str]:
+    """At the weight bytes per token of the lowest-byte dense format: the best realizable sparse point of another
+    format reading no more, and the best sparse point at that format reading at most half the MLP weights; None
+    for a run with fewer than two dense formats."""
+    pts = [q for q in points if q["realizable"] and q.get("bytes_per_token") is not None]
+    dense = [q for q in pts if q["method"] == "dense"]
+    if len({_fmt(q) for q in dense}) < 2:
+        return None
+    low = min(dense, key=lambda q: q["bytes_per_token"])
+    mb = low["bytes_per_token"] / 1e6
+    out = f"{name}: dense {_fmt(low)} reads {mb:.1f} MB of weights per token at PPL {low['ppl']:.2f}"
+    rivals = [q for q in pts if q["method"] != "dense" and _fmt(q) != _fmt(low)
+              and q["bytes_per_token"] <= low["bytes_per_token"]]
+    if rivals:
+        b = min(rivals, key=lambda q: q["ppl"])
+        out += (f"; the best sparse point of a higher-bit format reading no more, `{b['method']}` d={b['param']:g} at "
+                f"{_fmt(b)} ({b['bytes_per_token'] / 1e6:.1f} MB), has PPL {b['ppl']:.2f}, "
+                + ("better" if b["ppl"] < low["ppl"] else "worse"))
+    else:
+        out += "; no sparse point of a higher-bit format reads that little"
+    same = [q for q in pts if q["method"] != "dense" and _fmt(q) == _fmt(low) and q["weight_read_fraction"] <= HALF]
+    if same:
+        s = min(same, key=lambda q: q["ppl"])
+        out += (f"; sparse at {_fmt(low)} itself, `{s['method']}` d={s['param']:g} reads {s['bytes_per_token'] / 1e6:.1f}"
+                f" MB at PPL {s['ppl']:.2f} ({s['ppl'] / low['ppl']:.2f}x its dense)")
+    return out + "."
+
+
+def quant_headline(refs: dict) -> str:
+    """The README's sentence on the quantised frontier (one clause per model with a run)."""
+    parts = [t for k, n in QUANT_MODELS if k in refs and (t := quant_sentence(refs[k]["points"], n))]
+    if not parts:
+        return ("No quantised frontier checked in yet: `python -m awq.frontier --weights q8_0,q4_1 ...`, then "
+                "`python -m awq.report --import_frontier CSV frontier_quant`.\n")
+    return "At equal weight bytes per token (frontier at Q8_0 and Q4_1): " + " ".join(parts) + "\n"

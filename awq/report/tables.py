@@ -144,3 +144,13 @@ def by_format(points: list[dict]) -> str:
         lines.append(f"| {q.get('weights', 'f32')} | `{q['method']}` | {q['param']:g} | {q['weight_read_fraction']:.3f} | "
                      f"{q['bytes_per_token'] / 1e6:.1f} | {q['ppl']:,.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def by_format_block(refs: dict, key: str) -> str:
+    """docs/frontier.md's quantised frontier of one model (``results_ref/<key>.json``): its points by weight bytes
+    per token, or the commands that make it."""
+    if key not in refs:
+        model = "" if key == "frontier_quant" else " --model_path qwen2.5-coder-0.5b"
+        return (f"No checked-in run yet: `python -m awq.frontier{model} --weights q8_0,q4_1 --methods dense,teal,wina,"
+                f"cats --densities 0.3,0.5 --out F`, then `python -m awq.report --import_frontier F/frontier.csv {key}`.\n")
+    return by_format(refs[key]["points"]).lstrip("\n")
