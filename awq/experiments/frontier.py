@@ -35,7 +35,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -44,19 +43,19 @@ from awq.decode.lean import SUPPORTED_TYPES
 from awq.decode.quant import model_qweights, step_bytes
 from awq.decode.speed import measure_point  # real batch-1 decode speed, dense interleaved
 from awq.decode.tcols import sparse_layout
+from awq.experiments.frontier_config import FrontierConfig
 from awq.experiments.frontier_report import markdown, plot, plot_bytes, sort_points, write_csv, write_markdown
 from awq.experiments.quality import DenseReference, evaluate, weights_id
 from awq.load.data import load_corpus, tokenize_windows
-from awq.load.models import check_model_path, load_model, model_slug
+from awq.load.models import load_model, model_slug
 from awq.load.quant_formats import WEIGHT_FORMATS, bits_per_weight
 from awq.load.quant_gguf import gguf_source
 from awq.methods.base import SwappedMLP, sparsify_, unsparsify_
-from awq.methods.codebook import parse_centroid_spec
 from awq.methods.common import CalibData, MethodError, check_density
 from awq.methods.cost import metering
-from awq.methods.protocol import Protocol, ProtocolError, check_protocol, needs_prompt
+from awq.methods.protocol import Protocol, ProtocolError, needs_prompt
 from awq.methods.registry import METHODS, check_needs, config_summary, default_methods, extra_read, get_method
-from awq.util.cli import ConfigError, build_parser, check_config, fail, opt, parse_config, setup_logging
+from awq.util.cli import ConfigError, build_parser, check_config, fail, parse_config, setup_logging
 from awq.util.fingerprint import weights_fingerprint
 from awq.util.io import atomic_write_json, output_lock
 
@@ -68,60 +67,6 @@ FINGERPRINT_DEFAULTS = {"protocol": "standard"}  # the value of a key an older f
 
 class FrontierError(ValueError):
     """Bad frontier input or a results directory made with another setup (one line)."""
-
-
-@dataclass
-class FrontierConfig:
-    model_path: Optional[str] = opt(None, help="model: HF directory, .gguf or hub id (default: the embedded "
-                                    "SmolLM2-135M-Instruct)", kind="model", check=check_model_path)
-    data_path: Optional[str] = opt(None, help="local corpus (see awq.entry --help); default: hub or offline substitute",
-                                   kind="in_path")
-    out: Optional[Path] = opt(None, help="results directory (default results/frontier/<model>); one run at a time "
-                              "(a second run on the same folder is refused)", kind="out_dir")
-    plots_dir: Path = opt(Path("plots"), help="where frontier_<model>.png goes (default plots)", kind="out_dir")
-    methods: Optional[list[str]] = opt(None, help="comma-separated methods of awq.methods.registry (default: "
-                                       + ", ".join(default_methods({"centroids": "-", "predictor": "-"}))
-                                       + "; cluster_oracle with --centroids, cluster_predicted with --predictor)",
-                                       choices=tuple(METHODS))
-    densities: Optional[list[float]] = opt(None, help="comma-separated densities in (0, 1] for every method "
-                                           "(default: each method's own sweep, read fractions ~0.3-0.8)",
-                                           gt=0.0, max=1.0, kind="fraction")
-    centroids: Optional[str] = opt(None, help="centroid sets for cluster_oracle / cluster_predicted: "
-                                   "gate=FILE,up=FILE,down=FILE (any subset) or a folder (see awq.entry --centroids)",
-                                   kind="centroids", check=parse_centroid_spec)
-    predictor: Optional[str] = opt(None, help="a trained cluster predictor file (python -m awq.predictor train) for "
-                                   "cluster_predicted", kind="in_file")
-    nsamples: int = opt(4, help="test windows scored per point (default 4)", min=1)
-    calib_nsamples: int = opt(2, help="train windows for calibration (default 2)", min=1)
-    calib_tokens: int = opt(4096, help="MLP inputs per layer kept for calibration (default 4096)", min=1)
-    seqlen: int = opt(2048, help="window length in tokens (default 2048)", min=2)
-    seed: int = opt(0, help="calibration subsample / predictor training seed (default 0)", kind="seed")
-    dtype: Optional[str] = opt(None, help="model dtype (default float32 on CPU)",
-                               choices=["float32", "float16", "bfloat16"])
-    device: Optional[str] = opt(None, help="cpu / cuda (default auto)", kind="device", words=("auto",))
-    speed: bool = opt(False, help="also measure batch-1 decode tok/s of every realizable point against the dense "
-                      "MLPs on the same lean decoder (awq.decode.speed; added to points already done); a "
-                      "method without a batch-1 kernel is not timed: decode_status 'no batch-1 kernel'")
-    speed_prompt_tokens: int = opt(256, help="--speed: prompt tokens (default 256)", min=1)
-    speed_new_tokens: int = opt(64, help="--speed: new tokens per timed run (default 64)", min=2)
-    speed_repeats: int = opt(3, help="--speed: interleaved repeats, medians (default 3)", min=1)
-    speed_again: bool = opt(False, help="--speed: time again the points already timed (after a decoder or kernel "
-                            "change); perplexity and cost are kept")
-    protocol: str = opt("standard", help="evaluation protocol: 'standard' (each window one forward with the method "
-                        "active, every token scored) or 'prompt:P' (the first P tokens of each window run dense as a "
-                        "prompt, PPL/KL/top-1 on the rest with the method active; methods that choose from the prompt "
-                        "see it; default results folder <model>_prompt<P>); see awq.methods.protocol",
-                        check=check_protocol)
-    dense_ref: Optional[Path] = opt(None, help="folder of the cached dense log-probabilities for kl/top1 (default "
-                                    "<out>/../dense_ref; keyed by weights and window tokens, shared safely)",
-                                    kind="out_dir")
-    quality_again: bool = opt(False, help="evaluate again every point already done (ppl, kl, top1 and the read "
-                              "fraction; decode speed kept); points without kl/top1 are re-evaluated anyway")
-    no_hub: bool = opt(False, help="never try the Hugging Face hub for the corpus")
-    weights: list[str] = opt(default_factory=lambda: ["f32"], choices=WEIGHT_FORMATS,
-                             help="weight formats, comma-separated (default f32): every point again on the model's "
-                                  "linear layers block-quantised (q8_0, q4_0, q4_1) and dequantised, with its bytes "
-                                  "per token (docs/frontier.md)")
 
 
 def _has_kernel(class_path: Optional[str]) -> bool:
