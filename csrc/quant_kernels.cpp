@@ -282,9 +282,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_tcols", &gemv_tcols, "quantised GEMV over the tcols layout, nonzero inputs only");
   m.def("cols_order", &cols_order, "cols layout order within a chunk");
   m.def("simd", &quant_simd, "vector path of this build");
-  m.def("set_rows_per_pass", [](int nr) {
+  m.def("set_rows_per_pass", [](int nr, int fmt) {
     TORCH_CHECK(nr == 0 || nr == 1 || nr == 2 || nr == 4, "rows per pass must be 0 (by format), 1, 2 or 4");
-    q_rows_per_pass = nr;
-  }, "rows GEMV rows per pass (0: by format)");
+    TORCH_CHECK(fmt >= -1 && fmt <= 2, "fmt: -1 (all), 0, 1 or 2");
+    for (int f = 0; f < 3; ++f)
+      if (fmt < 0 || fmt == f) q_rows_per_pass[f] = nr;
+  }, "rows GEMV rows per pass of one format (-1: all; nr 0: the default)", pybind11::arg("nr"),
+        pybind11::arg("fmt") = -1);
+  m.def("rows_per_pass", [](int fmt) { TORCH_CHECK(fmt >= 0 && fmt <= 2, "fmt: 0, 1 or 2"); return q_rows_per_pass[fmt]; },
+        "rows GEMV rows per pass of one format (0: the default)");
   register_quant_decode(m);
 }

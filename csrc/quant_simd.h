@@ -399,7 +399,10 @@ static inline void q_rows_pass(const uint8_t* const* wr, int64_t C, const QAct& 
 #endif
 }
 
-inline int q_rows_per_pass = 0;  // rows GEMV rows per pass: 0 by format, else 1, 2 or 4 (AWQ_QUANT_ROWS_PER_PASS)
+// rows GEMV rows per pass, per format: 1, 2 or 4 (0: 1 for Q8_0, 4 for Q4).  Set from Python by a measurement
+// on this machine (awq.kernels.quant.kernel, cached by awq.kernels.hw) or AWQ_QUANT_ROWS_PER_PASS: which one
+// streams fastest from DRAM differs between CPUs (AMD EPYC, 2 threads: 1 row ~1.5x faster than 4 for Q4_1).
+inline int q_rows_per_pass[3] = {0, 0, 0};
 #ifndef QPF_PASSES
 #define QPF_PASSES 2  // prefetch distance in 4-row passes
 #endif
@@ -410,9 +413,7 @@ static void q_rows_range(const uint8_t* W, int64_t C, const int64_t* rows, int64
   const int64_t rb = q_row_bytes(FMT, C);
   int64_t j = j0;
   auto row = [&](int64_t i) { return W + (rows ? rows[i] : i) * rb; };
-  // Q8_0: one row at a time (measured: from DRAM, several Q8_0 rows side by side ran at ~40% of one
-  // row's bandwidth); Q4: four rows per pass (each x load serves four rows)
-  const int nr = q_rows_per_pass > 0 ? q_rows_per_pass : (FMT == QF_Q8_0 ? 1 : 4);
+  const int nr = q_rows_per_pass[FMT] > 0 ? q_rows_per_pass[FMT] : (FMT == QF_Q8_0 ? 1 : 4);
   for (; nr == 4 && j + 4 <= j1; j += 4) {
     const uint8_t* wr[4];
     for (int t = 0; t < 4; ++t) wr[t] = row(j + t);
@@ -505,6 +506,16 @@ static inline void q_quad256(__m256i a, __m256i b, __m256i c, __m256i d, __m256i
 }
 #endif
 
+#ifndef QCOLS_PF
+#define QCOLS_PF 512  // software prefetch distance (bytes) along each row of an input-major product
+#endif
+// the rows of an input-major product are up to 32 scattered streams, more than the hardware prefetcher
+// follows: each chunk step prefetches every row QCOLS_PF bytes ahead (past a row's end: harmless)
+static inline void q_prefetch_rows(const uint8_t* (*P)[4], int64_t nq, int64_t off) {
+  for (int64_t q = 0; q < nq; ++q)
+    for (int t = 0; t < 4; ++t) __builtin_prefetch(P[q][t] + off + QCOLS_PF, 0, 3);
+}
+
 // acc[0..Rp) = sum_t u[rows[t], :] * x[t] for the n rows given, x as int8: word(t4, b) is the int32 holding
 // the four activations of rows 4 t4 .. 4 t4 + 3 (zero past n) for the outputs of block b (32 outputs):
 // the same for every block in the cols layout, one per block in the tcols layout (q_tcols_range)
@@ -526,6 +537,7 @@ static void q_cols_accum(const QColsView& W, const int32_t* rows, int64_t n, int
   if (q8) {
     for (int64_t c0 = 0; c0 < Rp; c0 += 64) {
       __m512i ac[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+      q_prefetch_rows(P, nq, c0);
       for (int64_t q = 0; q < nq; ++q) {
         q_quad512(_mm512_loadu_si512(P[q][0] + c0), _mm512_loadu_si512(P[q][1] + c0), _mm512_loadu_si512(P[q][2] + c0),
                   _mm512_loadu_si512(P[q][3] + c0), bc(q, c0 / QBLK), bc(q, c0 / QBLK + 1), ac);
@@ -539,6 +551,7 @@ static void q_cols_accum(const QColsView& W, const int32_t* rows, int64_t n, int
   for (; c0 + 128 <= Rp; c0 += 128) {
     __m512i lo[4], hi[4];
     for (int k = 0; k < 4; ++k) { lo[k] = _mm512_setzero_si512(); hi[k] = _mm512_setzero_si512(); }
+    q_prefetch_rows(P, nq, c0 / 2);
     for (int64_t q = 0; q < nq; ++q) {
       __m512i l[4], h[4];
       for (int t = 0; t < 4; ++t) {
@@ -585,12 +598,16 @@ static void q_cols_accum(const QColsView& W, const int32_t* rows, int64_t n, int
     for (int k = 0; k < 4; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + c0 + 8 * k), ac[k]);
   };
   if (q8) {
-    for (int64_t c0 = 0; c0 < Rp; c0 += 32) chunk(c0, c0, 0);
+    for (int64_t c0 = 0; c0 < Rp; c0 += 32) {
+      if (c0 % 64 == 0) q_prefetch_rows(P, nq, c0);
+      chunk(c0, c0, 0);
+    }
     return;
   }
   int64_t c0 = 0;
   for (; c0 + 128 <= Rp; c0 += 128)
-    for (int half = 0; half < 2; ++half) {  // bytes 0..31: positions 0..31 and 64..95; 32..63: 32..63, 96..127
+    for (int half = 0; half < 2; ++half) {
+      if (half == 0) q_prefetch_rows(P, nq, c0 / 2);  // bytes 0..31: positions 0..31 and 64..95; 32..63: 32..63, 96..127
       chunk(c0 + 32 * half, c0 / 2 + 32 * half, 1);
       chunk(c0 + 64 + 32 * half, c0 / 2 + 32 * half, 2);
     }
@@ -733,9 +750,22 @@ static void q_tcols_range(const QColsView& W, const int32_t* idx, const float* v
   const bool q41 = W.fmt == QF_Q4_1 && W.ms != nullptr;
   if (q41) std::fill(s.mb.begin(), s.mb.begin() + NB, 0.f);
   float* z = s.z.data();
+  // the next group's scales and the first QCOLS_PF bytes of its rows (q_cols_accum prefetches the rest)
+  auto prefetch_group = [&](int64_t g) {
+    for (int64_t j = g * 32; j < std::min<int64_t>(n, g * 32 + 32); ++j) {
+      const int64_t i = idx[j];
+      for (int64_t o = 0; o < 2 * NB; o += 64) {
+        __builtin_prefetch(reinterpret_cast<const uint8_t*>(W.ds + i * NB) + o, 0, 3);
+        if (q41) __builtin_prefetch(reinterpret_cast<const uint8_t*>(W.ms + i * NB) + o, 0, 3);
+      }
+      for (int64_t o = 0; o < std::min<int64_t>(W.rowb, QCOLS_PF); o += 64) __builtin_prefetch(W.q + i * W.rowb + o, 0, 3);
+    }
+  };
+  if (g0 < g1) prefetch_group(g0);
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t j0 = g * 32, m = std::min<int64_t>(32, n - j0);
     if (m <= 0) break;
+    if (g + 1 < g1) prefetch_group(g + 1);
     float* zs = s.zs.data();
     std::fill(zs, zs + NB, 0.f);  // amax first, then the scale
     for (int64_t j = 0; j < m; ++j) {

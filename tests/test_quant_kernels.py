@@ -2,6 +2,7 @@
 paths (the native build and a real AVX2-only build, AWQ_HW_FLAGS="avx2 fma")."""
 from __future__ import annotations
 
+import json
 import os
 
 import gguf
@@ -160,6 +161,7 @@ def test_rows_per_pass_override(kern, nr):
     refused."""
     C, R = 224, 39
     x = torch.randn(C, generator=torch.Generator().manual_seed(5))
+    before = [kern.rows_per_pass(KERNEL_CODE[f]) for f in FMTS]
     try:
         kern.set_rows_per_pass(nr)
         for fmt in FMTS:
@@ -172,7 +174,25 @@ def test_rows_per_pass_override(kern, nr):
         with pytest.raises(RuntimeError, match="rows per pass"):
             kern.set_rows_per_pass(3)
     finally:
-        kern.set_rows_per_pass(0)
+        for f, nr0 in zip(FMTS, before):
+            kern.set_rows_per_pass(nr0, KERNEL_CODE[f])
+
+
+@pytest.mark.parametrize("kern", PATHS)
+def test_rows_per_pass_measured_and_cached(kern, tmp_path, monkeypatch):
+    """The rows per pass of each format is a measured choice (one of 1, 2, 4), cached per machine, and the
+    measurement leaves the kernel's setting as it found it."""
+    from awq.kernels import hw
+
+    monkeypatch.setenv("AWQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(qk, "PROBE_BYTES", 1 << 20)
+    monkeypatch.setattr(hw, "_memo", {})
+    before = kern.rows_per_pass(KERNEL_CODE["q4_1"])
+    nr = qk.choose_rows_per_pass(kern, "q4_1")
+    assert nr in (1, 2, 4)
+    assert kern.rows_per_pass(KERNEL_CODE["q4_1"]) == before
+    cached = json.loads((tmp_path / "hw" / "choices.json").read_text())
+    assert [v["choice"] for k, v in cached.items() if k.endswith(":quant_rows_per_pass_q4_1")] == [str(nr)]
 
 
 def tcols_ref(qt_t: QTensor, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,10 @@ Functions of the module (contracts in the C++ sources; references here and in ``
 row-major blocks, optionally gathered rows), ``pack_cols`` / ``gemv_cols`` (the input-major copy for
 input-channel sparsity), ``QDecoder`` (one C++ call per decode step, :mod:`awq.decode.quant`).  Every product
 equals :func:`gemv_ref`: the dequantised weights times the int8-quantised activation, in float.
-``AWQ_QUANT_ROWS_PER_PASS`` (``1``, ``2`` or ``4``) overrides the rows GEMV's rows per pass (default: 1 for Q8_0, 4 for Q4).
+The rows GEMV's rows per pass (1, 2 or 4 rows side by side) is chosen per format by a short measurement on
+this machine (:func:`choose_rows_per_pass`, cached by :func:`awq.kernels.hw.choose`): which streams fastest
+differs between CPUs (AMD EPYC, 2 threads, a 151936x896 Q4_1 matrix: 1 row 30 GB/s, 4 rows 20 GB/s).
+``AWQ_QUANT_ROWS_PER_PASS`` (``1``, ``2`` or ``4``) overrides it; every choice computes the same bits.
 """
 from __future__ import annotations
 
@@ -55,10 +58,45 @@ def kernel() -> Optional[ModuleType]:
         mod = load_cpp_extension("awq_quant", SOURCES, list(key), ["-fopenmp"], what="quantised decode")
         if mod is not None:
             rows = env.get("AWQ_QUANT_ROWS_PER_PASS")
-            mod.set_rows_per_pass(0 if rows == "auto" else int(rows))
+            if rows == "auto":
+                for fmt, code in KERNEL_CODE.items():
+                    mod.set_rows_per_pass(choose_rows_per_pass(mod, fmt), code)
+            else:
+                mod.set_rows_per_pass(int(rows))
             log.info("quantised decode kernels: %s vector path", mod.simd())
         _state[key] = mod
     return _state[key]
+
+
+PROBE_BYTES = 64 << 20  # the rows-per-pass probe matrix: larger than most CPUs' last-level cache
+
+
+def choose_rows_per_pass(mod: ModuleType, fmt: str) -> int:
+    """Rows per pass of ``mod``'s rows GEMV for ``fmt``, measured on this machine (interleaved calls on a
+    ``PROBE_BYTES`` matrix of random packed rows, 896 wide) and cached per CPU, flags, torch and thread count."""
+    C = 896
+    row_bytes = C + C // BLOCK * 2 if fmt == "q8_0" else C // 2 + C // BLOCK * (4 if fmt == "q4_1" else 2)
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(0, 256, (PROBE_BYTES // row_bytes, row_bytes), dtype=torch.uint8, generator=g)
+        n_scales = C // BLOCK * (2 if fmt == "q4_1" else 1)  # each row starts with its float16 scales (and mins)
+        w[:, : 2 * n_scales] = torch.full((w.shape[0], n_scales), 0.01, dtype=torch.half).view(torch.uint8)
+        x = torch.randn(C, generator=g)
+        empty = torch.empty(0, dtype=torch.long)
+
+        def call(nr: int):
+            def run():
+                mod.set_rows_per_pass(nr, KERNEL_CODE[fmt])
+                mod.gemv_rows(w, KERNEL_CODE[fmt], C, x, empty)
+            return run
+        return {str(nr): call(nr) for nr in (1, 2, 4)}
+
+    before = mod.rows_per_pass(KERNEL_CODE[fmt])
+    try:
+        return int(hw.choose(f"quant_rows_per_pass_{fmt}", ("1", "2", "4"), make))
+    finally:
+        mod.set_rows_per_pass(before, KERNEL_CODE[fmt])
 
 
 # -- torch references ---------------------------------------------------------------------------------

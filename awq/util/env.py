@@ -47,7 +47,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("AWQ_DECODE_GEMV", "choice", "auto", "one-row products of the lean decoder", ("auto", "torch", "cpp")),
     Var("AWQ_DECODE_FUSED", "bool", True, "the lean decoder's one-C++-call-per-layer step (0: the eager step)"),
     Var("AWQ_QUANT_ROWS_PER_PASS", "choice", "auto", "rows per pass of the quantised rows GEMV "
-        "(csrc/quant_simd.h; auto: 1 for Q8_0, 4 for Q4_0/Q4_1)", ("auto", "1", "2", "4")),
+        "(csrc/quant_simd.h; auto: measured per format on this machine, awq.kernels.quant.choose_rows_per_pass)", ("auto", "1", "2", "4")),
     Var("AWQ_QUANT_SPARSE_LAYOUT", "choice", "tcols", "what the quantised sparse MLP kernels read for input "
         "channels: tcols (the weights requantised with blocks along the outputs; reads = active inputs exactly) or "
         "cols (the file's own blocks stored input-major; an active input reads its whole 32-input block's scales)",
