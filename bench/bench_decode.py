@@ -28,8 +28,9 @@ interleaved A B C A B C ...; decode time per token = time of the one-token steps
   (``bench/quant_rows.py``); ``--ppl_check N``: the decode-path check on an N-token test window for every decoder.
 
 The roofline of a sparse row is dense bytes / sparse bytes per token (weights; embedding one row),
-and its speedup is computed against the *faster* dense baseline (lean dense or llama.cpp F32);
-a speedup above its roofline is flagged, never reported (bench/common.py).  Without llama-cpp-python
+and its speedup is computed against the *faster* dense baseline (lean dense or llama.cpp F32); per quantised
+format a sparse row is compared with both dense rows, the slower one's roofline being the bytes ratio times
+its time over the faster one's; a speedup above its roofline is flagged, never reported (bench/common.py).  Without llama-cpp-python
 one line says so and the other rows still print.  The machine may be shared: the header prints
 the load average; compare rows of one run only.
 """

@@ -513,7 +513,7 @@ static inline void q_quad256(__m256i a, __m256i b, __m256i c, __m256i d, __m256i
 // follows: each chunk step prefetches every row QCOLS_PF bytes ahead (past a row's end: harmless)
 static inline void q_prefetch_rows(const uint8_t* (*P)[4], int64_t nq, int64_t off) {
   for (int64_t q = 0; q < nq; ++q)
-    for (int t = 0; t < 4; ++t) __builtin_prefetch(P[q][t] + off + QCOLS_PF, 0, 3);
+    for (int t = 0; t < 4; ++t) __builtin_prefetch(P[q][t] + off + QCOLS_PF, 0, 2);
 }
 
 // acc[0..Rp) = sum_t u[rows[t], :] * x[t] for the n rows given, x as int8: word(t4, b) is the int32 holding
@@ -755,10 +755,10 @@ static void q_tcols_range(const QColsView& W, const int32_t* idx, const float* v
     for (int64_t j = g * 32; j < std::min<int64_t>(n, g * 32 + 32); ++j) {
       const int64_t i = idx[j];
       for (int64_t o = 0; o < 2 * NB; o += 64) {
-        __builtin_prefetch(reinterpret_cast<const uint8_t*>(W.ds + i * NB) + o, 0, 3);
-        if (q41) __builtin_prefetch(reinterpret_cast<const uint8_t*>(W.ms + i * NB) + o, 0, 3);
+        __builtin_prefetch(reinterpret_cast<const uint8_t*>(W.ds + i * NB) + o, 0, 2);
+        if (q41) __builtin_prefetch(reinterpret_cast<const uint8_t*>(W.ms + i * NB) + o, 0, 2);
       }
-      for (int64_t o = 0; o < std::min<int64_t>(W.rowb, QCOLS_PF); o += 64) __builtin_prefetch(W.q + i * W.rowb + o, 0, 3);
+      for (int64_t o = 0; o < std::min<int64_t>(W.rowb, QCOLS_PF); o += 64) __builtin_prefetch(W.q + i * W.rowb + o, 0, 2);
     }
   };
   if (g0 < g1) prefetch_group(g0);

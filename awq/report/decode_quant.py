@@ -100,3 +100,44 @@ def format_table(data: dict, label: str) -> str:
 
 def quant_tables(data: dict) -> str:
     return "\n".join(format_table(data, lab) for lab in formats(data))
+
+
+SPEED_MODELS = (("decode_quant_smollm2", "SmolLM2-135M"), ("decode_quant_qwen", "Qwen2.5-Coder-0.5B"))
+
+
+def speed_clause(data: dict, label: str) -> str:
+    """``Q8_0: lean dense 1.71x llama.cpp, fastest method row (<= half the MLP bytes) 1.45x llama.cpp = 0.85x
+    lean dense`` for one format of one bench_decode run ("" when a row is missing)."""
+    t = data.get("timings", {})
+    fig = data.get("figures", {})
+    llama, lean = t.get(f"llama.cpp {label}{_SUFFIX}"), t.get(f"lean dense {label}{_SUFFIX}")
+    if llama is None or lean is None:
+        return ""
+    rows = [k[: -len(_SUFFIX)] for k in t if k.endswith(f" {label}{_SUFFIX}")]
+    cands = [n for n in rows if n.startswith("lean ") and not n.startswith(("lean dense", "lean gathered"))
+             and (fig.get(f"{n} weight_read_fraction") or 2) <= 0.5]
+    out = f"{label}: lean dense {llama['median_s'] / lean['median_s']:.2f}x llama.cpp"
+    if cands:
+        win = min(cands, key=lambda n: t[n + _SUFFIX]["median_s"])
+        w = t[win + _SUFFIX]["median_s"]
+        out += (f", fastest sparse row `{win[len('lean '):].replace(' ' + label, '')}` {llama['median_s'] / w:.2f}x "
+                f"llama.cpp = {lean['median_s'] / w:.2f}x lean dense")
+    return out
+
+
+def speed_sentence(refs: dict) -> str:
+    """The README's sentence on quantised decode speed (tok/s ratios of the checked-in bench_decode runs)."""
+    parts = []
+    for key, name in SPEED_MODELS:
+        if key not in refs:
+            continue
+        data = refs[key]
+        clauses = [c for lab in formats(data) if "head" not in lab and (c := speed_clause(data, lab))]
+        if clauses:
+            cpu = data.get("system", {}).get("cpu", "")
+            parts.append(f"{name} ({cpu}): " + "; ".join(clauses))
+    if not parts:
+        return ""
+    return ("Batch-1 decode on quantised weights, 2 threads, against llama.cpp at the same format on the same "
+            "blocks (`bench/bench_decode.py --weights ...`, [docs/kernels.md](docs/kernels.md)): "
+            + ". ".join(parts) + ".\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 from awq.report.decode import fastest_half
+from awq.report.decode_quant import speed_sentence
 
 HALF, THIRD = 0.51, 0.31  # read budgets 0.5 and 0.3, +0.01 as the frontier tables
 HEADLINE = ("dense", "paper", "teal", "wina", "cats", "larosa", "teal_greedy", "larosa_folded", "scap", "rsparse",
@@ -221,4 +222,5 @@ def quant_headline(refs: dict) -> str:
     if not parts:
         return ("No quantised frontier checked in yet: `python -m awq.frontier --weights q8_0,q4_1 ...`, then "
                 "`python -m awq.report --import_frontier CSV frontier_quant`.\n")
-    return "At equal weight bytes per token (frontier at Q8_0 and Q4_1): " + " ".join(parts) + "\n"
+    return ("At equal weight bytes per token (frontier at Q8_0 and Q4_1): " + " ".join(parts) + "\n\n"
+            + speed_sentence(refs))
