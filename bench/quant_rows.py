@@ -157,7 +157,7 @@ def add_format_rows(label: str, fmt: str, head: str, model, src: Optional[Path],
 
 def report_format(rec: dict, times: dict, nbytes: dict, stats: dict, rep, roofline_speedup) -> None:
     """After timing: bytes of the sparse rows, ratios beside rooflines, the issue-19 checks of one format."""
-    label, dense = rec["label"], rec["dense"]
+    label = rec["label"]
     names = [n for n in rec["names"] if n in times]
     for n in names:  # metered bytes of the sparse rows
         st = stats.get(n)
