@@ -49,8 +49,10 @@ def tiny_tokenizer(vocab: int = 128):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # ByteLevel.alphabet() comes in a different order in every process: sorted, the first 100 characters (and so
+    # the trained vocabulary, the tiny model and every figure on it) are the same in every run
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100], show_progress=False)
+                                  initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:100], show_progress=False)
     tok.train_from_iterator(list(TINY_TEXT), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 

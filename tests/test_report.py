@@ -268,3 +268,25 @@ def test_artifact_save_reference_records_provenance(tmp_path, capsys):
     assert p["config"]["steps"]["flow_cluster"] == "python activation_aware_clustering.py (in clustering)"
     assert p["config"]["steps"]["reproduce"].endswith("--out results/artifact/reproduce_quick")
     assert p["versions"]["torch"] == "9.9.9" and provenance.problems(root / "results_ref") == []
+
+
+def test_quant_speed_sentence_ratios():
+    """The README's quantised-speed clause: time ratios of the rows it names, the fastest method row reading at most
+    half the MLP bytes (gathered rows and heavier rows left out)."""
+    from awq.report.decode_quant import speed_clause, speed_sentence
+
+    def row(ms):
+        return {"median_s": ms / 1e3, "min_s": ms / 1e3, "max_s": ms / 1e3}
+
+    data = {"system": {"cpu": "CPU X"},
+            "timings": {"llama.cpp Q8_0 per token": row(10.0), "lean dense Q8_0 per token": row(5.0),
+                        "lean gathered d=0.5 Q8_0 per token": row(2.0), "lean teal d=0.5 Q8_0 per token": row(6.25),
+                        "lean cats d=0.25 Q8_0 per token": row(4.0)},
+            "figures": {"lean gathered d=0.5 Q8_0 weight_read_fraction": 0.5,
+                        "lean teal d=0.5 Q8_0 weight_read_fraction": 0.46,
+                        "lean cats d=0.25 Q8_0 weight_read_fraction": 0.51}}
+    assert speed_clause(data, "Q8_0") == ("Q8_0: lean dense 2.00x llama.cpp, fastest sparse row `teal d=0.5` 1.60x "
+                                          "llama.cpp = 0.80x lean dense")
+    assert speed_clause(data, "Q4_1") == ""
+    assert "SmolLM2-135M (CPU X): Q8_0: lean dense 2.00x" in speed_sentence({"decode_quant_smollm2": data})
+    assert speed_sentence({}) == ""

@@ -139,5 +139,5 @@ def speed_sentence(refs: dict) -> str:
     if not parts:
         return ""
     return ("Batch-1 decode on quantised weights, 2 threads, against llama.cpp at the same format on the same "
-            "blocks (`bench/bench_decode.py --weights ...`, [docs/kernels.md](docs/kernels.md)): "
+            "blocks (`bench/bench_decode.py --weights ...`, tables in docs/kernels.md): "
             + ". ".join(parts) + ".\n")
