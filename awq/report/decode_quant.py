@@ -49,6 +49,15 @@ def _cell(rec) -> str:
     return f"{rec['measured_ratio']:.2f}× ({roof:.2f}×)" if roof else f"{rec['measured_ratio']:.2f}×"
 
 
+def fastest_half_row(data: dict, label: str):
+    """The fastest method row of a format reading at most half the MLP bytes (gathered rows left out), or None."""
+    t, fig = data.get("timings", {}), data.get("figures", {})
+    rows = [k[: -len(_SUFFIX)] for k in t if k.endswith(f" {label}{_SUFFIX}")]
+    cands = [n for n in rows if n.startswith("lean ") and not n.startswith(("lean dense", "lean gathered"))
+             and (fig.get(f"{n} weight_read_fraction") or 2) <= 0.5]
+    return min(cands, key=lambda n: t[n + _SUFFIX]["median_s"]) if cands else None
+
+
 def format_table(data: dict, label: str) -> str:
     t = data["timings"]
     fig = data.get("figures", {})
@@ -71,11 +80,9 @@ def format_table(data: dict, label: str) -> str:
     x = fig.get(f"lean_dense_over_llama_time {label}")
     if x is not None:
         notes.append(f"lean dense time per token = {x:.2f}× llama.cpp's (target ≤ 1.1×: {'met' if x <= 1.1 else 'not met'})")
-    cands = [n for n in rows if n not in (llama, lean) and not n.startswith("lean gathered")
-             and (fig.get(f"{n} weight_read_fraction") or 2) <= 0.5]
+    win = fastest_half_row(data, label)
     if llama + _SUFFIX in t:
-        if cands:
-            win = min(cands, key=lambda n: t[n + _SUFFIX]["median_s"])
+        if win:
             sp = t[llama + _SUFFIX]["median_s"] / t[win + _SUFFIX]["median_s"]
             notes.append(f"fastest method row reading ≤ 50% of the MLP bytes: {win} "
                          f"({fig[f'{win} weight_read_fraction']:.3f}), {sp:.2f}× llama.cpp {label} dense "
@@ -109,16 +116,12 @@ def speed_clause(data: dict, label: str) -> str:
     """``Q8_0: lean dense 1.71x llama.cpp, fastest method row (<= half the MLP bytes) 1.45x llama.cpp = 0.85x
     lean dense`` for one format of one bench_decode run ("" when a row is missing)."""
     t = data.get("timings", {})
-    fig = data.get("figures", {})
     llama, lean = t.get(f"llama.cpp {label}{_SUFFIX}"), t.get(f"lean dense {label}{_SUFFIX}")
     if llama is None or lean is None:
         return ""
-    rows = [k[: -len(_SUFFIX)] for k in t if k.endswith(f" {label}{_SUFFIX}")]
-    cands = [n for n in rows if n.startswith("lean ") and not n.startswith(("lean dense", "lean gathered"))
-             and (fig.get(f"{n} weight_read_fraction") or 2) <= 0.5]
     out = f"{label}: lean dense {llama['median_s'] / lean['median_s']:.2f}x llama.cpp"
-    if cands:
-        win = min(cands, key=lambda n: t[n + _SUFFIX]["median_s"])
+    win = fastest_half_row(data, label)
+    if win:
         w = t[win + _SUFFIX]["median_s"]
         out += (f", fastest sparse row `{win[len('lean '):].replace(' ' + label, '')}` {llama['median_s'] / w:.2f}x "
                 f"llama.cpp = {lean['median_s'] / w:.2f}x lean dense")
