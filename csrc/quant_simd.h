@@ -606,8 +606,8 @@ static void q_cols_accum(const QColsView& W, const int32_t* rows, int64_t n, int
   }
   int64_t c0 = 0;
   for (; c0 + 128 <= Rp; c0 += 128)
-    for (int half = 0; half < 2; ++half) {
-      if (half == 0) q_prefetch_rows(P, nq, c0 / 2);  // bytes 0..31: positions 0..31 and 64..95; 32..63: 32..63, 96..127
+    for (int half = 0; half < 2; ++half) {  // bytes 0..31: positions 0..31 and 64..95; 32..63: 32..63, 96..127
+      if (half == 0) q_prefetch_rows(P, nq, c0 / 2);
       chunk(c0 + 32 * half, c0 / 2 + 32 * half, 1);
       chunk(c0 + 64 + 32 * half, c0 / 2 + 32 * half, 2);
     }
