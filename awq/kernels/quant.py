@@ -74,15 +74,13 @@ PROBE_BYTES = 64 << 20  # the rows-per-pass probe matrix: larger than most CPUs'
 def choose_rows_per_pass(mod: ModuleType, fmt: str) -> int:
     """Rows per pass of ``mod``'s rows GEMV for ``fmt``, measured on this machine (interleaved calls on a
     ``PROBE_BYTES`` matrix of random packed rows, 896 wide) and cached per CPU, flags, torch and thread count."""
-    from awq.load.quant_formats import FORMATS  # (that module imports this one)
-
-    C, f = 896, FORMATS[fmt]
-    row_bytes = C // BLOCK * f.block_bytes  # the rows layout keeps the format's bits per weight
+    C = 896
+    row_bytes = C + C // BLOCK * 2 if fmt == "q8_0" else C // 2 + C // BLOCK * (4 if fmt == "q4_1" else 2)
 
     def make():
         g = torch.Generator().manual_seed(0)
         w = torch.randint(0, 256, (PROBE_BYTES // row_bytes, row_bytes), dtype=torch.uint8, generator=g)
-        n_scales = C // BLOCK * (2 if f.has_min else 1)  # each row starts with its float16 scales (and mins)
+        n_scales = C // BLOCK * (2 if fmt == "q4_1" else 1)  # each row starts with its float16 scales (and mins)
         w[:, : 2 * n_scales] = torch.full((w.shape[0], n_scales), 0.01, dtype=torch.half).view(torch.uint8)
         x = torch.randn(C, generator=g)
         empty = torch.empty(0, dtype=torch.long)
